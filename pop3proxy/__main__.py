@@ -1,0 +1,3 @@
+from pop3proxy.cli import main
+
+raise SystemExit(main())
