@@ -1,0 +1,113 @@
+"""Assemble a running service from settings: backend, TLS, listeners, signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import trio
+
+from pop3proxy.config import Settings
+from pop3proxy.server import (
+    Backend,
+    LocalBackend,
+    ServerConfig,
+    ServerState,
+    listener_port,
+    make_server_ssl_context,
+    open_listeners,
+    serve_listeners,
+)
+
+log = logging.getLogger("pop3proxy")
+
+
+class StartupError(Exception):
+    """The service cannot start; the message says why, for the person running it."""
+
+
+@dataclass
+class Ports:
+    plain: int | None
+    tls: int | None
+
+
+def build_backend(settings: Settings) -> Backend:
+    if settings.standalone:
+        if settings.local.users_file is None:
+            raise StartupError(
+                "nothing to serve: set upstream.host (proxy mode) or local.users_file (standalone mode)"
+            )
+        try:
+            return LocalBackend(settings.local.users_file, settings.cache.root, settings.cache.backend)
+        except Exception as exc:
+            raise StartupError(str(exc)) from None
+    from pop3proxy.proxy import ProxyBackend  # the proxy is only imported when configured
+
+    return ProxyBackend(settings)
+
+
+def build_server_config(settings: Settings) -> ServerConfig:
+    listen = settings.listen
+    ctx = None
+    if listen.certfile is not None:
+        try:
+            ctx = make_server_ssl_context(listen.certfile, listen.keyfile)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
+    return ServerConfig(
+        idle_timeout=listen.idle_timeout,
+        tls_handshake_timeout=listen.tls_handshake_timeout,
+        max_sessions=listen.max_sessions,
+        allow_plaintext_auth=listen.allow_plaintext_auth,
+        ssl_context=ctx,
+    )
+
+
+async def run_service(
+    settings: Settings,
+    backend: Backend | None = None,
+    *,
+    task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled. ``task_status.started`` reports the bound ports (port 0 works)."""
+    backend = backend or build_backend(settings)
+    state = ServerState(build_server_config(settings), backend)
+    listen = settings.listen
+    plain, tls = [], []
+    try:
+        if listen.port is not None:
+            plain = await open_listeners(listen.host, listen.port)
+        if listen.tls_port is not None:
+            tls = await open_listeners(listen.host, listen.tls_port)
+    except OSError as exc:
+        for listener in plain + tls:
+            await listener.aclose()
+        raise StartupError(f"cannot listen on {listen.host}: {exc.strerror or exc}") from None
+    ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None)
+    if ports.plain is not None:
+        stls = " (STLS available)" if state.config.ssl_context else ""
+        log.info("listening for POP3 on %s port %d%s", listen.host, ports.plain, stls)
+    if ports.tls is not None:
+        log.info("listening for POP3S on %s port %d", listen.host, ports.tls)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_listeners, state, plain, tls)
+            task_status.started(ports)
+    finally:
+        with trio.CancelScope(shield=True):
+            await backend.aclose()
+
+
+async def run_until_signal(settings: Settings, backend: Backend | None = None, on_ready=None) -> None:
+    """Run the service in the foreground; SIGINT or SIGTERM stops it cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            ports = await nursery.start(run_service, settings, backend)
+            if on_ready is not None:
+                on_ready(ports)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

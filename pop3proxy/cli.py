@@ -1,0 +1,173 @@
+"""The ``pop3proxy`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pop3proxy import __version__
+from pop3proxy.config import ConfigError, Settings, find_config, load_settings, masked
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings(args: argparse.Namespace, **overrides) -> Settings:
+    try:
+        return load_settings(args.config, **overrides)
+    except ConfigError as exc:
+        raise CliError(f"config error: {exc}", EXIT_USAGE) from None
+
+
+def _run(main: Callable[[], object]) -> None:
+    import trio
+
+    from pop3proxy.app import StartupError
+
+    try:
+        trio.run(main)
+    except StartupError as exc:
+        raise CliError(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging(settings.log.level)
+    from pop3proxy.app import run_until_signal
+
+    _run(lambda: run_until_signal(settings))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pop3proxy import demo
+    from pop3proxy.app import run_until_signal
+
+    _setup_logging("warning" if not args.verbose else "info")
+    with tempfile.TemporaryDirectory(prefix="pop3proxy-demo-") as tmp:
+        workdir = Path(tmp)
+        users_file = demo.prepare(workdir)
+        try:
+            settings = Settings(
+                listen={"host": args.host, "port": args.port},
+                local={"users_file": users_file},
+                cache={"root": workdir / "cache"},
+            )
+        except Exception as exc:
+            raise CliError(f"invalid --host/--port: {exc}", EXIT_USAGE) from None
+
+        def ready(ports) -> None:
+            print(demo.try_it_lines(args.host, ports.plain), flush=True)
+
+        _run(lambda: run_until_signal(settings, on_ready=ready))
+    print("pop3proxy demo stopped.", flush=True)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        source = find_config(args.config)
+    except ConfigError as exc:
+        raise CliError(f"config error: {exc}", EXIT_USAGE) from None
+    settings = _settings(args)
+    print(f"# effective configuration from {source or '(built-in defaults)'} and POP3PROXY_* variables")
+    print(json.dumps(masked(settings), indent=2, default=str))
+    if settings.standalone and settings.local.users_file is None:
+        print("warning: neither upstream.host nor local.users_file is set: `serve` has nothing to serve", file=sys.stderr)
+    return 0
+
+
+def cmd_adduser(args: argparse.Namespace) -> int:
+    from pop3proxy.passwords import UsersFileError, set_password
+
+    users_file = args.users_file
+    if users_file is None:
+        settings = _settings(args)
+        users_file = settings.local.users_file
+        if users_file is None:
+            raise CliError("no users file: pass --users-file or set local.users_file", EXIT_USAGE)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise CliError("no terminal to ask for the password: use --password-stdin", EXIT_USAGE)
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise CliError("the passwords differ; nothing changed")
+    if not password:
+        raise CliError("empty password refused; nothing changed", EXIT_USAGE)
+    try:
+        set_password(Path(users_file), args.name, password)
+    except (UsersFileError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"password set for {args.name} in {users_file}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pop3proxy", description="A caching, filtering POP3 proxy with offline reading."
+    )
+    parser.add_argument("--version", action="version", version=f"pop3proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", type=Path, metavar="FILE", help="TOML configuration file")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the configured service in the foreground"))
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="serve a sample mailbox with no setup (user demo, password demo)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=1110, help="port to listen on (default 1110)")
+    demo.add_argument("--verbose", "-v", action="store_true", help="log each session")
+    demo.set_defaults(func=cmd_demo)
+
+    check = with_config(sub.add_parser("check-config", help="print the effective configuration, secrets masked"))
+    check.set_defaults(func=cmd_check_config)
+
+    for name in ("adduser", "passwd"):
+        add = with_config(sub.add_parser(name, help="add a local user or change its password (standalone mode)"))
+        add.add_argument("name", help="user name")
+        add.add_argument("--users-file", type=Path, help="users file (default: local.users_file)")
+        add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+        add.set_defaults(func=cmd_adduser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"pop3proxy: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,227 @@
+"""Configuration: a TOML file merged under ``POP3PROXY_*`` environment variables.
+
+``load_settings(path)`` is the one entry point. Environment variables win over the file; nested keys
+use ``__``: ``POP3PROXY_UPSTREAM__HOST=pop.example.com``. Every problem (a named file that does not
+exist, TOML syntax, an unknown key, a bad value) becomes a ``ConfigError`` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+SECRET_KEYS = frozenset({"password", "secret", "token"})
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message meant for the person who wrote the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ListenSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the POP3 listeners bind to.")
+    port: int | None = Field(1110, ge=0, le=65535, description="Plain POP3 port (STLS offered when a certificate is set); empty to disable.")
+    tls_port: int | None = Field(None, ge=0, le=65535, description="Implicit TLS (POP3S) port; unset disables it.")
+    certfile: Path | None = Field(None, description="PEM certificate chain for STLS and POP3S.")
+    keyfile: Path | None = Field(None, description="PEM private key; defaults to certfile.")
+    allow_plaintext_auth: Literal["loopback", "always", "never"] = Field(
+        "loopback",
+        description="Where USER/PASS and AUTH PLAIN are allowed without TLS: loopback clients only, always, or never.",
+    )
+    idle_timeout: float = Field(600.0, gt=0, description="Seconds a client may stay silent (RFC 1939 asks for at least 10 minutes).")
+    max_sessions: int = Field(1000, ge=1, description="Concurrent client sessions; further clients get -ERR [SYS/TEMP].")
+    tls_handshake_timeout: float = Field(30.0, gt=0, description="Seconds a client has to finish a TLS handshake.")
+
+    @model_validator(mode="after")
+    def _tls_needs_cert(self) -> "ListenSettings":
+        if self.tls_port is not None and self.certfile is None:
+            raise ValueError("tls_port needs certfile (and keyfile) to be set")
+        if self.port is None and self.tls_port is None:
+            raise ValueError("set port or tls_port: nothing would listen")
+        return self
+
+
+class UpstreamSettings(_Section):
+    host: str | None = Field(None, description="The provider's POP3 server; unset means standalone mode (local users file).")
+    port: int | None = Field(None, ge=1, le=65535, description="Provider port; default 995 for implicit TLS, 110 otherwise.")
+    tls: Literal["implicit", "starttls", "none"] = Field("implicit", description="How to secure the provider connection.")
+    ca_file: str = Field("", description="CA bundle to verify the provider; empty uses the system trust store.")
+    tls_min_version: Literal["1.2", "1.3"] = Field("1.2", description="Lowest TLS version accepted from the provider.")
+    auth: list[Literal["apop", "plain", "user"]] = Field(
+        ["plain", "user", "apop"], description="Login methods to try upstream, in order of preference."
+    )
+    delete: Literal["mirror", "after_fetch", "never"] = Field("mirror", description="What happens upstream to mail the client deletes.")
+    delete_after_days: int | None = Field(None, ge=0, description="Also delete upstream copies older than this many days once cached.")
+    timeout: float = Field(30.0, gt=0, description="Connect and read timeout for the provider, in seconds.")
+
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 995 if self.tls == "implicit" else 110
+
+
+class RouteSettings(_Section):
+    host: str
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    ca_file: str = ""
+
+
+class AccountSettings(_Section):
+    host: str | None = Field(None, description="Provider for this user (default: [upstream]).")
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: Literal["implicit", "starttls", "none"] | None = None
+    remote_user: str | None = Field(None, description="User name at the provider, if it differs.")
+    password_file: Path | None = Field(None, description="File holding the password; enables background prefetch.")
+    password_env: str | None = Field(None, description="Environment variable holding the password.")
+
+
+class CacheSettings(_Section):
+    backend: Literal["maildir", "mbox"] = Field("maildir", description="On-disk format of the per-user cache.")
+    root: Path = Field(Path("/var/lib/pop3proxy"), description="Directory holding every user's cache.")
+
+
+class SyncSettings(_Section):
+    login_budget: float = Field(20.0, gt=0, description="Seconds a login may spend fetching new mail before answering.")
+    interval: float = Field(300.0, gt=0, description="Background prefetch period for accounts with a password source.")
+
+
+class OfflineSettings(_Section):
+    enabled: bool = Field(True, description="Serve the cache when the provider is unreachable.")
+
+
+class LocalSettings(_Section):
+    users_file: Path | None = Field(None, description="Standalone mode: users and scrypt hashes (`pop3proxy adduser`).")
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    format: Literal["text", "json"] = Field("text", description="Log line format.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="POP3PROXY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+    _toml_file: ClassVar[Path | None] = None
+
+    listen: ListenSettings = Field(default_factory=ListenSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    routes: dict[str, RouteSettings] = Field(default_factory=dict, description="Domain → provider, for user@domain logins.")
+    accounts: dict[str, AccountSettings] = Field(default_factory=dict, description="Per-user overrides.")
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
+    offline: OfflineSettings = Field(default_factory=OfflineSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    filters: list[dict[str, Any]] = Field(default_factory=list, description="The filter pipeline, in order.")
+
+    @field_validator("filters")
+    @classmethod
+    def _filters_named(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for index, table in enumerate(value):
+            if not isinstance(table.get("use"), str) or not table["use"]:
+                raise ValueError(f"filters[{index}] needs a 'use' key naming the filter")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        return tuple(sources)
+
+    @property
+    def standalone(self) -> bool:
+        return self.upstream.host is None
+
+
+def default_config_paths() -> list[Path]:
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [Path("pop3proxy.toml"), xdg / "pop3proxy" / "config.toml", Path("/etc/pop3proxy/config.toml")]
+
+
+def find_config(path: Path | None) -> Path | None:
+    """The file to read: the named one (which must exist), else the first default that exists."""
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    for candidate in default_config_paths():
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown setting"
+    if "input" in error and error["type"] not in ("missing",) and not isinstance(error["input"], (dict, list)):
+        if not any(secret in key.lower() for secret in SECRET_KEYS):
+            return f"{key}: {message} (got {error['input']!r})"
+    return f"{key}: {message}"
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read the configuration; ``overrides`` (init values) win over environment and file."""
+    config_file = find_config(path)
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as f:
+                tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_file}: invalid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {config_file}: {exc.strerror}") from None
+    Settings._toml_file = config_file
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        where = f"{config_file}: " if config_file else ""
+        lines = [_describe(error) for error in exc.errors()]
+        raise ConfigError(where + "; ".join(lines)) from None
+    finally:
+        Settings._toml_file = None
+    return settings
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, with secrets replaced by ``***``."""
+
+    def mask(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: mask(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v, key) for v in value]
+        if any(secret in key.lower() for secret in SECRET_KEYS) and key not in ("password_file", "password_env"):
+            return "***" if value not in (None, "") else value
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return mask(settings.model_dump(mode="python"))

@@ -1,0 +1,111 @@
+"""``pop3proxy demo``: a throw-away mailbox with realistic sample mail, served with no setup."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo"
+
+
+def _crlf(text: str) -> bytes:
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
+
+
+def sample_messages() -> list[bytes]:
+    """Three messages: plain text, a multipart with an attachment, and one with the GTUBE string."""
+    welcome = _crlf(
+        """Return-Path: <team@pop3proxy.example>
+From: pop3proxy team <team@pop3proxy.example>
+To: Demo User <demo@pop3proxy.example>
+Subject: Welcome to pop3proxy
+Date: Fri, 27 Nov 2026 09:00:00 +0000
+Message-ID: <welcome@pop3proxy.example>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: 8bit
+
+Hello!
+
+This mailbox is served by pop3proxy's demo. Any POP3 client can read it:
+log in as "demo" with the password "demo".
+
+.A line that starts with a dot is dot-stuffed on the wire and arrives intact.
+Grüße from the demo.
+"""
+    )
+    attachment = base64.encodebytes(b"name,amount\r\nwidgets,42\r\ngadgets,7\r\n").decode("ascii")
+    invoice = _crlf(
+        f"""From: Billing <billing@shop.example>
+To: Demo User <demo@pop3proxy.example>
+Subject: Your invoice
+Date: Fri, 27 Nov 2026 10:30:00 +0000
+Message-ID: <invoice-1@shop.example>
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="=-boundary-42"
+
+This is a multi-part message in MIME format.
+
+--=-boundary-42
+Content-Type: text/plain; charset=us-ascii
+
+Please find your invoice attached.
+
+--=-boundary-42
+Content-Type: text/csv; name="invoice.csv"
+Content-Disposition: attachment; filename="invoice.csv"
+Content-Transfer-Encoding: base64
+
+{attachment}
+--=-boundary-42--
+"""
+    )
+    spam = _crlf(
+        f"""From: "Prize Office" <winner@lottery.example>
+To: demo@pop3proxy.example
+Subject: You have WON!!!
+Date: Fri, 27 Nov 2026 11:00:00 +0000
+Message-ID: <spam-1@lottery.example>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+
+Claim your prize now.
+
+{GTUBE}
+"""
+    )
+    return [welcome, invoice, spam]
+
+
+def try_it_lines(host: str, port: int) -> str:
+    return "\n".join(
+        [
+            f"pop3proxy demo: serving a sample mailbox on {host} port {port}",
+            f"  user: {DEMO_USER}   password: {DEMO_PASSWORD}",
+            "Try it:",
+            f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/        # list messages",
+            f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/1       # read message 1",
+            f"  python3 -c \"import poplib; p = poplib.POP3('{host}', {port}); p.user('{DEMO_USER}'); "
+            f"p.pass_('{DEMO_PASSWORD}'); print(p.stat()); print(b'\\n'.join(p.retr(1)[1]).decode()); p.quit()\"",
+            "Press Ctrl-C to stop.",
+        ]
+    )
+
+
+def prepare(workdir: Path) -> Path:
+    """Create the users file and mailbox under ``workdir``; returns the users file."""
+    from pop3proxy.passwords import set_password
+    from pop3proxy.store import open_store
+
+    users_file = workdir / "users"
+    set_password(users_file, DEMO_USER, DEMO_PASSWORD)
+    mailbox = open_store(workdir / "cache", DEMO_USER, "maildir")
+    try:
+        for message in sample_messages():
+            mailbox.add(message)
+    finally:
+        mailbox.close()
+    return users_file
