@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install the system tools the test suite talks to: real clients (curl, fetchmail) and a real
+# provider (Dovecot). Idempotent; needs root (or sudo).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+missing=()
+command -v curl >/dev/null || missing+=(curl ca-certificates)
+command -v fetchmail >/dev/null || missing+=(fetchmail)
+if [ "${#missing[@]}" -gt 0 ]; then
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+$SUDO bash "$here/install-dovecot.sh"
