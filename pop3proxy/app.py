@@ -43,9 +43,13 @@ def build_backend(settings: Settings) -> Backend:
             return LocalBackend(settings.local.users_file, settings.cache.root, settings.cache.backend)
         except Exception as exc:
             raise StartupError(str(exc)) from None
+    from pop3proxy.filtering import FilterConfigError
     from pop3proxy.proxy import ProxyBackend  # the proxy is only imported when configured
 
-    return ProxyBackend(settings)
+    try:
+        return ProxyBackend(settings)
+    except (FilterConfigError, ValueError) as exc:
+        raise StartupError(str(exc)) from None
 
 
 def build_server_config(settings: Settings) -> ServerConfig:
@@ -93,6 +97,7 @@ async def run_service(
         log.info("listening for POP3S on %s port %d", listen.host, ports.tls)
     try:
         async with trio.open_nursery() as nursery:
+            backend.attach(nursery)
             nursery.start_soon(serve_listeners, state, plain, tls)
             task_status.started(ports)
     finally:

@@ -63,6 +63,9 @@ class Backend:
     async def login(self, user: str, password: str, peer: str) -> Maildrop:
         raise NotImplementedError
 
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Called once before serving, with a nursery for background work that outlives a session."""
+
     async def aclose(self) -> None:
         pass
 

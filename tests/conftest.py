@@ -48,7 +48,13 @@ def server_cert(ca: trustme.CA, tmp_path_factory) -> tuple[Path, Path, Path]:
     return certfile, keyfile, ca_file
 
 
+def toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
+
+
 def toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -66,10 +72,10 @@ def write_config(path: Path, sections: dict[str, dict]) -> Path:
         if section == "filters":
             for table in values:
                 lines.append("[[filters]]")
-                lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
+                lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items())
             continue
         lines.append(f"[{section}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None)
+        lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in values.items() if v is not None)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -172,3 +178,12 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError("condition not reached in time")
+
+
+def drop_connection(client) -> None:
+    """Vanish without QUIT: close the poplib client's socket and its file (which shares the socket)."""
+    import socket as _socket
+
+    client.sock.shutdown(_socket.SHUT_RDWR)
+    client.file.close()
+    client.sock.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOST, ServerProcess, require_tool, write_config
+from conftest import HOST, ServerProcess, drop_connection, require_tool, write_config
 from pop3proxy.demo import sample_messages
 from pop3proxy.passwords import set_password
 from pop3proxy.protocol import to_crlf
@@ -136,7 +136,7 @@ def test_dele_applies_only_on_quit(standalone):
     client.dele(1)
     client.dele(3)
     # drop the connection without QUIT: nothing is deleted (RFC 1939 section 6)
-    client.sock.close()
+    drop_connection(client)
     client = poplib.POP3(HOST, standalone.port, timeout=10)
     client.user("alice")
     client.pass_(PASSWORD)

@@ -1,0 +1,464 @@
+"""The proxy backend: pass-through login upstream, sync into the cache, serve, apply deletions.
+
+A login goes: route the name to a configured provider (never anywhere else) → log in there with the
+client's credentials → lock the local mailbox → sync new mail within the login budget (the rest goes on
+in the background) → serve the session's snapshot from the cache. When the provider cannot be reached
+(not: when it says no), the password is checked against the scrypt hash kept from the last successful
+login and the cache is served offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import trio
+
+from pop3proxy.config import AccountSettings, Settings
+from pop3proxy.filtering import Pipeline, build_pipeline
+from pop3proxy.passwords import hash_password, verify_password
+from pop3proxy.server import Backend, LoginError, Maildrop, StoreMaildrop
+from pop3proxy.state import StateError, UserState
+from pop3proxy.store import Mailbox, MailboxBusy, MailboxLock, lock_mailbox, open_store, user_dir
+from pop3proxy.sync import SyncResult, delete_upstream, recover, sync_mailbox
+from pop3proxy.upstream import (
+    Endpoint,
+    UpstreamAuthError,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamUnavailable,
+    connect,
+)
+
+log = logging.getLogger("pop3proxy.proxy")
+
+OFFLINE_HASH = "offline_hash"
+_AUTH_TEXT = {
+    "AUTH": "invalid user name or password",
+    "IN-USE": "the mailbox is in use at the mail provider",
+    "LOGIN-DELAY": "the mail provider asks to wait before logging in again",
+    "SYS/TEMP": "the mail provider has a temporary problem, try again later",
+    "SYS/PERM": "the mail provider refuses this login permanently",
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    endpoint: Endpoint
+    remote_user: str
+    cache_id: str  # the name of the local cache (and lock, and state) for this login
+
+
+def _endpoint(settings: Settings, host: str, port: int | None, tls: str, ca_file: str | None = None) -> Endpoint:
+    up = settings.upstream
+    if port is None:
+        port = 995 if tls == "implicit" else 110
+    return Endpoint(
+        host=host,
+        port=port,
+        tls=tls,  # type: ignore[arg-type]
+        ca_file=ca_file if ca_file else up.ca_file,
+        tls_min_version=up.tls_min_version,
+        timeout=up.timeout,
+        auth=tuple(up.auth),
+    )
+
+
+def allowed_endpoints(settings: Settings) -> list[Endpoint]:
+    """Every provider the configuration names: the only hosts the proxy ever connects to."""
+    up = settings.upstream
+    found: list[Endpoint] = []
+    if up.host:
+        found.append(_endpoint(settings, up.host, up.effective_port(), up.tls))
+    for route in settings.routes.values():
+        found.append(_endpoint(settings, route.host, route.port, route.tls, route.ca_file))
+    for account in settings.accounts.values():
+        if account.host:
+            tls = account.tls or up.tls
+            found.append(_endpoint(settings, account.host, account.port, tls))
+    return found
+
+
+def resolve(login: str, settings: Settings) -> Route:
+    """Which provider and remote user a login name means. Raises LoginError for unknown providers."""
+    up = settings.upstream
+    account = settings.accounts.get(login)
+    if account is not None:
+        host = account.host or up.host
+        if not host:
+            raise LoginError("no provider configured for this account", "SYS/PERM")
+        tls = account.tls or (up.tls if not account.host else "implicit")
+        port = account.port if account.port is not None else (up.effective_port() if not account.host else None)
+        endpoint = _endpoint(settings, host, port, tls)
+        return Route(endpoint, account.remote_user or login, login)
+    if "#" in login:
+        user, _, target = login.rpartition("#")
+        host, _, port_text = target.partition(":")
+        if not user or not host or (port_text and not port_text.isdigit()):
+            raise LoginError("login names look like user, user@domain or user#host[:port]", "AUTH")
+        port = int(port_text) if port_text else None
+        for endpoint in allowed_endpoints(settings):
+            if endpoint.host.lower() == host.lower() and (port is None or endpoint.port == port):
+                return Route(endpoint, user, f"{user}#{endpoint.host.lower()}:{endpoint.port}")
+        raise LoginError(f"provider {target[:100]} is not configured here", "AUTH")
+    if "@" in login:
+        domain = login.rpartition("@")[2].lower()
+        routes = {name.lower(): route for name, route in settings.routes.items()}
+        if domain in routes:
+            route = routes[domain]
+            return Route(_endpoint(settings, route.host, route.port, route.tls, route.ca_file), login, login)
+    if not up.host:
+        raise LoginError("no provider configured", "SYS/PERM")
+    return Route(_endpoint(settings, up.host, up.effective_port(), up.tls), login, login)
+
+
+def read_password_source(name: str, account: AccountSettings) -> str | None:
+    """An account's stored password (file or environment), or None. Raises ValueError if unsafe."""
+    if account.password_file is not None:
+        path = Path(account.password_file)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise ValueError(f"accounts.{name}.password_file: cannot read {path}: {exc.strerror}") from None
+        if st.st_mode & (stat.S_IRWXO | stat.S_IRWXG):
+            raise ValueError(
+                f"accounts.{name}.password_file: {path} is readable by others; chmod 600 it"
+            )
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    if account.password_env is not None:
+        value = os.environ.get(account.password_env)
+        if value is None:
+            raise ValueError(f"accounts.{name}.password_env: variable {account.password_env} is not set")
+        return value
+    return None
+
+
+class _Account:
+    """One cache in this process: shares the cross-process lock between a session and its syncs."""
+
+    def __init__(self, backend: "ProxyBackend", cache_id: str) -> None:
+        self.backend = backend
+        self.cache_id = cache_id
+        self.holders = 0
+        self.lock: MailboxLock | None = None
+        self.session_active = False
+        self.sync_lock = trio.Lock()
+        self._acquiring = trio.Lock()
+
+    async def acquire(self, *, session: bool) -> None:
+        async with self._acquiring:
+            if session and self.session_active:
+                raise MailboxBusy(self.cache_id)
+            if self.holders == 0:
+                self.lock = await trio.to_thread.run_sync(lock_mailbox, self.backend.root, self.cache_id)
+            self.holders += 1
+            if session:
+                self.session_active = True
+
+    async def release(self, *, session: bool) -> None:
+        if session:
+            self.session_active = False
+        self.holders -= 1
+        if self.holders == 0 and self.lock is not None:
+            lock, self.lock = self.lock, None
+            await trio.to_thread.run_sync(lock.release)
+            self.backend._accounts.pop(self.cache_id, None)
+
+
+class ProxyMaildrop(StoreMaildrop):
+    def __init__(self, backend: "ProxyBackend", account: _Account, route: Route, password: str | None,
+                 mailbox: Mailbox, state: UserState, messages, banner: str) -> None:
+        super().__init__(mailbox, None, messages, banner)
+        self.backend = backend
+        self.account = account
+        self.route = route
+        self._password = password  # None offline; kept only for this session's mirror deletions
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"ProxyMaildrop({self.route.cache_id!r})"
+
+    async def commit(self, deleted: Sequence[str]) -> None:
+        if not deleted:
+            return
+
+        def local() -> set[str]:
+            uids = set(self.state.uids_for_keys(deleted).values())
+            self.state.mark_deleted(deleted)
+            self.mailbox.delete(list(deleted))
+            return uids
+
+        uids = await trio.to_thread.run_sync(local)
+        if self.backend.settings.upstream.delete != "mirror" or not uids or self._password is None:
+            return  # offline deletions reach the provider at the next online sync
+        try:
+            with trio.fail_after(self.backend.settings.upstream.timeout * 2):
+                async with await connect(self.route.endpoint) as client:
+                    await client.login(self.route.remote_user, self._password)
+                    count = await delete_upstream(client, self.state, uids)
+            log.info("deleted %d messages of %r upstream", count, self.route.cache_id)
+        except (UpstreamError, trio.TooSlowError) as exc:
+            log.warning("upstream deletion for %r postponed to the next sync: %s", self.route.cache_id, exc)
+
+    async def close(self) -> None:
+        self._password = None
+        try:
+            await trio.to_thread.run_sync(self._close_files)
+        finally:
+            await self.account.release(session=True)
+
+    def _close_files(self) -> None:
+        try:
+            self.mailbox.close()
+        finally:
+            self.state.close()
+
+
+class ProxyBackend(Backend):
+    def __init__(self, settings: Settings, pipeline: Pipeline | None = None) -> None:
+        self.settings = settings
+        self.root = settings.cache.root
+        self.store_backend = settings.cache.backend
+        self.pipeline = pipeline if pipeline is not None else build_pipeline(settings.filters)
+        self._accounts: dict[str, _Account] = {}
+        self._nursery: trio.Nursery | None = None
+        self.passwords: dict[str, str] = {}
+        for name, account in settings.accounts.items():
+            password = read_password_source(name, account)
+            if password is not None:
+                self.passwords[name] = password
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give the backend a nursery for background syncs and the prefetch loop."""
+        self._nursery = nursery
+        if self.passwords:
+            nursery.start_soon(self._prefetch_loop)
+
+    def _account(self, cache_id: str) -> _Account:
+        account = self._accounts.get(cache_id)
+        if account is None:
+            account = self._accounts[cache_id] = _Account(self, cache_id)
+        return account
+
+    # -- login -----------------------------------------------------------------------------------
+
+    async def login(self, user: str, password: str, peer: str) -> Maildrop:
+        route = resolve(user, self.settings)
+        try:
+            client = await connect(route.endpoint)
+        except UpstreamUnavailable as exc:
+            return await self._offline_login(route, password, exc)
+        try:
+            await client.login(route.remote_user, password)
+        except UpstreamAuthError as exc:
+            await client.aclose()
+            if exc.code == "AUTH":
+                await self._forget_offline_password(route)
+            log.info("provider refused the login of %r: %s", route.cache_id, exc)
+            raise LoginError(_AUTH_TEXT.get(exc.code, "login refused by the mail provider"), exc.code) from None
+        except UpstreamUnavailable as exc:
+            await client.aclose()
+            return await self._offline_login(route, password, exc)
+        except BaseException:
+            await client.aclose()
+            raise
+        return await self._online_session(route, client, password)
+
+    async def _open_local(self, route: Route, account: _Account) -> tuple[Mailbox, UserState]:
+        def open_files() -> tuple[Mailbox, UserState]:
+            mailbox = open_store(self.root, route.cache_id, self.store_backend)
+            try:
+                state = UserState(user_dir(self.root, route.cache_id) / "state.db")
+            except BaseException:
+                mailbox.close()
+                raise
+            return mailbox, state
+
+        return await trio.to_thread.run_sync(open_files)
+
+    async def _online_session(self, route: Route, client: UpstreamClient, password: str) -> Maildrop:
+        account = self._account(route.cache_id)
+        try:
+            await account.acquire(session=True)
+        except MailboxBusy:
+            await client.aclose()
+            raise LoginError("mailbox is in use by another session", "IN-USE") from None
+        try:
+            mailbox, state = await self._open_local(route, account)
+        except (OSError, StateError) as exc:
+            await client.aclose()
+            await account.release(session=True)
+            log.error("cannot open the cache of %r: %s", route.cache_id, exc)
+            raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
+        done = trio.Event()
+        outcome: dict[str, object] = {}
+        assert self._nursery is not None, "ProxyBackend.attach() was not called"
+        await account.acquire(session=False)  # the sync's own hold on the lock
+        self._nursery.start_soon(self._background_sync, route, account, client, password, done, outcome)
+        with trio.move_on_after(self.settings.sync.login_budget):
+            await done.wait()
+        error = outcome.get("store_error")
+        if error is not None:
+            await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
+            await account.release(session=True)
+            raise LoginError("cannot store new mail, try again later", "SYS/TEMP")
+        messages = await self._snapshot(mailbox, state)
+        result = outcome.get("result")
+        banner = f"{len(messages)} messages"
+        if not done.is_set():
+            banner += " (more mail is still downloading; it will show at your next login)"
+        elif isinstance(result, SyncResult) and result.remaining:
+            banner += " (some new mail could not be fetched yet)"
+        return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
+
+    async def _snapshot(self, mailbox: Mailbox, state: UserState):
+        def snapshot():
+            hidden = state.hidden_keys()
+            return [info for info in mailbox.list() if info.key not in hidden]
+
+        return await trio.to_thread.run_sync(snapshot)
+
+    async def _background_sync(self, route, account, client, password, done, outcome) -> None:
+        try:
+            async with account.sync_lock:
+                outcome["result"] = await self._sync(route, client, password)
+        except OSError as exc:
+            outcome["store_error"] = exc
+            log.error("sync of %r failed writing the cache: %s", route.cache_id, exc)
+        except UpstreamError as exc:
+            log.warning("sync of %r stopped: %s", route.cache_id, exc)
+        except StateError as exc:
+            outcome["store_error"] = exc
+            log.error("sync of %r failed: %s", route.cache_id, exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+                done.set()
+                await account.release(session=False)
+
+    async def _sync(self, route: Route, client: UpstreamClient, password: str | None, progress=None) -> SyncResult:
+        """Recover, sync, remember the offline hash. Runs with the account lock held."""
+
+        def open_files() -> tuple[Mailbox, UserState]:
+            mailbox = open_store(self.root, route.cache_id, self.store_backend)
+            state = UserState(user_dir(self.root, route.cache_id) / "state.db")
+            recover(mailbox, state)
+            return mailbox, state
+
+        mailbox, state = await trio.to_thread.run_sync(open_files)
+        try:
+            result = await sync_mailbox(
+                client,
+                mailbox,
+                state,
+                user=route.cache_id,
+                pipeline=self.pipeline,
+                policy=self.settings.upstream.delete,
+                delete_after_days=self.settings.upstream.delete_after_days,
+                progress=progress,
+            )
+            log.info(
+                "synced %r: %d new (%d bytes), %d deleted upstream",
+                route.cache_id, result.fetched, result.fetched_bytes, result.deleted_upstream,
+            )
+            if password is not None and self.settings.offline.enabled:
+                await trio.to_thread.run_sync(self._remember_password, state, password)
+            return result
+        finally:
+            await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
+
+    @staticmethod
+    def _remember_password(state: UserState, password: str) -> None:
+        stored = state.get_meta(OFFLINE_HASH)
+        if stored is None or not verify_password(password, stored):
+            state.set_meta(OFFLINE_HASH, hash_password(password))
+
+    # -- offline ---------------------------------------------------------------------------------
+
+    async def _forget_offline_password(self, route: Route) -> None:
+        path = user_dir(self.root, route.cache_id) / "state.db"
+
+        def forget() -> None:
+            if path.exists():
+                with UserState(path) as state:
+                    state.set_meta(OFFLINE_HASH, None)
+
+        try:
+            await trio.to_thread.run_sync(forget)
+        except (OSError, StateError) as exc:
+            log.error("cannot drop the offline password of %r: %s", route.cache_id, exc)
+
+    async def _offline_login(self, route: Route, password: str, reason: UpstreamUnavailable) -> Maildrop:
+        log.warning("provider %s:%d unreachable for %r: %s", route.endpoint.host, route.endpoint.port,
+                    route.cache_id, reason)
+        if not self.settings.offline.enabled:
+            raise LoginError("the mail provider cannot be reached, try again later", "SYS/TEMP")
+        path = user_dir(self.root, route.cache_id) / "state.db"
+
+        def check() -> bool | None:
+            if not path.exists():
+                return None
+            with UserState(path) as state:
+                stored = state.get_meta(OFFLINE_HASH)
+            if stored is None:
+                return None
+            return verify_password(password, stored)
+
+        try:
+            verdict = await trio.to_thread.run_sync(check)
+        except StateError:
+            verdict = None
+        if verdict is None:
+            raise LoginError("the mail provider cannot be reached and this account has no offline copy yet", "SYS/TEMP")
+        if not verdict:
+            raise LoginError("invalid user name or password", "AUTH")
+        account = self._account(route.cache_id)
+        try:
+            await account.acquire(session=True)
+        except MailboxBusy:
+            raise LoginError("mailbox is in use by another session", "IN-USE") from None
+        try:
+            mailbox, state = await self._open_local(route, account)
+            if not account.sync_lock.locked():
+                await trio.to_thread.run_sync(recover, mailbox, state)
+        except (OSError, StateError) as exc:
+            await account.release(session=True)
+            log.error("cannot open the cache of %r: %s", route.cache_id, exc)
+            raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
+        messages = await self._snapshot(mailbox, state)
+        banner = f"{len(messages)} messages (offline: the provider is unreachable, serving cached mail)"
+        return ProxyMaildrop(self, account, route, None, mailbox, state, messages, banner)
+
+    # -- background prefetch ---------------------------------------------------------------------
+
+    async def sync_account(self, name: str, password: str, progress=None) -> SyncResult:
+        """One sync pass for a configured account (prefetch loop and ``pop3proxy sync``)."""
+        route = resolve(name, self.settings)
+        account = self._account(route.cache_id)
+        if account.session_active or account.sync_lock.locked():
+            raise MailboxBusy(route.cache_id)
+        await account.acquire(session=False)
+        try:
+            async with account.sync_lock:
+                async with await connect(route.endpoint) as client:
+                    await client.login(route.remote_user, password)
+                    return await self._sync(route, client, password, progress)
+        finally:
+            await account.release(session=False)
+
+    async def _prefetch_loop(self) -> None:
+        while True:
+            for name, password in self.passwords.items():
+                try:
+                    await self.sync_account(name, password)
+                except MailboxBusy:
+                    pass
+                except UpstreamError as exc:
+                    log.warning("prefetch of %r failed: %s", name, exc)
+                except (OSError, StateError) as exc:
+                    log.error("prefetch of %r failed writing the cache: %s", name, exc)
+            await trio.sleep(self.settings.sync.interval)
