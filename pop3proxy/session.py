@@ -15,6 +15,7 @@ from __future__ import annotations
 import binascii
 import base64
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, Union
 
@@ -416,8 +417,8 @@ class Session:
             if isinstance(found, bytes):
                 return self._bad(found)
             number, info = found
-            return [Send(p.ok(f"{number} {info.uid}"))]
-        lines = [f"{i} {m.uid}" for i, m in enumerate(self._messages, 1) if i not in self._deleted]
+            return [Send(p.ok(f"{number} {wire_uid(info.uid)}"))]
+        lines = [f"{i} {wire_uid(m.uid)}" for i, m in enumerate(self._messages, 1) if i not in self._deleted]
         return [Send(p.multiline("unique-id listing follows", lines))]
 
     def _cmd_retr(self, command: p.Command) -> list[Action]:
@@ -445,6 +446,16 @@ class Session:
         number, _ = found
         self._deleted.add(number)
         return [Send(p.ok(f"message {number} deleted"))]
+
+
+def wire_uid(uid: str) -> str:
+    """The UIDL form of a store uid: RFC 1939 allows 1-70 characters from 0x21 to 0x7E.
+
+    Uids that do not fit (long or odd file names left by other tools) become a stable digest.
+    """
+    if 1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid):
+        return uid
+    return "h" + hashlib.sha1(uid.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # The dispatch table, built once: every known keyword has exactly one handler.

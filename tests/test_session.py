@@ -338,3 +338,17 @@ def test_session_module_is_free_of_io():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"trio", "os", "socket", "asyncio"}
+
+
+@pytest.mark.parametrize("uid", ["x" * 71, "has space", "ünïcode", ""])
+def test_uids_outside_rfc1939_limits_are_served_as_stable_digests(uid):
+    session = s.Session()
+    drive(session, b"USER a\r\n")
+    session.receive_data(b"PASS secret\r\n")
+    actions = session.next_actions()
+    session.login_succeeded("a", [MessageInfo("k", uid, 10)])
+    out, _ = drive(session, b"UIDL\r\nUIDL 1\r\n")
+    listed = out.split(b"\r\n")[1].split(b" ", 1)[1]
+    assert out.split(b"\r\n")[-2] == b"+OK 1 " + listed
+    assert 1 <= len(listed) <= 70 and all(0x21 <= c <= 0x7E for c in listed)
+    assert listed == s.wire_uid(uid).encode()
