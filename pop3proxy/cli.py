@@ -63,25 +63,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pop3proxy import demo
-    from pop3proxy.app import run_until_signal
 
     _setup_logging("warning" if not args.verbose else "info")
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port}: must be 0-65535", EXIT_USAGE)
     with tempfile.TemporaryDirectory(prefix="pop3proxy-demo-") as tmp:
-        workdir = Path(tmp)
-        users_file = demo.prepare(workdir)
-        try:
-            settings = Settings(
-                listen={"host": args.host, "port": args.port},
-                local={"users_file": users_file},
-                cache={"root": workdir / "cache"},
-            )
-        except Exception as exc:
-            raise CliError(f"invalid --host/--port: {exc}", EXIT_USAGE) from None
 
         def ready(ports) -> None:
             print(demo.try_it_lines(args.host, ports.plain), flush=True)
 
-        _run(lambda: run_until_signal(settings, on_ready=ready))
+        _run(lambda: demo.run_demo(Path(tmp), args.host, args.port, ready))
     print("pop3proxy demo stopped.", flush=True)
     return 0
 
@@ -126,6 +117,64 @@ def cmd_adduser(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("warning")
+    if settings.standalone:
+        raise CliError("sync needs a provider: set upstream.host", EXIT_USAGE)
+    names = [args.account] if args.account else list(settings.accounts)
+    if args.account and args.account not in settings.accounts:
+        raise CliError(f"no [accounts.{args.account!r}] section in the configuration", EXIT_USAGE)
+    import trio
+
+    from pop3proxy.app import StartupError, build_backend
+    from pop3proxy.store import MailboxBusy
+    from pop3proxy.upstream import UpstreamError
+
+    try:
+        backend = build_backend(settings)
+    except StartupError as exc:
+        raise CliError(str(exc)) from None
+    names = [name for name in names if name in backend.passwords]
+    if not names:
+        raise CliError("no account has a password source (password_file or password_env) to sync with")
+    failures = 0
+    tty = sys.stderr.isatty()
+
+    def bar(name: str):
+        def progress(done: int, total: int) -> None:
+            if tty:
+                width = 30
+                filled = width * done // max(total, 1)
+                sys.stderr.write(f"\r{name}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+                sys.stderr.flush()
+
+        return progress
+
+    async def run() -> None:
+        nonlocal failures
+        for name in names:
+            try:
+                result = await backend.sync_account(name, backend.passwords[name], progress=bar(name))
+            except MailboxBusy:
+                failures += 1
+                print(f"{name}: in use by a session or another sync; try again later", file=sys.stderr)
+                continue
+            except (UpstreamError, OSError) as exc:
+                failures += 1
+                print(f"{name}: sync failed: {exc}", file=sys.stderr)
+                continue
+            if tty:
+                sys.stderr.write("\n")
+            print(
+                f"{name}: {result.fetched} new messages ({result.fetched_bytes} bytes), "
+                f"{result.deleted_upstream} deleted upstream"
+            )
+
+    _run(run)
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3proxy", description="A caching, filtering POP3 proxy with offline reading."
@@ -148,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = with_config(sub.add_parser("check-config", help="print the effective configuration, secrets masked"))
     check.set_defaults(func=cmd_check_config)
+
+    sync = with_config(sub.add_parser("sync", help="fetch new mail for configured accounts now"))
+    sync.add_argument("--account", help="only this [accounts] entry")
+    sync.set_defaults(func=cmd_sync)
 
     for name in ("adduser", "passwd"):
         add = with_config(sub.add_parser(name, help="add a local user or change its password (standalone mode)"))

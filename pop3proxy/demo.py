@@ -102,10 +102,45 @@ def prepare(workdir: Path) -> Path:
 
     users_file = workdir / "users"
     set_password(users_file, DEMO_USER, DEMO_PASSWORD)
-    mailbox = open_store(workdir / "cache", DEMO_USER, "maildir")
+    mailbox = open_store(workdir / "provider", DEMO_USER, "maildir")
     try:
         for message in sample_messages():
             mailbox.add(message)
     finally:
         mailbox.close()
     return users_file
+
+
+async def run_demo(workdir: Path, host: str, port: int, on_ready) -> None:
+    """The whole pipeline on one machine: a built-in provider, and the proxy in front of it.
+
+    The provider is pop3proxy's standalone server on a free loopback port, holding the sample mail;
+    the proxy logs in to it with the client's credentials, syncs the mail into its own cache and serves
+    it, exactly as it would in front of a real provider. Stops on SIGINT or SIGTERM.
+    """
+    import signal
+
+    import trio
+
+    from pop3proxy.app import run_service
+    from pop3proxy.config import Settings
+
+    users_file = prepare(workdir)
+    provider = Settings(
+        listen={"host": "127.0.0.1", "port": 0},
+        local={"users_file": users_file},
+        cache={"root": workdir / "provider"},
+    )
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            provider_ports = await nursery.start(run_service, provider)
+            proxy = Settings(
+                listen={"host": host, "port": port},
+                upstream={"host": "127.0.0.1", "port": provider_ports.plain, "tls": "none"},
+                cache={"root": workdir / "cache"},
+            )
+            ports = await nursery.start(run_service, proxy)
+            on_ready(ports)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
