@@ -17,11 +17,12 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import trio
 
-from pop3proxy.filtering import FilterContext, Pipeline
+from pop3proxy.filtering import FilterContext, FilterResult, Pipeline
 from pop3proxy.state import UserState
 from pop3proxy.store import Mailbox, normalise
 from pop3proxy.upstream import UpstreamClient
@@ -101,7 +102,8 @@ async def sync_mailbox(
     pipeline: Pipeline,
     policy: str,
     delete_after_days: float | None = None,
-    hold: Callable[[bytes, str], None] | None = None,
+    hold: Callable[[bytes, str, FilterResult], str] | None = None,
+    quarantine_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     quit: bool = True,
 ) -> SyncResult:
@@ -149,15 +151,15 @@ async def sync_mailbox(
             continue
         seen_in_pass.add(uid)
         data = await client.retr_bytes(number)
-        outcome = await pipeline.run(data, FilterContext(user=user, uid=uid))
+        outcome = await pipeline.run(data, FilterContext(user=user, uid=uid, quarantine_dir=quarantine_dir))
         cached = normalise(outcome.data)
         claimed = await trio.to_thread.run_sync(state.begin_fetch, uid, digest(cached))
         if not claimed:
             continue  # another sync took it meanwhile
         # If this fails or is cancelled, the claim stays 'fetching' and recover() settles it later.
         if outcome.hold and hold is not None:
-            await trio.to_thread.run_sync(hold, cached, uid)
-            await trio.to_thread.run_sync(state.finish_fetch, uid, "", len(cached), "held")
+            key = await trio.to_thread.run_sync(hold, cached, uid, outcome)
+            await trio.to_thread.run_sync(state.finish_fetch, uid, key, len(cached), "held")
             result.held += 1
         else:
             info = await trio.to_thread.run_sync(mailbox.add, outcome.data)
