@@ -44,6 +44,11 @@ class ListenSettings(_Section):
     idle_timeout: float = Field(600.0, gt=0, description="Seconds a client may stay silent (RFC 1939 asks for at least 10 minutes).")
     max_sessions: int = Field(1000, ge=1, description="Concurrent client sessions; further clients get -ERR [SYS/TEMP].")
     tls_handshake_timeout: float = Field(30.0, gt=0, description="Seconds a client has to finish a TLS handshake.")
+    tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = Field(
+        "1.2", description="Lowest TLS version offered to clients; 1.0/1.1 only for legacy clients (logged as a warning)."
+    )
+    max_sessions_per_address: int = Field(50, ge=1, description="Concurrent sessions from one client address.")
+    max_bad_commands: int = Field(20, ge=1, description="Invalid commands a session may send before it is closed.")
 
     @model_validator(mode="after")
     def _tls_needs_cert(self) -> "ListenSettings":
@@ -78,6 +83,9 @@ class RouteSettings(_Section):
     port: int | None = Field(None, ge=1, le=65535)
     tls: Literal["implicit", "starttls", "none"] = "implicit"
     ca_file: str = ""
+    smtp_host: str | None = Field(None, description="Submission server for this domain (default: [smtp.upstream]).")
+    smtp_port: int | None = Field(None, ge=1, le=65535)
+    smtp_tls: Literal["implicit", "starttls", "none"] | None = None
 
 
 class AccountSettings(_Section):
@@ -87,6 +95,9 @@ class AccountSettings(_Section):
     remote_user: str | None = Field(None, description="User name at the provider, if it differs.")
     password_file: Path | None = Field(None, description="File holding the password; enables background prefetch.")
     password_env: str | None = Field(None, description="Environment variable holding the password.")
+    smtp_host: str | None = Field(None, description="Submission server for this user (default: [smtp.upstream]).")
+    smtp_port: int | None = Field(None, ge=1, le=65535)
+    smtp_tls: Literal["implicit", "starttls", "none"] | None = None
 
 
 class CacheSettings(_Section):
@@ -105,6 +116,35 @@ class OfflineSettings(_Section):
 
 class LocalSettings(_Section):
     users_file: Path | None = Field(None, description="Standalone mode: users and scrypt hashes (`pop3proxy adduser`).")
+
+
+class ThrottleSettings(_Section):
+    max_failures: int = Field(5, ge=1, description="Failed logins (per client address, and per user name) before further attempts are refused without asking the provider.")
+    window: float = Field(900.0, gt=0, description="Seconds over which failed logins are counted.")
+    base_delay: float = Field(0.5, ge=0, description="Delay before answering a failed login; doubles with each further failure.")
+    max_delay: float = Field(8.0, ge=0, description="Longest delay before answering a failed login.")
+
+
+class SmtpUpstreamSettings(_Section):
+    host: str | None = Field(None, description="The provider's submission server.")
+    port: int | None = Field(None, ge=1, le=65535, description="Submission port; default 465 for implicit TLS, 587 otherwise.")
+    tls: Literal["implicit", "starttls", "none"] = Field("starttls", description="How to secure the submission connection.")
+    ca_file: str = Field("", description="CA bundle to verify the submission server; empty uses the system trust store.")
+    timeout: float = Field(60.0, gt=0, description="Connect and read timeout, seconds.")
+
+
+class SmtpSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the SMTP submission listener binds to.")
+    port: int | None = Field(None, ge=0, le=65535, description="Submission listener port (plain + STARTTLS); unset disables the relay.")
+    queue_dir: Path | None = Field(None, description="Outgoing queue; default <cache.root>/queue.")
+    give_up_after: float = Field(5 * 86400.0, gt=0, description="Seconds to keep retrying queued mail before bouncing it.")
+    max_message_size: int = Field(50 * 1024 * 1024, ge=1024, description="Largest message accepted, in octets.")
+    upstream: SmtpUpstreamSettings = Field(default_factory=SmtpUpstreamSettings)
+
+
+class MetricsSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address of the Prometheus metrics endpoint.")
+    port: int | None = Field(None, ge=0, le=65535, description="Port of GET /metrics; unset disables it.")
 
 
 class LogSettings(_Section):
@@ -130,6 +170,9 @@ class Settings(BaseSettings):
     offline: OfflineSettings = Field(default_factory=OfflineSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    throttle: ThrottleSettings = Field(default_factory=ThrottleSettings)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     filters: list[dict[str, Any]] = Field(default_factory=list, description="The filter pipeline, in order.")
 
     @field_validator("filters")

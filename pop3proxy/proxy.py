@@ -9,9 +9,11 @@ login and the cache is served offline.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +39,7 @@ from pop3proxy.upstream import (
 log = logging.getLogger("pop3proxy.proxy")
 
 OFFLINE_HASH = "offline_hash"
+LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
 _AUTH_TEXT = {
     "AUTH": "invalid user name or password",
     "IN-USE": "the mailbox is in use at the mail provider",
@@ -367,7 +370,16 @@ class ProxyBackend(Backend):
             )
             if password is not None and self.settings.offline.enabled:
                 await trio.to_thread.run_sync(self._remember_password, state, password)
+            summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
+                                  "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
+                                  "held": result.held})
+            await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
             return result
+        except BaseException as exc:
+            summary = json.dumps({"time": time.time(), "result": f"failed: {type(exc).__name__}"})
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
+            raise
         finally:
             await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
 
