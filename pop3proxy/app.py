@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import trio
 
 from pop3proxy.config import Settings
+from pop3proxy.throttle import Throttle
 from pop3proxy.server import (
     Backend,
     LocalBackend,
@@ -31,6 +32,7 @@ class StartupError(Exception):
 class Ports:
     plain: int | None
     tls: int | None
+    state: ServerState | None = None
 
 
 def build_backend(settings: Settings) -> Backend:
@@ -54,19 +56,27 @@ def build_backend(settings: Settings) -> Backend:
 
 def build_server_config(settings: Settings) -> ServerConfig:
     listen = settings.listen
-    ctx = None
-    if listen.certfile is not None:
-        try:
-            ctx = make_server_ssl_context(listen.certfile, listen.keyfile)
-        except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
+    throttle = settings.throttle
     return ServerConfig(
         idle_timeout=listen.idle_timeout,
         tls_handshake_timeout=listen.tls_handshake_timeout,
         max_sessions=listen.max_sessions,
+        max_sessions_per_address=listen.max_sessions_per_address,
+        max_bad_commands=listen.max_bad_commands,
         allow_plaintext_auth=listen.allow_plaintext_auth,
-        ssl_context=ctx,
+        ssl_context=build_ssl_context(settings),
+        throttle=Throttle(throttle.max_failures, throttle.window, throttle.base_delay, throttle.max_delay),
     )
+
+
+def build_ssl_context(settings: Settings):
+    listen = settings.listen
+    if listen.certfile is None:
+        return None
+    try:
+        return make_server_ssl_context(listen.certfile, listen.keyfile, listen.tls_min_version)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
 
 
 async def run_service(
@@ -89,7 +99,7 @@ async def run_service(
         for listener in plain + tls:
             await listener.aclose()
         raise StartupError(f"cannot listen on {listen.host}: {exc.strerror or exc}") from None
-    ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None)
+    ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state)
     if ports.plain is not None:
         stls = " (STLS available)" if state.config.ssl_context else ""
         log.info("listening for POP3 on %s port %d%s", listen.host, ports.plain, stls)
@@ -105,11 +115,25 @@ async def run_service(
             await backend.aclose()
 
 
+async def reload_on_sighup(settings: Settings, state: ServerState) -> None:
+    """SIGHUP: load the certificate and key again; sessions in progress keep their TLS."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                ctx = await trio.to_thread.run_sync(build_ssl_context, settings)
+            except StartupError as exc:
+                log.error("SIGHUP: keeping the old certificate: %s", exc)
+                continue
+            state.config.ssl_context = ctx
+            log.info("SIGHUP: certificate reloaded" if ctx else "SIGHUP: no certificate configured")
+
+
 async def run_until_signal(settings: Settings, backend: Backend | None = None, on_ready=None) -> None:
-    """Run the service in the foreground; SIGINT or SIGTERM stops it cleanly."""
+    """Run the service in the foreground; SIGINT or SIGTERM stops it cleanly, SIGHUP reloads TLS."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(run_service, settings, backend)
+            nursery.start_soon(reload_on_sighup, settings, ports.state)
             if on_ready is not None:
                 on_ready(ports)
             async for signum in signals:

@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from pop3proxy import protocol as p
 from pop3proxy import session as s
 from pop3proxy.passwords import read_users, verify_password
 from pop3proxy.store import MailboxBusy, MessageInfo, lock_mailbox, open_store
+from pop3proxy.throttle import Throttle
 
 log = logging.getLogger("pop3proxy")
 
@@ -149,9 +151,12 @@ class ServerConfig:
     idle_timeout: float = 600.0
     tls_handshake_timeout: float = 30.0
     max_sessions: int = 1000
+    max_sessions_per_address: int = 50
+    max_bad_commands: int = 20
     allow_plaintext_auth: str = "loopback"  # "loopback" | "always" | "never"
     ssl_context: ssl.SSLContext | None = None
     greeting: str = "pop3proxy ready"
+    throttle: Throttle = field(default_factory=Throttle)
 
 
 @dataclass
@@ -161,17 +166,24 @@ class ServerState:
     config: ServerConfig
     backend: Backend
     sessions: int = 0
+    per_address: dict[str, int] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0})
 
 
 def make_server_ssl_context(certfile: Path, keyfile: Path | None = None, min_version: str = "1.2") -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = {
-        "1.0": ssl.TLSVersion.TLSv1,
-        "1.1": ssl.TLSVersion.TLSv1_1,
-        "1.2": ssl.TLSVersion.TLSv1_2,
-        "1.3": ssl.TLSVersion.TLSv1_3,
-    }[min_version]
+    if min_version in ("1.0", "1.1"):
+        # Legacy clients: OpenSSL's default security level refuses TLS 1.0/1.1 outright.
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        log.warning("TLS %s allowed for clients: only for legacy clients that cannot do better", min_version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 only when asked for
+        ctx.minimum_version = {
+            "1.0": ssl.TLSVersion.TLSv1,
+            "1.1": ssl.TLSVersion.TLSv1_1,
+            "1.2": ssl.TLSVersion.TLSv1_2,
+            "1.3": ssl.TLSVersion.TLSv1_3,
+        }[min_version]
     ctx.load_cert_chain(str(certfile), str(keyfile or certfile))
     return ctx
 
@@ -214,6 +226,7 @@ class _Connection:
             tls_active=tls_active,
             plaintext_auth=plaintext,
             greeting=self.config.greeting,
+            max_bad_commands=self.config.max_bad_commands,
         )
         self.out: list[bytes] = []
         self.maildrop: Maildrop | None = None
@@ -283,11 +296,19 @@ class _Connection:
 
     async def _login(self, action: s.Authenticate) -> list[s.Action]:
         await self.flush()
+        throttle = self.config.throttle
+        address = self.peer[0]
+        if throttle.blocked(address, action.user):
+            log.warning("login of %r from %s refused: too many failed logins", action.user, address)
+            return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
         try:
-            maildrop = await self.state.backend.login(action.user, action.password, self.peer[0])
+            maildrop = await self.state.backend.login(action.user, action.password, address)
         except LoginError as exc:
-            log.info("login failed for %r from %s: %s", action.user, self.peer[0], exc.text)
+            log.info("login failed for %r from %s: %s", action.user, address, exc.text)
+            if exc.code == "AUTH":
+                await trio.sleep(throttle.failed(address, action.user))
             return self.session.login_failed(exc.text, exc.code)
+        throttle.succeeded(address, action.user)
         self.maildrop = maildrop
         log.info("login %r from %s: %d messages", action.user, self.peer[0], len(maildrop.messages))
         return self.session.login_succeeded(action.user, maildrop.messages, maildrop.banner)
@@ -349,11 +370,17 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
     conn: _Connection | None = None
     try:
         _set_nodelay(stream)
+        address = _peer_of(stream)[0]
         if state.sessions >= state.config.max_sessions:
             with trio.move_on_after(5):
                 await stream.send_all(p.err("too many sessions, try again later", "SYS/TEMP"))
             return
+        if state.per_address.get(address, 0) >= state.config.max_sessions_per_address:
+            with trio.move_on_after(5):
+                await stream.send_all(p.err("too many sessions from your address", "SYS/TEMP"))
+            return
         state.sessions += 1
+        state.per_address[address] = state.per_address.get(address, 0) + 1
         try:
             if implicit_tls:
                 assert state.config.ssl_context is not None
@@ -364,6 +391,9 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
             await conn.run()
         finally:
             state.sessions -= 1
+            state.per_address[address] -= 1
+            if not state.per_address[address]:
+                del state.per_address[address]
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass  # the client went away or was too slow; nothing to tell it
     except Exception:

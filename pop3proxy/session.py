@@ -154,7 +154,9 @@ class Session:
         tls_active: bool = False,
         plaintext_auth: bool = True,
         greeting: str = "pop3proxy ready",
+        max_bad_commands: int = MAX_BAD_COMMANDS,
     ) -> None:
+        self.max_bad_commands = max_bad_commands
         self.state = State.AUTHORIZATION
         self.stls_available = stls_available
         self.tls_active = tls_active
@@ -264,7 +266,7 @@ class Session:
         return self._maybe_close([Send(reply)])
 
     def _maybe_close(self, actions: list[Action]) -> list[Action]:
-        if self.bad_commands >= MAX_BAD_COMMANDS:
+        if self.bad_commands >= self.max_bad_commands:
             self.state = State.CLOSED
             actions.append(Send(p.err("too many errors, closing connection")))
             actions.append(Close())
