@@ -93,8 +93,8 @@ def test_default_config_found_in_working_directory(tmp_path):
 
 def test_check_config_masks_secrets(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[[filters]]\nuse = "spam"\npassword = "hunter2"\n')
-    result = run_cli("check-config", "--config", str(path))
+    path.write_text('[[filters]]\nuse = "plugins.pipeline_filters:WithSecret"\npassword = "hunter2"\n')
+    result = run_cli("check-config", "--config", str(path), env={"PYTHONPATH": str(Path(__file__).parent)})
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout
     assert json.loads("\n".join(result.stdout.splitlines()[1:]))["filters"][0]["password"] == "***"
