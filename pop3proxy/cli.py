@@ -83,6 +83,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CliError(f"config error: {exc}", EXIT_USAGE) from None
     settings = _settings(args)
+    from pop3proxy.filtering import FilterConfigError, build_pipeline
+
+    try:
+        build_pipeline(settings.filters)
+    except FilterConfigError as exc:
+        raise CliError(f"config error: {exc}", EXIT_USAGE) from None
     print(f"# effective configuration from {source or '(built-in defaults)'} and POP3PROXY_* variables")
     print(json.dumps(masked(settings), indent=2, default=str))
     if settings.standalone and settings.local.users_file is None:
@@ -175,6 +181,112 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_filter(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("error")
+    import trio
+
+    from pop3proxy.filtering import FilterConfigError, FilterContext, build_pipeline, change_summary
+
+    try:
+        pipeline = build_pipeline(settings.filters)
+    except FilterConfigError as exc:
+        raise CliError(f"config error: {exc}", EXIT_USAGE) from None
+    messages = []
+    for name in args.files:
+        try:
+            messages.append((name, Path(name).read_bytes()))
+        except OSError as exc:
+            raise CliError(f"cannot read {name}: {exc.strerror or exc}", EXIT_USAGE) from None
+    if not pipeline:
+        print("no filters configured: every message is cached as it arrives")
+
+    async def run() -> None:
+        for name, data in messages:
+            result = await pipeline.run(data, FilterContext(user=args.user, uid=Path(name).name))
+            print(f"== {name}")
+            for verdict in result.verdicts:
+                print(f"verdict: {verdict}")
+            for error in result.errors:
+                print(f"error: {error}")
+            print(f"action: {result.action}")
+            for line in change_summary(data, result.data):
+                print(line)
+
+    trio.run(run)
+    return 0
+
+
+def cmd_held(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("warning")
+    import time
+
+    from pop3proxy.held import HeldError, HeldOwner, held_owners
+    from pop3proxy.state import StateError
+    from pop3proxy.store import MailboxBusy, user_dir
+
+    root, backend = settings.cache.root, settings.cache.backend
+    try:
+        if args.user is not None:
+            if not args.user:
+                raise CliError("--user: the user name is empty", EXIT_USAGE)
+            owners = [HeldOwner(args.user, user_dir(root, args.user))]
+        else:
+            owners = held_owners(root)
+        found = [(owner, item) for owner in owners for item in owner.store(root, backend).list()]
+    except OSError as exc:
+        raise CliError(f"cannot read the held mail under {root}: {exc.strerror or exc}") from None
+
+    def matching(text: str) -> list:
+        return [(o, i) for o, i in found if i.key == text] or [(o, i) for o, i in found if i.key.startswith(text)]
+
+    if args.held_action == "list":
+        if args.keys:
+            found = [pair for text in args.keys for pair in matching(text)]
+        if not found:
+            what = "no held message matches" if args.keys else "no held messages"
+            print(what + (f" for {args.user}" if args.user is not None else ""))
+        for owner, item in found:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item.time))
+            print(f"{owner.label}  {item.key}")
+            print(f"  {item.action}, {item.size} bytes, held {when}, upstream uid {item.uid or '(unknown)'}")
+            print(f"  From: {item.sender}")
+            print(f"  Subject: {item.subject}")
+            for reason in item.reasons:
+                print(f"  why: {reason}")
+        return 0
+    if not args.keys:
+        raise CliError(f"held {args.held_action}: name the KEY(s) (see `pop3proxy held list`)", EXIT_USAGE)
+    failures = 0
+    for text in args.keys:
+        matches = matching(text)
+        if len(matches) != 1:
+            why = "no held message has this key" if not matches else f"matches {len(matches)} held messages"
+            print(f"pop3proxy: {text}: {why}", file=sys.stderr)
+            failures += 1
+            continue
+        owner, item = matches[0]
+        store = owner.store(root, backend)
+        try:
+            if args.held_action == "release":
+                info = store.release(item.key)
+                print(f"released {item.key} of {owner.label}: now served as {info.key}")
+            else:
+                store.delete(item.key)
+                print(f"deleted {item.key} of {owner.label}")
+        except KeyError:
+            print(f"pop3proxy: {item.key}: no longer held", file=sys.stderr)
+            failures += 1
+        except MailboxBusy:
+            print(f"pop3proxy: {item.key}: the mailbox of {owner.label} is in use; try again later", file=sys.stderr)
+            failures += 1
+        except (HeldError, StateError, OSError) as exc:
+            print(f"pop3proxy: {item.key}: {exc}", file=sys.stderr)
+            failures += 1
+    return EXIT_FAILURE if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3proxy", description="A caching, filtering POP3 proxy with offline reading."
@@ -201,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     sync = with_config(sub.add_parser("sync", help="fetch new mail for configured accounts now"))
     sync.add_argument("--account", help="only this [accounts] entry")
     sync.set_defaults(func=cmd_sync)
+
+    filt = with_config(sub.add_parser("filter", help="run the configured filters on message files and show what they do"))
+    filt.add_argument("files", nargs="+", metavar="FILE", help="a message file (RFC 5322, as a mail provider sends it)")
+    filt.add_argument("--user", default="cli", help="user name the filters see (default: cli)")
+    filt.set_defaults(func=cmd_filter)
+
+    held = sub.add_parser("held", help="list, release or delete messages the filters held back")
+    held_actions = held.add_subparsers(dest="held_action", metavar="ACTION", required=True)
+    for action, text in (
+        ("list", "show held messages: why, when, From and Subject (never a body)"),
+        ("release", "move held messages into their user's mailbox"),
+        ("delete", "delete held messages for good (they are not fetched again)"),
+    ):
+        act = with_config(held_actions.add_parser(action, help=text))
+        act.add_argument("keys", nargs="*", metavar="KEY", help="held message key (a unique beginning is enough)")
+        act.add_argument("--user", help="only this user's held mail (default: every user)")
+        act.set_defaults(func=cmd_held)
 
     for name in ("adduser", "passwd"):
         add = with_config(sub.add_parser(name, help="add a local user or change its password (standalone mode)"))

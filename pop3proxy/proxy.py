@@ -9,9 +9,11 @@ login and the cache is served offline.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
+import secrets
 import stat
 import time
 from dataclasses import dataclass
@@ -22,8 +24,9 @@ import trio
 
 from pop3proxy.config import AccountSettings, Settings
 from pop3proxy.filtering import Pipeline, build_pipeline
+from pop3proxy.held import hold_callback
 from pop3proxy.passwords import hash_password, verify_password
-from pop3proxy.server import Backend, LoginError, Maildrop, StoreMaildrop
+from pop3proxy.server import Backend, LoginError, Maildrop, StoreMaildrop, kdf_limiter
 from pop3proxy.state import StateError, UserState
 from pop3proxy.store import Mailbox, MailboxBusy, MailboxLock, lock_mailbox, open_store, user_dir
 from pop3proxy.sync import SyncResult, delete_upstream, recover, sync_mailbox
@@ -158,18 +161,24 @@ class _Account:
                 raise MailboxBusy(self.cache_id)
             if self.holders == 0:
                 self.lock = await trio.to_thread.run_sync(lock_mailbox, self.backend.root, self.cache_id)
+                self.backend._accounts[self.cache_id] = self  # a release may have unlisted it meanwhile
             self.holders += 1
             if session:
                 self.session_active = True
 
     async def release(self, *, session: bool) -> None:
-        if session:
-            self.session_active = False
-        self.holders -= 1
-        if self.holders == 0 and self.lock is not None:
-            lock, self.lock = self.lock, None
-            await trio.to_thread.run_sync(lock.release)
-            self.backend._accounts.pop(self.cache_id, None)
+        # Serialised with acquire(): a login arriving while the lock is being released waits for it
+        # instead of finding the lock still held (a false IN-USE right after a QUIT).
+        with trio.CancelScope(shield=True):
+            async with self._acquiring:
+                if session:
+                    self.session_active = False
+                self.holders -= 1
+                if self.holders == 0 and self.lock is not None:
+                    lock, self.lock = self.lock, None
+                    await trio.to_thread.run_sync(lock.release)
+                    if self.backend._accounts.get(self.cache_id) is self:
+                        del self.backend._accounts[self.cache_id]
 
 
 class ProxyMaildrop(StoreMaildrop):
@@ -209,10 +218,13 @@ class ProxyMaildrop(StoreMaildrop):
 
     async def close(self) -> None:
         self._password = None
+        # The session is over (QUIT answered): a login right after it must not be told IN-USE while
+        # these files are still being closed. The hold on the lock is given back below.
+        self.account.session_active = False
         try:
             await trio.to_thread.run_sync(self._close_files)
         finally:
-            await self.account.release(session=True)
+            await self.account.release(session=False)
 
     def _close_files(self) -> None:
         try:
@@ -229,6 +241,8 @@ class ProxyBackend(Backend):
         self.pipeline = pipeline if pipeline is not None else build_pipeline(settings.filters)
         self._accounts: dict[str, _Account] = {}
         self._nursery: trio.Nursery | None = None
+        self._memo_key = secrets.token_bytes(32)
+        self._memo: dict[tuple[str, str], bytes] = {}
         self.passwords: dict[str, str] = {}
         for name, account in settings.accounts.items():
             password = read_password_source(name, account)
@@ -314,7 +328,7 @@ class ProxyBackend(Backend):
         banner = f"{len(messages)} messages"
         if not done.is_set():
             banner += " (more mail is still downloading; it will show at your next login)"
-        elif isinstance(result, SyncResult) and result.remaining:
+        elif not isinstance(result, SyncResult) or result.remaining:  # no result: the sync broke off
             banner += " (some new mail could not be fetched yet)"
         return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
 
@@ -363,13 +377,17 @@ class ProxyBackend(Backend):
                 policy=self.settings.upstream.delete,
                 delete_after_days=self.settings.upstream.delete_after_days,
                 progress=progress,
+                hold=hold_callback(self.root, route.cache_id),
+                quarantine_dir=user_dir(self.root, route.cache_id) / "quarantine",
             )
             log.info(
                 "synced %r: %d new (%d bytes), %d deleted upstream",
                 route.cache_id, result.fetched, result.fetched_bytes, result.deleted_upstream,
             )
             if password is not None and self.settings.offline.enabled:
-                await trio.to_thread.run_sync(self._remember_password, state, password)
+                await trio.to_thread.run_sync(
+                    self._remember_password, route.cache_id, state, password, limiter=kdf_limiter()
+                )
             summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
                                   "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
                                   "held": result.held})
@@ -383,11 +401,20 @@ class ProxyBackend(Backend):
         finally:
             await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
 
-    @staticmethod
-    def _remember_password(state: UserState, password: str) -> None:
+    def _remember_password(self, cache_id: str, state: UserState, password: str) -> None:
+        """Keep the scrypt hash for offline logins current, without paying scrypt on every login.
+
+        A keyed digest (random key, memory only) of the password last written for each account tells
+        whether the stored hash already matches.
+        """
         stored = state.get_meta(OFFLINE_HASH)
+        memo = hmac.new(self._memo_key, password.encode("utf-8"), "sha256").digest()
+        if stored is not None and hmac.compare_digest(self._memo.get((cache_id, stored), b""), memo):
+            return
         if stored is None or not verify_password(password, stored):
-            state.set_meta(OFFLINE_HASH, hash_password(password))
+            stored = hash_password(password)
+            state.set_meta(OFFLINE_HASH, stored)
+        self._memo[(cache_id, stored)] = memo
 
     # -- offline ---------------------------------------------------------------------------------
 
@@ -421,7 +448,7 @@ class ProxyBackend(Backend):
             return verify_password(password, stored)
 
         try:
-            verdict = await trio.to_thread.run_sync(check)
+            verdict = await trio.to_thread.run_sync(check, limiter=kdf_limiter())
         except StateError:
             verdict = None
         if verdict is None:

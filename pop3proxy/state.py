@@ -80,20 +80,32 @@ class UserState:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # sqlite's own errors (a full disk, I/O errors) become StateError, which callers handle; only a
+    # constraint violation stays sqlite3.IntegrityError (begin_fetch relies on it).
+
     def _run(self, sql: str, params: Iterable = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, tuple(params)).fetchall()
+            try:
+                return self._db.execute(sql, tuple(params)).fetchall()
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                raise StateError(f"state database {self.path.name}: {exc}") from exc
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, params in statements:
-                    self._db.execute(sql, params)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, params in statements:
+                        self._db.execute(sql, params)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # also when COMMIT itself failed
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StateError(f"state database {self.path.name}: {exc}") from exc
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -145,6 +157,24 @@ class UserState:
 
     def fetching(self) -> list[Row]:
         return [row for row in self.rows() if row.status == "fetching"]
+
+    def release_held(self, held_key: str, uid: str | None, key: str, size: int) -> None:
+        """The held message ``held_key`` is served now under ``key``: its row becomes ``cached``.
+
+        When no row says ``held`` for it but its upstream ``uid`` has no row at all, a ``cached`` row is
+        written, so the message is not fetched again.
+        """
+        statements = [
+            ("UPDATE messages SET status = 'cached', key = ?, size = ? WHERE key = ? AND status = 'held'",
+             (key, size, held_key)),
+        ]
+        if uid:
+            statements.append((
+                "INSERT OR IGNORE INTO messages (uid, key, status, size, fetched_at, upstream) "
+                "VALUES (?, ?, 'cached', ?, ?, 1)",
+                (uid, key, size, time.time()),
+            ))
+        self._transaction(statements)
 
     # -- deletions -------------------------------------------------------------------------------
 

@@ -335,7 +335,9 @@ class MaildirMailbox(Mailbox):
             for rescan in (False, True):
                 entry = (self._scan() if rescan else self._entries).get(key)
                 if entry is None:
-                    break
+                    if rescan:
+                        break
+                    continue
                 try:
                     entry.path.unlink()
                     break
