@@ -33,6 +33,17 @@ READ_CHUNK = 256 * 1024
 RECEIVE_SIZE = 64 * 1024
 
 
+_KDF_LIMITER: trio.CapacityLimiter | None = None
+
+
+def kdf_limiter() -> trio.CapacityLimiter:
+    """Password hashing (scrypt, 16 MiB each) runs at most two at a time, bounding memory."""
+    global _KDF_LIMITER
+    if _KDF_LIMITER is None:
+        _KDF_LIMITER = trio.CapacityLimiter(2)
+    return _KDF_LIMITER
+
+
 class LoginError(Exception):
     """A login that did not succeed; ``code`` is the RFC 3206 response code for the client."""
 
@@ -113,7 +124,7 @@ class LocalBackend(Backend):
             # Spend the same time for unknown users, so timing does not reveal who exists.
             return verify_password(password, stored or _DUMMY_HASH) and stored is not None
 
-        if not await trio.to_thread.run_sync(check):
+        if not await trio.to_thread.run_sync(check, limiter=kdf_limiter()):
             raise LoginError("invalid user name or password", "AUTH")
         return await open_maildrop(self.root, user, self.store_backend)
 

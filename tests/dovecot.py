@@ -144,6 +144,11 @@ pop3_uidl_format = %08Xu%08Xv
 # No statistics: a process starting during shutdown would wait seconds for the stats service.
 stats_writer_socket_path =
 
+# Room for load tests: hundreds of concurrent sessions from one address.
+default_process_limit = 2000
+default_client_limit = 8000
+mail_max_userip_connections = 100
+
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN {root}/passwd
