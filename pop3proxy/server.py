@@ -363,10 +363,12 @@ class _Connection:
             self.out.append(stuffer.finish())
             return
         try:
+            total = 0
             while chunk:
+                total += len(chunk)
                 self.out.append(stuffer.feed(chunk))
-                if stuffer.done:
-                    break
+                if stuffer.done or (action.size is not None and total >= action.size):
+                    break  # no further read (and thread hop) just to learn that the file ended
                 await self.flush()
                 chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
             self.out.append(stuffer.finish())

@@ -68,6 +68,7 @@ class SendMessage:
 
     key: str
     top_lines: int | None = None
+    size: int | None = None  # the octets the store said it holds: reading may stop there
 
 
 @dataclass(frozen=True)
@@ -429,7 +430,7 @@ class Session:
             return self._bad(found)
         number, info = found
         self.messages_served += 1
-        return [Send(p.ok(f"{info.size} octets")), SendMessage(info.key)]
+        return [Send(p.ok(f"{info.size} octets")), SendMessage(info.key, size=info.size)]
 
     def _cmd_top(self, command: p.Command) -> list[Action]:
         found = self._message(command.args[0])
@@ -439,7 +440,7 @@ class Session:
         lines = command.args[1]
         if not (lines.isascii() and lines.isdigit() and len(lines) <= 10):
             return self._bad(p.err(f"invalid line count {lines[:20]}"))
-        return [Send(p.ok("top of message follows")), SendMessage(info.key, int(lines))]
+        return [Send(p.ok("top of message follows")), SendMessage(info.key, int(lines), size=info.size)]
 
     def _cmd_dele(self, command: p.Command) -> list[Action]:
         found = self._message(command.args[0])

@@ -149,7 +149,7 @@ def test_retr_and_top_stream_the_message():
     session = logged_in()
     out, actions = drive(session, b"RETR 2\r\nTOP 1 0\r\n")
     assert out == b"+OK 200 octets\r\n+OK top of message follows\r\n"
-    assert actions[-2:] == [s.SendMessage("k2"), s.SendMessage("k1", 0)]
+    assert actions[-2:] == [s.SendMessage("k2", size=200), s.SendMessage("k1", 0, size=120)]
 
 
 @pytest.mark.parametrize("count", [b"-1", b"x", b"1.5"])
