@@ -15,3 +15,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 $SUDO bash "$here/install-dovecot.sh"
+$SUDO bash "$here/install-filters.sh"

@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-config", help="print the effective configuration, secrets masked"))
     check.set_defaults(func=cmd_check_config)
 
+    sub.add_parser(
+        "train", add_help=False,
+        help="teach the built-in spam filter: --spam PATH --ham PATH [--database FILE]",
+    )
+
     sync = with_config(sub.add_parser("sync", help="fetch new mail for configured accounts now"))
     sync.add_argument("--account", help="only this [accounts] entry")
     sync.set_defaults(func=cmd_sync)
@@ -341,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["train"]:
+        from filters._bayes import train_command
+
+        return train_command(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
