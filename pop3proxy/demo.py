@@ -8,6 +8,15 @@ from pathlib import Path
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 DEMO_USER = "demo"
+
+
+def DEMO_FILTERS(workdir: Path) -> list[dict]:
+    """Spam tagging (built-in classifier: GTUBE until trained) and attachment stripping."""
+    return [
+        {"use": "spam", "backend": "builtin", "database": str(workdir / "bayes.sqlite")},
+        {"use": "attachments"},
+    ]
+
 DEMO_PASSWORD = "demo"
 
 
@@ -16,7 +25,8 @@ def _crlf(text: str) -> bytes:
 
 
 def sample_messages() -> list[bytes]:
-    """Three messages: plain text, a multipart with an attachment, and one with the GTUBE string."""
+    """Plain text, a multipart with a harmless attachment, spam (the GTUBE string), and a message whose
+    "PDF" attachment is really a Windows program."""
     welcome = _crlf(
         """Return-Path: <team@pop3proxy.example>
 From: pop3proxy team <team@pop3proxy.example>
@@ -77,17 +87,44 @@ Claim your prize now.
 {GTUBE}
 """
     )
-    return [welcome, invoice, spam]
+    payload = base64.encodebytes(b"MZ\x90\x00" + b"\x00" * 60 + b"This program cannot be run in DOS mode.").decode("ascii")
+    parcel = _crlf(
+        f"""From: "Parcel Service" <noreply@parcels.example>
+To: demo@pop3proxy.example
+Subject: Your parcel could not be delivered
+Date: Fri, 27 Nov 2026 12:15:00 +0000
+Message-ID: <parcel-7@parcels.example>
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="parcel-boundary"
+
+--parcel-boundary
+Content-Type: text/plain; charset=us-ascii
+
+Print the attached label to collect your parcel.
+
+--parcel-boundary
+Content-Type: application/pdf; name="label.pdf.exe"
+Content-Disposition: attachment; filename="label.pdf.exe"
+Content-Transfer-Encoding: base64
+
+{payload}
+--parcel-boundary--
+"""
+    )
+    return [welcome, invoice, spam, parcel]
 
 
 def try_it_lines(host: str, port: int) -> str:
     return "\n".join(
         [
-            f"pop3proxy demo: serving a sample mailbox on {host} port {port}",
+            f"pop3proxy demo: the proxy listens on {host} port {port}, in front of a built-in provider",
+            "  holding sample mail; spam is tagged and a dangerous attachment is replaced on the way.",
             f"  user: {DEMO_USER}   password: {DEMO_PASSWORD}",
             "Try it:",
             f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/        # list messages",
             f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/1       # read message 1",
+            f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/3       # spam, tagged X-Spam-Flag: YES",
+            f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/4       # its .exe attachment replaced by a note",
             f"  python3 -c \"import poplib; p = poplib.POP3('{host}', {port}); p.user('{DEMO_USER}'); "
             f"p.pass_('{DEMO_PASSWORD}'); print(p.stat()); print(b'\\n'.join(p.retr(1)[1]).decode()); p.quit()\"",
             "Press Ctrl-C to stop.",
@@ -126,6 +163,9 @@ async def run_demo(workdir: Path, host: str, port: int, on_ready) -> None:
     from pop3proxy.config import Settings
 
     users_file = prepare(workdir)
+    from filters._bayes import Bayes
+
+    Bayes(workdir / "bayes.sqlite")._connect(create=True).close()  # an empty store: GTUBE only
     provider = Settings(
         listen={"host": "127.0.0.1", "port": 0},
         local={"users_file": users_file},
@@ -138,6 +178,7 @@ async def run_demo(workdir: Path, host: str, port: int, on_ready) -> None:
                 listen={"host": host, "port": port},
                 upstream={"host": "127.0.0.1", "port": provider_ports.plain, "tls": "none"},
                 cache={"root": workdir / "cache"},
+                filters=DEMO_FILTERS(workdir),
             )
             ports = await nursery.start(run_service, proxy)
             on_ready(ports)

@@ -173,11 +173,16 @@ def test_demo_serves_sample_mail_and_stops_on_sigterm():
         client.user("demo")
         client.pass_("demo")
         count, _ = client.stat()
-        assert count == 3
-        subjects = [next(l for l in client.retr(i)[1] if l.startswith(b"Subject:")) for i in (1, 2, 3)]
-        assert subjects[0] == b"Subject: Welcome to pop3proxy"
-        assert b"multipart/mixed" in b"\n".join(client.retr(2)[1])
-        assert b"GTUBE" in b"\n".join(client.retr(3)[1])
+        assert count == 4
+        messages = [b"\r\n".join(client.retr(i)[1]) for i in (1, 2, 3, 4)]
+        assert b"\r\nSubject: Welcome to pop3proxy\r\n" in messages[0]
+        assert b"multipart/mixed" in messages[1] and b'filename="invoice.csv"' in messages[1]
+        # the spam filter tagged the GTUBE message, and only that one
+        assert b"GTUBE" in messages[2] and b"X-Spam-Flag: YES" in messages[2]
+        assert not any(b"X-Spam-Flag: YES" in m for m in messages[:2] + messages[3:])
+        # the attachment filter replaced the disguised program by a note
+        assert b"label.pdf.exe" in messages[3] and b"This program cannot be run" not in messages[3]
+        assert b"TVqQ" not in messages[3]  # the base64 of the program's first bytes
         client.quit()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
