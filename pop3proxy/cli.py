@@ -134,6 +134,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     import trio
 
     from pop3proxy.app import StartupError, build_backend
+    from pop3proxy.state import StateError
     from pop3proxy.store import MailboxBusy
     from pop3proxy.upstream import UpstreamError
 
@@ -166,7 +167,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"{name}: in use by a session or another sync; try again later", file=sys.stderr)
                 continue
-            except (UpstreamError, OSError) as exc:
+            except (UpstreamError, OSError, StateError) as exc:
                 failures += 1
                 print(f"{name}: sync failed: {exc}", file=sys.stderr)
                 continue

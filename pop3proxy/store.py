@@ -229,6 +229,13 @@ def _write_new_file(path: Path, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except BaseException:
+        # A partial file (a full disk) must not keep the space it took.
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
     finally:
         os.close(fd)
 
