@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -32,6 +33,8 @@ class StartupError(Exception):
 class Ports:
     plain: int | None
     tls: int | None
+    smtp: int | None = None
+    metrics: int | None = None
     state: ServerState | None = None
 
 
@@ -87,6 +90,9 @@ async def run_service(
 ) -> None:
     """Run until cancelled. ``task_status.started`` reports the bound ports (port 0 works)."""
     backend = backend or build_backend(settings)
+    from pop3proxy.logs import add_secrets
+
+    add_secrets(getattr(backend, "passwords", {}).values())  # masked should they ever reach a log line
     state = ServerState(build_server_config(settings), backend)
     listen = settings.listen
     plain, tls = [], []
@@ -109,6 +115,17 @@ async def run_service(
         async with trio.open_nursery() as nursery:
             backend.attach(nursery)
             nursery.start_soon(serve_listeners, state, plain, tls)
+            if settings.smtp.port is not None:
+                from pop3proxy.smtp import run_smtp
+
+                # the POP3 side's TLS context, asked per connection: a certificate reload applies to both
+                ports.smtp = await nursery.start(
+                    partial(run_smtp, settings, backend, tls_context=lambda: state.config.ssl_context)
+                )
+            if settings.metrics.port is not None:
+                from pop3proxy.metrics import serve_metrics
+
+                ports.metrics = await nursery.start(serve_metrics, settings)
             task_status.started(ports)
     finally:
         with trio.CancelScope(shield=True):

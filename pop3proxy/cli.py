@@ -54,7 +54,9 @@ def _run(main: Callable[[], object]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _setup_logging(settings.log.level)
+    from pop3proxy.logs import setup_logging
+
+    setup_logging(settings.log)
     from pop3proxy.app import run_until_signal
 
     _run(lambda: run_until_signal(settings))
@@ -288,6 +290,21 @@ def cmd_held(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failures else 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("warning")
+    from pop3proxy.smtp import queue_command
+
+    return queue_command(settings, args.action, args.ids)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from pop3proxy.status import status_command
+
+    return status_command(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3proxy", description="A caching, filtering POP3 proxy with offline reading."
@@ -336,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
         act.add_argument("keys", nargs="*", metavar="KEY", help="held message key (a unique beginning is enough)")
         act.add_argument("--user", help="only this user's held mail (default: every user)")
         act.set_defaults(func=cmd_held)
+
+    queue = with_config(sub.add_parser("queue", help="list, retry now or delete outgoing mail waiting for the provider"))
+    queue.add_argument("action", choices=["list", "flush", "delete"])
+    queue.add_argument("ids", nargs="*", metavar="ID", help="queue entries (default: all; delete needs them)")
+    queue.set_defaults(func=cmd_queue)
+
+    status = with_config(sub.add_parser("status", help="per account: last sync, cached, held and queued mail"))
+    status.set_defaults(func=cmd_status)
 
     for name in ("adduser", "passwd"):
         add = with_config(sub.add_parser(name, help="add a local user or change its password (standalone mode)"))

@@ -136,7 +136,7 @@ class SmtpUpstreamSettings(_Section):
 class SmtpSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the SMTP submission listener binds to.")
     port: int | None = Field(None, ge=0, le=65535, description="Submission listener port (plain + STARTTLS); unset disables the relay.")
-    queue_dir: Path | None = Field(None, description="Outgoing queue; default <cache.root>/queue.")
+    queue_dir: Path | None = Field(None, description="Outgoing queue; default <cache.root>/.queue.")
     give_up_after: float = Field(5 * 86400.0, gt=0, description="Seconds to keep retrying queued mail before bouncing it.")
     max_message_size: int = Field(50 * 1024 * 1024, ge=1024, description="Largest message accepted, in octets.")
     upstream: SmtpUpstreamSettings = Field(default_factory=SmtpUpstreamSettings)

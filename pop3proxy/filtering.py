@@ -46,6 +46,8 @@ from typing import Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pop3proxy import metrics
+
 log = logging.getLogger("pop3proxy.filters")
 
 ENTRY_POINT_GROUP = "pop3proxy.filters"
@@ -495,6 +497,7 @@ class Pipeline:
             if error:
                 log.warning("filter %s failed on %s of %r: %s", name, context.uid, context.user, error)
                 result.errors.append(f"{name}: {error}")
+                metrics.filter_error(name)
                 # Marked either way, so a held message that is released later still says so.
                 result.data = add_header(result.data, WARNING_HEADER, f"filter {name} failed: {error}")
                 if options.on_error == "hold":
@@ -502,6 +505,7 @@ class Pipeline:
                     return result
                 continue
             result.data = bytes(outcome.data)
+            metrics.filter_verdict(name, outcome.action)
             if outcome.verdict:
                 result.verdicts.append(f"{name}: {outcome.verdict}")
             if outcome.action != "deliver":

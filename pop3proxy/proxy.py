@@ -22,6 +22,7 @@ from typing import Sequence
 
 import trio
 
+from pop3proxy import metrics
 from pop3proxy.config import AccountSettings, Settings
 from pop3proxy.filtering import Pipeline, build_pipeline
 from pop3proxy.held import hold_callback
@@ -194,6 +195,10 @@ class ProxyMaildrop(StoreMaildrop):
     def __repr__(self) -> str:
         return f"ProxyMaildrop({self.route.cache_id!r})"
 
+    @property
+    def upstream(self) -> str:
+        return self.route.endpoint.where
+
     async def commit(self, deleted: Sequence[str]) -> None:
         if not deleted:
             return
@@ -265,6 +270,7 @@ class ProxyBackend(Backend):
 
     async def login(self, user: str, password: str, peer: str) -> Maildrop:
         route = resolve(user, self.settings)
+        started = time.monotonic()
         try:
             client = await connect(route.endpoint)
         except UpstreamUnavailable as exc:
@@ -283,6 +289,7 @@ class ProxyBackend(Backend):
         except BaseException:
             await client.aclose()
             raise
+        metrics.upstream_latency(time.monotonic() - started)
         return await self._online_session(route, client, password)
 
     async def _open_local(self, route: Route, account: _Account) -> tuple[Mailbox, UserState]:
@@ -392,6 +399,7 @@ class ProxyBackend(Backend):
                                   "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
                                   "held": result.held})
             await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
+            await trio.to_thread.run_sync(state.set_meta, "user", route.cache_id)  # for `pop3proxy status`
             return result
         except BaseException as exc:
             summary = json.dumps({"time": time.time(), "result": f"failed: {type(exc).__name__}"})

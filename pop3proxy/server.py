@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterable, Sequence
 
 import trio
 
+from pop3proxy import metrics
 from pop3proxy import protocol as p
 from pop3proxy import session as s
 from pop3proxy.passwords import read_users, verify_password
@@ -241,6 +242,7 @@ class _Connection:
         )
         self.out: list[bytes] = []
         self.maildrop: Maildrop | None = None
+        self.upstream: str | None = None  # the provider this session's login went to (logs)
         self.bytes_sent = 0
 
     async def flush(self) -> None:
@@ -315,13 +317,19 @@ class _Connection:
         try:
             maildrop = await self.state.backend.login(action.user, action.password, address)
         except LoginError as exc:
-            log.info("login failed for %r from %s: %s", action.user, address, exc.text)
+            log.info("login failed for %r from %s: %s", action.user, address, exc.text,
+                     extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
+            metrics.login("failed")
             if exc.code == "AUTH":
                 await trio.sleep(throttle.failed(address, action.user))
             return self.session.login_failed(exc.text, exc.code)
         throttle.succeeded(address, action.user)
         self.maildrop = maildrop
-        log.info("login %r from %s: %d messages", action.user, self.peer[0], len(maildrop.messages))
+        self.upstream = getattr(maildrop, "upstream", None)
+        log.info("login %r from %s: %d messages", action.user, self.peer[0], len(maildrop.messages),
+                 extra={"user": action.user, "peer": address, "upstream": self.upstream,
+                        "messages": len(maildrop.messages), "result": "ok"})
+        metrics.login("ok")
         return self.session.login_succeeded(action.user, maildrop.messages, maildrop.banner)
 
     async def _start_tls(self) -> list[s.Action]:
@@ -394,6 +402,7 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
             return
         state.sessions += 1
         state.per_address[address] = state.per_address.get(address, 0) + 1
+        metrics.session_started()
         try:
             if implicit_tls:
                 assert state.config.ssl_context is not None
@@ -403,6 +412,7 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
             conn = _Connection(state, stream, tls_active=implicit_tls)
             await conn.run()
         finally:
+            metrics.session_ended()
             state.sessions -= 1
             state.per_address[address] -= 1
             if not state.per_address[address]:
@@ -426,6 +436,9 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
                 conn.session.messages_served,
                 conn.bytes_sent,
                 time.monotonic() - started,
+                extra={"user": conn.session.user, "peer": conn.peer[0], "upstream": conn.upstream,
+                       "messages": conn.session.messages_served, "bytes": conn.bytes_sent,
+                       "duration": round(time.monotonic() - started, 3)},
             )
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True

@@ -22,6 +22,7 @@ from typing import Callable
 
 import trio
 
+from pop3proxy import metrics
 from pop3proxy.filtering import FilterContext, FilterResult, Pipeline
 from pop3proxy.state import UserState
 from pop3proxy.store import Mailbox, normalise
@@ -166,6 +167,7 @@ async def sync_mailbox(
             await trio.to_thread.run_sync(state.finish_fetch, uid, info.key, info.size)
         result.fetched += 1
         result.fetched_bytes += len(cached)
+        metrics.synced(1, len(cached))
         result.remaining -= 1
         if policy == "after_fetch":
             await client.dele(number)
