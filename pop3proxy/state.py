@@ -12,11 +12,19 @@ call returns, what it wrote survives a crash. Each upstream message has one row,
 A ``fetching`` row left by a crash is resolved by ``recover``: the cached copy is claimed if it was
 written, otherwise the row is dropped and the message is fetched again — never lost, never twice.
 
+Beside the database, ``state.journal`` records every settled row and setting, one JSON line each
+(appended, not fsync'ed: it is a second copy, not the primary record). When the database is found
+corrupt on opening, it is moved aside (``state.db.corrupt-<time>``) and rebuilt from the journal, so the
+cache's messages stay known and nothing is fetched twice. The journal is compacted when it grows large.
+
 Synchronous code; callers run it in worker threads. A lock serialises calls from several threads.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -24,7 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+log = logging.getLogger("pop3proxy.state")
+
 SCHEMA_VERSION = 1
+JOURNAL_COMPACT_AT = 4 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -59,20 +70,120 @@ class Row:
 class UserState:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.journal_path = path.with_name(path.stem + ".journal")
         self._lock = threading.Lock()
+        self.rebuilt_from: Path | None = None  # where a corrupt database was moved, if it was
+        lost = not path.exists() and self.journal_path.exists() and self.journal_path.stat().st_size > 0
+        if lost:  # the database is gone but its journal is not: rebuild, do not start from nothing
+            log.error("state database %s is missing: rebuilding from %s", path.name, self.journal_path.name)
+            for suffix in ("-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            self._db.execute("SELECT count(*) FROM messages").fetchone()
+            self._db = self._open()
+            if lost:
+                self._replay_journal()
         except sqlite3.DatabaseError as exc:
-            raise StateError(f"state database {path.name} is unusable: {exc}") from exc
+            self.rebuilt_from = self._move_aside(exc)
+            try:
+                self._db = self._open()
+            except sqlite3.DatabaseError as again:
+                raise StateError(f"state database {path.name} is unusable: {again}") from again
+            self._replay_journal()
+        try:
+            if self.journal_path.stat().st_size > JOURNAL_COMPACT_AT:
+                self._compact_journal()
+        except FileNotFoundError:
+            pass
+        self._journal = open(self.journal_path, "a", encoding="utf-8")
+
+    def _compact_journal(self) -> None:
+        """Rewrite the journal as one line per row and setting (atomically)."""
+        tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as out:
+            for uid, key, status, size, fetched, upstream in self._db.execute(
+                "SELECT uid, key, status, size, fetched_at, upstream FROM messages WHERE status != 'fetching'"
+            ):
+                out.write(json.dumps({"u": uid, "k": key, "s": status, "z": size, "t": fetched, "up": upstream},
+                                     separators=(",", ":")) + "\n")
+            for name, value in self._db.execute("SELECT name, value FROM meta"):
+                out.write(json.dumps({"m": name, "v": value}, separators=(",", ":")) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(self.journal_path)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            check = db.execute("PRAGMA quick_check(1)").fetchone()
+            if not check or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check[0] if check else 'no answer'}")
+            db.execute("SELECT uid, key, status, digest, size, fetched_at, upstream FROM messages LIMIT 1").fetchall()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self, exc: Exception) -> Path:
+        """Keep a corrupt database for inspection and start a new one."""
+        target = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(self.path) + suffix)
+            if source.exists():
+                source.replace(Path(str(target) + suffix))
+        log.error("state database %s is corrupt (%s): moved to %s, rebuilding from %s",
+                  self.path, exc, target.name, self.journal_path.name)
+        return target
+
+    def _replay_journal(self) -> None:
+        """Rebuild the rows from the journal: the last line about a uid wins."""
+        rows: dict[str, tuple] = {}
+        meta: dict[str, str | None] = {}
+        try:
+            with open(self.journal_path, encoding="utf-8") as journal:
+                for line in journal:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line
+                    if "m" in entry:
+                        meta[entry["m"]] = entry.get("v")
+                    elif "u" in entry:
+                        if entry.get("s") == "forget":
+                            rows.pop(entry["u"], None)
+                        else:
+                            old = rows.get(entry["u"])
+                            upstream = entry.get("up", old[5] if old else 1)
+                            rows[entry["u"]] = (entry["u"], entry.get("k"), entry["s"], entry.get("z"),
+                                                entry.get("t"), upstream)
+        except FileNotFoundError:
+            pass
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO messages (uid, key, status, size, fetched_at, upstream) VALUES (?,?,?,?,?,?)",
+                rows.values(),
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                [(k, v) for k, v in meta.items() if v is not None],
+            )
+        log.warning("state database %s rebuilt: %d messages, %d settings", self.path.name, len(rows), len(meta))
+
+    def _note(self, **entry) -> None:
+        """Append to the journal (a second record, used only to rebuild a corrupt database)."""
+        try:
+            self._journal.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._journal.flush()
+        except (OSError, ValueError) as exc:
+            log.warning("cannot write %s: %s", self.journal_path.name, exc)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._journal.close()
 
     def __enter__(self) -> "UserState":
         return self
@@ -147,10 +258,12 @@ class UserState:
         return True
 
     def finish_fetch(self, uid: str, key: str, size: int, status: str = "cached") -> None:
+        now = time.time()
         self._run(
             "UPDATE messages SET status = ?, key = ?, size = ?, fetched_at = ? WHERE uid = ?",
-            (status, key, size, time.time(), uid),
+            (status, key, size, now, uid),
         )
+        self._note(u=uid, k=key, s=status, z=size, t=now)
 
     def abandon_fetch(self, uid: str) -> None:
         self._run("DELETE FROM messages WHERE uid = ? AND status = 'fetching'", (uid,))
@@ -175,6 +288,8 @@ class UserState:
                 (uid, key, size, time.time()),
             ))
         self._transaction(statements)
+        for uid_of_key in self.uids_for_keys([key]).values():
+            self._note(u=uid_of_key, k=key, s="cached", z=size, t=time.time())
 
     # -- deletions -------------------------------------------------------------------------------
 
@@ -184,13 +299,25 @@ class UserState:
         self._transaction(
             [("UPDATE messages SET status = 'deleted' WHERE key = ? AND status = 'cached'", (key,)) for key in keys]
         )
+        for key, uid in self.uids_for_keys(keys).items():
+            self._note(u=uid, k=key, s="deleted")
 
     def forget_keys(self, keys: Iterable[str]) -> None:
         """Drop rows whose cached copy vanished although nobody deleted it through us."""
+        keys = list(keys)
+        uids = self.uids_for_keys(keys)
         self._transaction([("DELETE FROM messages WHERE key = ? AND status = 'cached'", (key,)) for key in keys])
+        for uid in uids.values():
+            self._note(u=uid, s="forget")
 
     def upstream_gone(self, uids: Iterable[str]) -> None:
+        uids = list(uids)
         self._transaction([("UPDATE messages SET upstream = 0 WHERE uid = ?", (uid,)) for uid in uids])
+        status = {row.uid: row for row in self.rows()} if uids else {}
+        for uid in uids:
+            row = status.get(uid)
+            if row is not None:
+                self._note(u=uid, k=row.key, s=row.status, z=row.size, t=row.fetched_at, up=0)
 
     # -- meta ------------------------------------------------------------------------------------
 
@@ -203,3 +330,4 @@ class UserState:
             self._run("DELETE FROM meta WHERE name = ?", (name,))
         else:
             self._run("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+        self._note(m=name, v=value)

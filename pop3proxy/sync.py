@@ -59,6 +59,13 @@ def recover(mailbox: Mailbox, state: UserState) -> tuple[int, int]:
     hidden = [key for key in state.hidden_keys() if key in present]
     if hidden:
         mailbox.delete(hidden)
+    # Cached messages whose files vanished (a hand-edited cache): fetch them again while the provider
+    # still has them.
+    vanished = [row.key for row in state.rows()
+                if row.status == "cached" and row.key and row.key not in present and row.upstream]
+    if vanished:
+        state.forget_keys(vanished)
+        log.warning("%d cached messages are missing from the cache; they will be fetched again", len(vanished))
     if pending:
         owned = {row.key for row in state.rows() if row.key}
         by_digest: dict[str, str] = {}
@@ -79,7 +86,7 @@ def recover(mailbox: Mailbox, state: UserState) -> tuple[int, int]:
             else:
                 state.abandon_fetch(row.uid)
                 dropped += 1
-    if claimed or dropped or hidden:
+    if claimed or dropped or hidden or vanished:
         log.info("recovered cache state: %d claimed, %d refetch, %d removed", claimed, dropped, len(hidden))
     return claimed, dropped
 
