@@ -16,6 +16,7 @@ The proxy is always a real ``pop3proxy serve`` process and the clients are popli
 from __future__ import annotations
 
 import poplib
+import os
 import random
 import shutil
 import sqlite3
@@ -115,9 +116,10 @@ def login_in_background(port: int, user: str, password: str) -> threading.Thread
 
 # --- crash consistency ----------------------------------------------------------------------------
 
-CRASH_MESSAGES = 120  # a sync long enough that most kills in the 0-1.5 s window land in the middle of it
-CRASH_SIZE = 20_000
-CRASH_ROUNDS = 5
+CRASH_MESSAGES = 40  # a sync long enough that most kills in the random window land in the middle of it
+CRASH_SIZE = 10_000
+CRASH_ROUNDS = int(os.environ.get("POP3PROXY_CRASH_ROUNDS", "50"))  # per deletion policy
+CRASH_WINDOW = 0.8  # seconds after the login starts in which the kill falls
 POLICIES = ("mirror", "after_fetch", "never")
 
 
@@ -153,7 +155,7 @@ def crash_rounds(proxy: Proxy, dovecot, user: str, password: str, policy: str, r
                 for m in originals:
                     dovecot.deliver(user, m)
             assert provider_messages(dovecot, user) == originals
-            delay = rng.uniform(0, 1.5)
+            delay = rng.uniform(0, CRASH_WINDOW)
             report.delays.append(round(delay, 3))
             thread = login_in_background(proxy.process.port, user, password)
             time.sleep(delay)
