@@ -10,6 +10,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 missing=()
 command -v curl >/dev/null || missing+=(curl ca-certificates)
 command -v fetchmail >/dev/null || missing+=(fetchmail)
+command -v mutt >/dev/null || missing+=(mutt)
 command -v swaks >/dev/null || missing+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ "${#missing[@]}" -gt 0 ]; then

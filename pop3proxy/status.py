@@ -119,7 +119,8 @@ class AccountStatus:
 def _count_files(path: Path) -> int:
     count = 0
     for _, _, files in os.walk(path):
-        count += sum(1 for name in files if not name.startswith("."))
+        # a stripped attachment is kept twice: decoded, and as its original MIME part (.mime)
+        count += sum(1 for name in files if not name.startswith(".") and not name.endswith(".mime"))
     return count
 
 
