@@ -16,6 +16,7 @@ import binascii
 import base64
 import enum
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, Union
 
@@ -411,8 +412,9 @@ class Session:
             number, info = found
             return [Send(p.ok(f"{number} {info.size}"))]
         count, octets = self._totals()
-        lines = [f"{i} {m.size}" for i, m in enumerate(self._messages, 1) if i not in self._deleted]
-        return [Send(p.multiline(f"{count} messages ({octets} octets)", lines))]
+        deleted = self._deleted
+        lines = [f"{i} {m.size}" for i, m in enumerate(self._messages, 1) if i not in deleted]
+        return [Send(_listing(f"{count} messages ({octets} octets)", lines))]
 
     def _cmd_uidl(self, command: p.Command) -> list[Action]:
         if command.args:
@@ -421,8 +423,9 @@ class Session:
                 return self._bad(found)
             number, info = found
             return [Send(p.ok(f"{number} {wire_uid(info.uid)}"))]
-        lines = [f"{i} {wire_uid(m.uid)}" for i, m in enumerate(self._messages, 1) if i not in self._deleted]
-        return [Send(p.multiline("unique-id listing follows", lines))]
+        deleted = self._deleted
+        lines = [f"{i} {wire_uid(m.uid)}" for i, m in enumerate(self._messages, 1) if i not in deleted]
+        return [Send(_listing("unique-id listing follows", lines))]
 
     def _cmd_retr(self, command: p.Command) -> list[Action]:
         found = self._message(command.args[0])
@@ -451,12 +454,21 @@ class Session:
         return [Send(p.ok(f"message {number} deleted"))]
 
 
+def _listing(first: str, lines: list[str]) -> bytes:
+    """A scan or unique-id listing: its lines start with a digit, so none needs dot-stuffing."""
+    body = "\r\n".join(lines).encode("ascii")
+    return p.ok(first) + body + (b"\r\n.\r\n" if lines else b".\r\n")
+
+
+_WIRE_UID = re.compile(r"[\x21-\x7e]{1,70}")
+
+
 def wire_uid(uid: str) -> str:
     """The UIDL form of a store uid: RFC 1939 allows 1-70 characters from 0x21 to 0x7E.
 
     Uids that do not fit (long or odd file names left by other tools) become a stable digest.
     """
-    if 1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid):
+    if _WIRE_UID.fullmatch(uid):
         return uid
     return "h" + hashlib.sha1(uid.encode("utf-8", "surrogatepass")).hexdigest()
 

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 from typing import Iterable
 
@@ -56,8 +56,7 @@ class StateError(Exception):
     """The state database cannot be used (corrupt, unreadable)."""
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     uid: str
     key: str | None
     status: str
@@ -227,6 +226,10 @@ class UserState:
                 "SELECT uid, key, status, digest, size, fetched_at, upstream FROM messages"
             )
         ]
+
+    def cached_keys(self, upstream_only: bool = False) -> set[str]:
+        sql = "SELECT key FROM messages WHERE status = 'cached' AND key IS NOT NULL"
+        return {key for (key,) in self._run(sql + (" AND upstream = 1" if upstream_only else ""))}
 
     def known_uids(self) -> set[str]:
         return {uid for (uid,) in self._run("SELECT uid FROM messages")}

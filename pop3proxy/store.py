@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 __all__ = [
     "MailboxBusy",
@@ -55,9 +55,10 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
-@dataclass(frozen=True)
-class MessageInfo:
-    """One stored message. `size` is the exact octet count of the message in CRLF form."""
+class MessageInfo(NamedTuple):
+    """One stored message. `size` is the exact octet count of the message in CRLF form.
+
+    A named tuple rather than a dataclass: a login to a large mailbox builds one per message."""
 
     key: str
     uid: str
@@ -245,6 +246,10 @@ def _write_new_file(path: Path, data: bytes) -> None:
 _SIZE_FIELD = re.compile(r",S=(\d+)")
 _VSIZE_FIELD = re.compile(r",W=(\d+)")
 _DELIVERY_TIME = re.compile(r"(\d+)\.(?:[^.]*?M(\d+))?")
+# Names written by add() (and Dovecot's): <sec>.M<usec>P<pid>..., with ,S=<size>,W=<size>.
+_OWN_NAME = re.compile(r"(\d+)\.M(\d+)[^,]*,S=(\d+),W=(\d+)$")
+_SCANS: dict[str, tuple[tuple[int, ...], dict]] = {}  # Maildir path -> (directory mtimes, entries)
+_LISTS: dict[str, tuple[dict, list]] = {}  # Maildir path -> (the scan it was made from, its MessageInfos)
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:12] or "localhost"
 
 _clock_lock = threading.Lock()
@@ -263,15 +268,22 @@ def _unique_name(size: int) -> str:
     return f"{sec}.M{usec}P{os.getpid()}Q{n}.{_HOST},S={size},W={size}"
 
 
+def _named_crlf_size(uid: str) -> int | None:
+    """The size the name states, when it proves CRLF form (``,S=n,W=n`` with equal values)."""
+    size, vsize = _SIZE_FIELD.search(uid), _VSIZE_FIELD.search(uid)
+    if size and vsize and size[1] == vsize[1]:
+        return int(size[1])
+    return None
+
+
 def _is_stored_crlf(uid: str, file_size: int) -> bool:
     """True when the name proves the file is already in CRLF form (physical size equals CRLF size)."""
     size, vsize = _SIZE_FIELD.search(uid), _VSIZE_FIELD.search(uid)
     return bool(size and vsize and int(size[1]) == int(vsize[1]) == file_size)
 
 
-@dataclass(frozen=True)
-class _MaildirEntry:
-    path: Path
+class _MaildirEntry(NamedTuple):
+    path: str  # a plain string: building 100,000 Path objects is a measurable part of a login
     crlf: bool  # the file is already in CRLF form and is served as is
     file_size: int
     order: tuple[int, int, str]
@@ -295,11 +307,16 @@ class MaildirMailbox(Mailbox):
         if missing:
             raise FileNotFoundError(f"not a Maildir, missing: {', '.join(missing)}")
         self._entries: dict[str, _MaildirEntry] = {}
+        self._scanned: dict[str, _MaildirEntry] | None = None
         self._sizes: dict[str, tuple[int, int, int]] = {}  # uid -> (file size, mtime_ns, CRLF size)
 
     def list(self) -> list[MessageInfo]:
+        entries = self._scan()
+        cached = _LISTS.get(str(self.path))
+        if cached is not None and cached[0] is self._scanned:
+            return list(cached[1])
         infos = []
-        for uid, entry in self._scan().items():
+        for uid, entry in entries.items():
             if entry.crlf:
                 size = entry.file_size
             else:
@@ -308,7 +325,11 @@ class MaildirMailbox(Mailbox):
                 except FileNotFoundError:  # moved or deleted by another tool meanwhile
                     continue
             infos.append(MessageInfo(key=uid, uid=uid, size=size))
-        return infos
+        if all(entry.crlf for entry in entries.values()):  # sizes of foreign files may change in place
+            _LISTS[str(self.path)] = (self._scanned, infos)
+            while len(_LISTS) > 1000:
+                _LISTS.pop(next(iter(_LISTS)))
+        return list(infos)
 
     def open(self, key: str) -> BinaryIO:
         for rescan in (False, True):
@@ -334,7 +355,7 @@ class MaildirMailbox(Mailbox):
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self._subdirs["new"])
-        self._entries[name] = _MaildirEntry(new, True, len(data), _order(name, 0))
+        self._entries[name] = _MaildirEntry(str(new), True, len(data), _order(name, 0))
         return MessageInfo(key=name, uid=name, size=len(data))
 
     def delete(self, keys: Iterable[str]) -> None:
@@ -346,7 +367,7 @@ class MaildirMailbox(Mailbox):
                         break
                     continue
                 try:
-                    entry.path.unlink()
+                    os.unlink(entry.path)
                     break
                 except FileNotFoundError:  # maybe moved new/ -> cur/ by another tool: look again
                     continue
@@ -356,6 +377,17 @@ class MaildirMailbox(Mailbox):
         _fsync_dir(self._subdirs["cur"])
 
     def _scan(self) -> dict[str, _MaildirEntry]:
+        # A directory whose mtime has not changed lists the same files: reuse the last scan of it (in
+        # this process), so a login to a large, unchanged mailbox costs two stat() calls.
+        try:
+            stamp = tuple(os.stat(self._subdirs[sub]).st_mtime_ns for sub in ("new", "cur"))
+        except FileNotFoundError:
+            stamp = None
+        cached = _SCANS.get(str(self.path))
+        if stamp is not None and cached is not None and cached[0] == stamp and time.time_ns() - max(stamp) > 2e9:
+            self._scanned = cached[1]
+            self._entries = dict(cached[1])
+            return self._entries
         entries: dict[str, _MaildirEntry] = {}
         for sub in ("new", "cur"):
             with os.scandir(self._subdirs[sub]) as it:
@@ -365,14 +397,27 @@ class MaildirMailbox(Mailbox):
                     uid = item.name.split(":", 1)[0]
                     if uid in entries:
                         continue
+                    ours = _OWN_NAME.match(uid)
+                    if ours is not None and ours[3] == ours[4]:
+                        # Size and order are in the name (as Dovecot trusts them): no stat() per file,
+                        # which keeps listing a mailbox of 100,000 messages fast.
+                        order = (int(ours[1]), int(ours[2]), uid)
+                        entries[uid] = _MaildirEntry(item.path, True, int(ours[3]), order)
+                        continue
                     try:
                         st = item.stat()
                     except FileNotFoundError:
                         continue
                     crlf = _is_stored_crlf(uid, st.st_size)
                     order = _order(uid, st.st_mtime_ns)
-                    entries[uid] = _MaildirEntry(Path(item.path), crlf, st.st_size, order)
+                    entries[uid] = _MaildirEntry(item.path, crlf, st.st_size, order)
         self._entries = dict(sorted(entries.items(), key=lambda kv: kv[1].order))
+        self._scanned = self._entries
+        if stamp is not None:
+            _SCANS[str(self.path)] = (stamp, self._entries)
+            while len(_SCANS) > 1000:
+                _SCANS.pop(next(iter(_SCANS)))
+            self._entries = dict(self._entries)
         return self._entries
 
     def _crlf_size(self, uid: str, path: Path) -> int:

@@ -61,8 +61,7 @@ def recover(mailbox: Mailbox, state: UserState) -> tuple[int, int]:
         mailbox.delete(hidden)
     # Cached messages whose files vanished (a hand-edited cache): fetch them again while the provider
     # still has them.
-    vanished = [row.key for row in state.rows()
-                if row.status == "cached" and row.key and row.key not in present and row.upstream]
+    vanished = [key for key in state.cached_keys(upstream_only=True) if key not in present]
     if vanished:
         state.forget_keys(vanished)
         log.warning("%d cached messages are missing from the cache; they will be fetched again", len(vanished))
