@@ -105,7 +105,7 @@ async def run_service(
         for listener in plain + tls:
             await listener.aclose()
         raise StartupError(f"cannot listen on {listen.host}: {exc.strerror or exc}") from None
-    ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state)
+    ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
     if ports.plain is not None:
         stls = " (STLS available)" if state.config.ssl_context else ""
         log.info("listening for POP3 on %s port %d%s", listen.host, ports.plain, stls)
@@ -132,17 +132,15 @@ async def run_service(
             await backend.aclose()
 
 
-async def reload_on_sighup(settings: Settings, state: ServerState) -> None:
+async def reload_tls(settings: Settings, state: ServerState) -> None:
     """SIGHUP: load the certificate and key again; sessions in progress keep their TLS."""
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            try:
-                ctx = await trio.to_thread.run_sync(build_ssl_context, settings)
-            except StartupError as exc:
-                log.error("SIGHUP: keeping the old certificate: %s", exc)
-                continue
-            state.config.ssl_context = ctx
-            log.info("SIGHUP: certificate reloaded" if ctx else "SIGHUP: no certificate configured")
+    try:
+        ctx = await trio.to_thread.run_sync(build_ssl_context, settings)
+    except StartupError as exc:
+        log.error("SIGHUP: keeping the old certificate: %s", exc)
+        return
+    state.config.ssl_context = ctx
+    log.info("SIGHUP: certificate reloaded" if ctx else "SIGHUP: no certificate configured")
 
 
 def raise_file_limit(wanted: int = 65536) -> int:
@@ -176,13 +174,16 @@ async def run_until_signal(settings: Settings, backend: Backend | None = None, o
     """Run the service in the foreground; SIGINT or SIGTERM stops it cleanly, SIGHUP reloads TLS."""
     raise_file_limit()
     limit_malloc_arenas()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # All three signals are caught from the start: a SIGHUP during startup must not kill the process.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(run_service, settings, backend)
-            nursery.start_soon(reload_on_sighup, settings, ports.state)
             if on_ready is not None:
                 on_ready(ports)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    nursery.start_soon(reload_tls, settings, ports.state)
+                    continue
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break

@@ -389,3 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line for the person at the terminal, the details in the log
+        logging.getLogger("pop3proxy").debug("internal error", exc_info=True)
+        print(f"pop3proxy: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE

@@ -248,6 +248,7 @@ class ProxyBackend(Backend):
         self._nursery: trio.Nursery | None = None
         self._memo_key = secrets.token_bytes(32)
         self._memo: dict[tuple[str, str], bytes] = {}
+        self._prefetched: dict[str, float] = {}  # cache id -> when its last complete prefetch ended
         self.passwords: dict[str, str] = {}
         for name, account in settings.accounts.items():
             password = read_password_source(name, account)
@@ -270,6 +271,8 @@ class ProxyBackend(Backend):
 
     async def login(self, user: str, password: str, peer: str) -> Maildrop:
         route = resolve(user, self.settings)
+        if self._fresh_prefetch(route, password):
+            return await self._cached_session(route, password, "")
         started = time.monotonic()
         try:
             client = await connect(route.endpoint)
@@ -463,6 +466,12 @@ class ProxyBackend(Backend):
             raise LoginError("the mail provider cannot be reached and this account has no offline copy yet", "SYS/TEMP")
         if not verdict:
             raise LoginError("invalid user name or password", "AUTH")
+        return await self._cached_session(
+            route, None, "(offline: the provider is unreachable, serving cached mail)"
+        )
+
+    async def _cached_session(self, route: Route, password: str | None, note: str) -> Maildrop:
+        """Serve the cache as it is, without asking the provider (offline, or a fresh prefetch)."""
         account = self._account(route.cache_id)
         try:
             await account.acquire(session=True)
@@ -477,8 +486,19 @@ class ProxyBackend(Backend):
             log.error("cannot open the cache of %r: %s", route.cache_id, exc)
             raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
         messages = await self._snapshot(mailbox, state)
-        banner = f"{len(messages)} messages (offline: the provider is unreachable, serving cached mail)"
-        return ProxyMaildrop(self, account, route, None, mailbox, state, messages, banner)
+        banner = f"{len(messages)} messages" + (f" {note}" if note else "")
+        return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
+
+    def _fresh_prefetch(self, route: Route, password: str) -> bool:
+        """True when a login may be served from the cache without asking the provider: the account has
+        a configured password, the client gave exactly it, and the background sync succeeded recently."""
+        configured = self.passwords.get(route.cache_id)
+        synced = self._prefetched.get(route.cache_id)
+        if configured is None or synced is None:
+            return False
+        if time.monotonic() - synced > self.settings.sync.interval * 1.5:
+            return False
+        return hmac.compare_digest(configured.encode("utf-8"), password.encode("utf-8"))
 
     # -- background prefetch ---------------------------------------------------------------------
 
@@ -493,7 +513,12 @@ class ProxyBackend(Backend):
             async with account.sync_lock:
                 async with await connect(route.endpoint) as client:
                     await client.login(route.remote_user, password)
-                    return await self._sync(route, client, password, progress)
+                    result = await self._sync(route, client, password, progress)
+            if not result.remaining:
+                self._prefetched[route.cache_id] = time.monotonic()
+                log.info("prefetch of %r complete: logins with its configured password are served from "
+                         "the cache until the next interval", route.cache_id)
+            return result
         finally:
             await account.release(session=False)
 

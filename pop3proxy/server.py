@@ -31,6 +31,7 @@ from pop3proxy.throttle import Throttle
 log = logging.getLogger("pop3proxy")
 
 READ_CHUNK = 256 * 1024
+INLINE_READ = 64 * 1024  # messages up to this size are read without a worker thread
 RECEIVE_SIZE = 64 * 1024
 
 
@@ -363,7 +364,12 @@ class _Connection:
                 raise
 
         try:
-            f, chunk = await trio.to_thread.run_sync(first_read)
+            if action.size is not None and action.size <= INLINE_READ:
+                # A small message is read right here: a page-cache read of a few KiB costs less than
+                # handing it to a worker thread and back.
+                f, chunk = first_read()
+            else:
+                f, chunk = await trio.to_thread.run_sync(first_read)
         except (OSError, KeyError) as exc:
             # The file vanished under us (another tool deleted it). The +OK is queued already, so the
             # only honest answer is to end the multi-line reply empty and log it.

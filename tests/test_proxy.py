@@ -375,3 +375,38 @@ def test_curl_and_fetchmail_through_the_proxy(proxy, dovecot, tmp_path):
     assert fetched == messages
     # fetchmail deleted them through the proxy, and the mirror policy deleted them upstream
     assert dovecot.messages(dovecot.user) == []
+
+
+def test_fresh_prefetch_serves_login_without_asking_the_provider(proxy, dovecot, tmp_path):
+    """An account with a configured password, synced in the background moments ago, logs in from the
+    cache: no provider round trip (the warm-login latency that users feel)."""
+    messages = [sample(i) for i in range(3)]
+    for m in messages:
+        dovecot.deliver(dovecot.user, m)
+    secret = tmp_path / "pw"
+    secret.write_text(dovecot.password + "\n")
+    secret.chmod(0o600)
+    proxy.start(
+        sync={"interval": 60},
+        **{f'accounts."{dovecot.user}"': {"password_file": str(secret)}},
+    )
+    wait_for(lambda: "prefetch of" in proxy.output() and "complete" in proxy.output(), timeout=20)
+    assert len(cached(proxy, dovecot.user)) == 3
+
+    def provider_logins() -> int:
+        return dovecot.log_text().count(f"Login: user=<{dovecot.user}>")
+
+    before = provider_logins()
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == messages
+    client.dele(1)
+    client.quit()
+    # Served from the cache: the provider saw no login for it, until the mirror deletion at QUIT.
+    assert provider_logins() == before + 1, proxy.output()
+    assert dovecot.messages(dovecot.user) == messages[1:]
+    # Any other password goes to the provider as always, and is refused there.
+    client = poplib.POP3(HOST, proxy.process.port, timeout=10)
+    client.user(dovecot.user)
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        client.pass_("not-it")
+    client.quit()
