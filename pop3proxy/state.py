@@ -1,7 +1,8 @@
 """The per-user sync state: which upstream message is which cached message.
 
-One sqlite database per user (``state.db`` beside the mailbox), WAL mode, ``synchronous=FULL``: once a
-call returns, what it wrote survives a crash. Each upstream message has one row, keyed by its UIDL:
+One sqlite database per user (``state.db`` beside the mailbox), WAL mode, ``synchronous=NORMAL``: once
+a call returns, what it wrote survives the process dying; ``sync_to_disk`` (run before any upstream
+deletion) makes it survive a power loss too. Each upstream message has one row, keyed by its UIDL:
 
 ``fetching``  the message is being written to the cache (``digest`` names its cached bytes)
 ``cached``    it is in the cache under ``key``
@@ -114,7 +115,9 @@ class UserState:
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            # NORMAL in WAL mode: a commit is in the OS's hands when the call returns (safe against the
+            # process dying); sync_to_disk() makes it durable against power loss where that matters.
+            db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             check = db.execute("PRAGMA quick_check(1)").fetchone()
@@ -178,6 +181,10 @@ class UserState:
             self._journal.flush()
         except (OSError, ValueError) as exc:
             log.warning("cannot write %s: %s", self.journal_path.name, exc)
+
+    def sync_to_disk(self) -> None:
+        """Checkpoint the write-ahead log into the database file, fsync'ed."""
+        self._run("PRAGMA wal_checkpoint(FULL)")
 
     def close(self) -> None:
         with self._lock:
@@ -259,6 +266,42 @@ class UserState:
         except sqlite3.IntegrityError:
             return False
         return True
+
+    def begin_fetch_many(self, claims: list[tuple[str, str]]) -> list[bool]:
+        """``begin_fetch`` for several (uid, digest) pairs in one transaction."""
+        known = self.known_uids_among([uid for uid, _ in claims])
+        seen: set[str] = set()
+        statements, granted = [], []
+        for uid, d in claims:
+            ok = uid not in known and uid not in seen
+            seen.add(uid)
+            granted.append(ok)
+            if ok:
+                statements.append(
+                    ("INSERT OR IGNORE INTO messages (uid, status, digest, upstream) VALUES (?, 'fetching', ?, 1)",
+                     (uid, d))
+                )
+        if statements:
+            self._transaction(statements)
+        return granted
+
+    def known_uids_among(self, uids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(uids), 500):
+            part = uids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            found.update(uid for (uid,) in self._run(f"SELECT uid FROM messages WHERE uid IN ({marks})", part))
+        return found
+
+    def finish_fetch_many(self, settled: list[tuple[str, str, int, str]]) -> None:
+        """``finish_fetch`` for several (uid, key, size, status) in one transaction."""
+        now = time.time()
+        self._transaction(
+            [("UPDATE messages SET status = ?, key = ?, size = ?, fetched_at = ? WHERE uid = ?",
+              (status, key, size, now, uid)) for uid, key, size, status in settled]
+        )
+        for uid, key, size, status in settled:
+            self._note(u=uid, k=key, s=status, z=size, t=now)
 
     def finish_fetch(self, uid: str, key: str, size: int, status: str = "cached") -> None:
         now = time.time()

@@ -19,6 +19,7 @@ Per-user directories (`user_dir`, `open_store`) and the per-user session lock (`
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -79,6 +80,11 @@ class Mailbox(abc.ABC):
     @abc.abstractmethod
     def add(self, data: bytes) -> MessageInfo:
         """Store a message atomically and durably (fsync'ed) and describe it."""
+
+    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+        """Store several messages; when it returns, all are durable (one flush for the batch where the
+        backend can do that). A crash meanwhile leaves each message either stored whole or not at all."""
+        return [self.add(data) for data in messages]
 
     @abc.abstractmethod
     def delete(self, keys: Iterable[str]) -> None:
@@ -222,14 +228,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create `path` (which must not exist) with `data`, fsync'ed, mode 0600."""
+def _write_new_file(path: Path, data: bytes, durable: bool = True) -> None:
+    """Create `path` (which must not exist) with `data`, mode 0600; fsync'ed unless `durable` is False."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         # A partial file (a full disk) must not keep the space it took.
         try:
@@ -345,18 +352,51 @@ class MaildirMailbox(Mailbox):
         raise KeyError(key)
 
     def add(self, data: bytes) -> MessageInfo:
-        data = normalise(data)
-        name = _unique_name(len(data))
-        tmp, new = self._subdirs["tmp"] / name, self._subdirs["new"] / name
-        _write_new_file(tmp, data)
+        return self.add_many([data])[0]
+
+    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+        """Write each to tmp/, then fsync each (the disk sees the whole batch before the first flush),
+        rename each into new/, fsync new/ once. A crash leaves a message in tmp/ (never served) or whole
+        in new/."""
+        written: list[tuple[str, Path, int]] = []
         try:
-            os.rename(tmp, new)
+            batch = len(messages) > 1
+            for data in messages:
+                data = normalise(data)
+                name = _unique_name(len(data))
+                tmp = self._subdirs["tmp"] / name
+                _write_new_file(tmp, data, durable=not batch)
+                written.append((name, tmp, len(data)))
+            if batch:
+                for _, tmp, _ in written:
+                    fd = os.open(tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            infos = []
+            for name, tmp, size in written:
+                new = self._subdirs["new"] / name
+                os.rename(tmp, new)
+                self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0))
+                infos.append(MessageInfo(key=name, uid=name, size=size))
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            for name, tmp, _ in written:
+                tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(self._subdirs["new"])
-        self._entries[name] = _MaildirEntry(str(new), True, len(data), _order(name, 0))
-        return MessageInfo(key=name, uid=name, size=len(data))
+        return infos
+
+    def clean_tmp(self) -> int:
+        """Remove what a crash left in tmp/ (never served); call only while nothing writes here."""
+        removed = 0
+        with os.scandir(self._subdirs["tmp"]) as it:
+            for item in it:
+                if item.is_file() and not item.name.startswith("."):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(item.path)
+                        removed += 1
+        return removed
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:

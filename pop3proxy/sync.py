@@ -31,6 +31,8 @@ from pop3proxy.upstream import UpstreamClient
 log = logging.getLogger("pop3proxy.sync")
 
 POLICIES = ("mirror", "after_fetch", "never")
+PIPELINE_DEPTH = 64  # fetched messages waiting to be stored
+STORE_BATCH = 32  # messages made durable with one flush
 
 
 @dataclass
@@ -53,6 +55,8 @@ def recover(mailbox: Mailbox, state: UserState) -> tuple[int, int]:
     Returns (claimed, dropped). Runs with the mailbox lock held and no sync in progress.
     """
     claimed = dropped = 0
+    if hasattr(mailbox, "clean_tmp"):
+        mailbox.clean_tmp()
     pending = state.fetching()
     infos = mailbox.list()
     present = {info.key for info in infos}
@@ -152,36 +156,77 @@ async def sync_mailbox(
         await client.dele(number)
         deleted_uids.append(uid)
 
-    seen_in_pass: set[str] = set()
-    for done, (number, uid) in enumerate(new):
-        if uid in seen_in_pass:  # two upstream messages with one id (header digests of twins)
-            continue
-        seen_in_pass.add(uid)
-        data = await client.retr_bytes(number)
-        outcome = await pipeline.run(data, FilterContext(user=user, uid=uid, quarantine_dir=quarantine_dir))
-        cached = normalise(outcome.data)
-        claimed = await trio.to_thread.run_sync(state.begin_fetch, uid, digest(cached))
-        if not claimed:
-            continue  # another sync took it meanwhile
-        # If this fails or is cancelled, the claim stays 'fetching' and recover() settles it later.
-        if outcome.hold and hold is not None:
-            key = await trio.to_thread.run_sync(hold, cached, uid, outcome)
-            await trio.to_thread.run_sync(state.finish_fetch, uid, key, len(cached), "held")
-            result.held += 1
-        else:
-            info = await trio.to_thread.run_sync(mailbox.add, outcome.data)
-            await trio.to_thread.run_sync(state.finish_fetch, uid, info.key, info.size)
-        result.fetched += 1
-        result.fetched_bytes += len(cached)
-        metrics.synced(1, len(cached))
-        result.remaining -= 1
-        if policy == "after_fetch":
+    # Fetching (network) and storing (disk, fsync) overlap: while one message is written and fsync'ed in
+    # a worker thread, the next ones are already being fetched and filtered.
+    stored: list[tuple[int, str]] = []
+    send, receive = trio.open_memory_channel[tuple[int, str, FilterResult]](PIPELINE_DEPTH)
+
+    async def fetch() -> None:
+        seen_in_pass: set[str] = set()
+        async with send:
+            for number, uid in new:
+                if uid in seen_in_pass:  # two upstream messages with one id (header digests of twins)
+                    continue
+                seen_in_pass.add(uid)
+                data = await client.retr_bytes(number)
+                context = FilterContext(user=user, uid=uid, quarantine_dir=quarantine_dir)
+                await send.send((number, uid, await pipeline.run(data, context)))
+
+    async def keep() -> None:
+        async with receive:
+            while True:
+                try:
+                    batch = [await receive.receive()]
+                except trio.EndOfChannel:
+                    return
+                while len(batch) < STORE_BATCH:  # whatever else is ready goes into the same flush
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                prepared = [(number, uid, outcome, normalise(outcome.data)) for number, uid, outcome in batch]
+
+                def store() -> list[tuple[int, str, bool, int]]:
+                    """Claim, write, settle, for the whole batch in one worker-thread hop: one flush to
+                    disk for all the messages. If this fails (or the process dies) between claim and
+                    settle, claims stay 'fetching' and recover() settles them."""
+                    granted = state.begin_fetch_many([(uid, digest(cached)) for _, uid, _, cached in prepared])
+                    mine = [item for item, ok in zip(prepared, granted) if ok]
+                    keep_held = [item for item in mine if item[2].hold and hold is not None]
+                    to_cache = [item for item in mine if not (item[2].hold and hold is not None)]
+                    settled = []
+                    for _, uid, outcome, cached in keep_held:
+                        settled.append((uid, hold(cached, uid, outcome), len(cached), "held"))
+                    infos = mailbox.add_many([outcome.data for _, _, outcome, _ in to_cache])
+                    settled += [(uid, info.key, info.size, "cached") for (_, uid, _, _), info in zip(to_cache, infos)]
+                    state.finish_fetch_many(settled)
+                    return [(number, uid, item in keep_held, len(cached))
+                            for item in mine for number, uid, _, cached in [item]]
+
+                for number, uid, was_held, size in await trio.to_thread.run_sync(store):
+                    stored.append((number, uid))
+                    if was_held:
+                        result.held += 1
+                    result.fetched += 1
+                    result.fetched_bytes += size
+                    metrics.synced(1, size)
+                    result.remaining -= 1
+                if progress is not None:
+                    progress(len(stored), len(new))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetch)
+        nursery.start_soon(keep)
+
+    if policy == "after_fetch":  # each of these is cached and fsync'ed by now
+        for number, uid in stored:
             await client.dele(number)
             deleted_uids.append(uid)
-        if progress is not None:
-            progress(done + 1, len(new))
 
     if quit:
+        if deleted_uids:
+            # What the deletions rely on must be on disk before the provider acts on them.
+            await trio.to_thread.run_sync(state.sync_to_disk)
         await client.quit()  # upstream deletions take effect only now
         if deleted_uids:
             await trio.to_thread.run_sync(state.upstream_gone, deleted_uids)
