@@ -42,6 +42,7 @@ from pop3proxy.store import (
     open_store,
     user_dir,
 )
+from pop3proxy.store import _fsync_dir as fsync_dir
 
 __all__ = ["HeldError", "HeldItem", "HeldOwner", "HeldStore", "held_owners", "hold_callback", "mark_released"]
 
@@ -81,14 +82,6 @@ def _uid_tag(uid: str) -> str:
     return hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:_TAG_LENGTH]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: a reader sees the old or the new file, never a part."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
@@ -105,7 +98,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _header_text(raw: bytes) -> str:
@@ -373,7 +366,7 @@ class HeldStore:
         path = self._meta_files().get(key)
         if path is not None:
             path.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
 
 def _find_copy(served: Mailbox, state: UserState, uid: str | None, digest: str, size: int) -> MessageInfo | None:

@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pop3proxy.store import _fsync_dir as fsync_dir
+
 __all__ = ["Entry", "EntryBusy", "OutQueue", "RetryPolicy", "valid_id"]
 
 DIR_MODE = 0o700
@@ -91,14 +93,6 @@ class Entry:
         raw = json.loads(data.decode("utf-8"))
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in raw.items() if k in names})
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -168,10 +162,10 @@ class OutQueue:
         try:
             _write_file(staging / MESSAGE, data)
             _write_file(staging / META, entry.to_json())
-            _fsync_dir(staging)
+            fsync_dir(staging)
             os.rename(staging, self.directory / entry_id)
-            _fsync_dir(self.directory)
-            _fsync_dir(self.tmp)
+            fsync_dir(self.directory)
+            fsync_dir(self.tmp)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -189,7 +183,7 @@ class OutQueue:
             pass
         _write_file(staging, entry.to_json())
         os.rename(staging, path / META)
-        _fsync_dir(path)
+        fsync_dir(path)
 
     def remove(self, entry_id: str) -> None:
         """Remove an entry (call it while holding its claim). Missing entries are ignored."""
@@ -199,7 +193,7 @@ class OutQueue:
             os.rename(self.directory / entry_id, doomed)
         except FileNotFoundError:
             return
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         shutil.rmtree(doomed, ignore_errors=True)
 
     # -- reading ---------------------------------------------------------------------------------

@@ -45,6 +45,18 @@ class SyncResult:
     errors: list[str] = field(default_factory=list)
 
 
+def _first_error(exc: BaseException) -> BaseException:
+    """The first exception in a (possibly nested) group that is not a cancellation."""
+    inner = getattr(exc, "exceptions", None)
+    if not inner:
+        return exc
+    for candidate in inner:
+        found = _first_error(candidate)
+        if not isinstance(found, trio.Cancelled):
+            return found
+    return exc
+
+
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -214,9 +226,17 @@ async def sync_mailbox(
                 if progress is not None:
                     progress(len(stored), len(new))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fetch)
-        nursery.start_soon(keep)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            nursery.start_soon(keep)
+    except BaseException as exc:
+        # Callers handle UpstreamError, OSError and StateError: hand them the first real error, not a
+        # group of the fetcher's and the keeper's (whichever trio version groups them).
+        first = _first_error(exc)
+        if first is exc:
+            raise
+        raise first from None
 
     if policy == "after_fetch":  # each of these is cached and fsync'ed by now
         for number, uid in stored:

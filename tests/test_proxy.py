@@ -80,7 +80,11 @@ class Proxy:
 
     def client(self, user: str, password: str) -> poplib.POP3:
         assert self.process is not None
-        client = poplib.POP3(HOST, self.process.port, timeout=30)
+        try:
+            client = poplib.POP3(HOST, self.process.port, timeout=30)
+        except ConnectionRefusedError:
+            running = self.process.proc is not None and self.process.proc.poll() is None
+            raise AssertionError(f"proxy not listening (running: {running}):\n{self.process.output()}") from None
         client.user(user)
         client.pass_(password)
         return client
@@ -363,7 +367,7 @@ def test_curl_and_fetchmail_through_the_proxy(proxy, dovecot, tmp_path):
     rc = tmp_path / "fetchmailrc"
     rc.write_text(
         f'poll {HOST} protocol pop3 port {proxy.process.port} user "{dovecot.user}" password "{dovecot.password}"'
-        f' nokeep fetchall no rewrite no stripcr\n mda "sh -c \'cat > {outdir}/$(date +%s%N)\'"\n'
+        f' nokeep fetchall no rewrite no stripcr\n mda "sh -c \'cat > {outdir}/$$\'"\n'
     )
     rc.chmod(0o600)
     result = subprocess.run(
@@ -371,8 +375,8 @@ def test_curl_and_fetchmail_through_the_proxy(proxy, dovecot, tmp_path):
         capture_output=True, timeout=60, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, (result.stdout + result.stderr).decode(errors="replace")
-    fetched = [p.read_bytes() for p in sorted(outdir.iterdir())]
-    assert fetched == messages
+    fetched = [p.read_bytes() for p in outdir.iterdir()]  # one file per delivery (the MDA's pid)
+    assert sorted(fetched) == sorted(messages)
     # fetchmail deleted them through the proxy, and the mirror policy deleted them upstream
     assert dovecot.messages(dovecot.user) == []
 
