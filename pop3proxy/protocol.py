@@ -283,9 +283,12 @@ class DotStuffer:
     `done` turns True once the rest of the message is not needed.
     """
 
-    def __init__(self, top_lines: int | None = None) -> None:
+    def __init__(self, top_lines: int | None = None, *, crlf: bool = False) -> None:
+        """``crlf=True`` promises the input is already in CRLF form (as the stores serve it): the
+        bare-LF conversion, and its scan of every chunk, is skipped."""
         if top_lines is not None and top_lines < 0:
             raise LocalProtocolError("top_lines must not be negative")
+        self._crlf = crlf
         self.done = False
         self._top = top_lines
         self._finished = False
@@ -302,7 +305,7 @@ class DotStuffer:
             raise LocalProtocolError("feed() after finish()")
         if self.done or not chunk:
             return b""
-        data = self._normalise(bytes(chunk))
+        data = bytes(chunk) if self._crlf else self._normalise(bytes(chunk))
         if self._top is not None:
             data = self._cut(data)
         return self._stuff(data)

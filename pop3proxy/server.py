@@ -353,7 +353,7 @@ class _Connection:
     async def _send_message(self, action: s.SendMessage) -> None:
         assert self.maildrop is not None
         maildrop = self.maildrop
-        stuffer = p.DotStuffer(action.top_lines)
+        stuffer = p.DotStuffer(action.top_lines, crlf=True)  # the stores serve CRLF form
 
         def first_read() -> tuple[BinaryIO, bytes]:
             f = maildrop.open(action.key)

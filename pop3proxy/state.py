@@ -315,7 +315,13 @@ class UserState:
         self._run("DELETE FROM messages WHERE uid = ? AND status = 'fetching'", (uid,))
 
     def fetching(self) -> list[Row]:
-        return [row for row in self.rows() if row.status == "fetching"]
+        return [
+            Row(uid, key, status, digest, size, fetched, bool(upstream))
+            for uid, key, status, digest, size, fetched, upstream in self._run(
+                "SELECT uid, key, status, digest, size, fetched_at, upstream FROM messages"
+                " WHERE status = 'fetching'"
+            )
+        ]
 
     def release_held(self, held_key: str, uid: str | None, key: str, size: int) -> None:
         """The held message ``held_key`` is served now under ``key``: its row becomes ``cached``.

@@ -695,3 +695,25 @@ def test_wire_size_is_the_unstuffed_size(message, stuff_cuts):
     body = unstuff_reference(wire)
     added = len(body) - p.wire_size(message)
     assert added == (0 if body_of(message) == p.to_crlf(message) else 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.binary(max_size=400),
+    st.lists(st.integers(1, 50), max_size=10),
+    st.one_of(st.none(), st.integers(0, 5)),
+)
+def test_stuffer_for_crlf_input_matches_the_general_one(message, cuts, top):
+    """The stores serve CRLF form; the fast path that trusts it sends exactly what the general one does."""
+    data = p.to_crlf(message)
+    pieces, rest = [], data
+    for cut in cuts:
+        pieces.append(rest[:cut])
+        rest = rest[cut:]
+    pieces.append(rest)
+    outputs = []
+    for crlf in (False, True):
+        stuffer = p.DotStuffer(top, crlf=crlf)
+        out = b"".join(stuffer.feed(piece) for piece in pieces if piece)
+        outputs.append(out + stuffer.finish())
+    assert outputs[0] == outputs[1]
