@@ -258,3 +258,38 @@ def test_server_survives_garbage_and_abrupt_clients(standalone):
     client.pass_(PASSWORD)
     client.quit()
     assert "Traceback" not in standalone.output()
+
+
+@pytest.mark.parametrize("backend", ["maildir", "mbox"])
+def test_large_messages_byte_exact(tmp_path, server_process, backend):
+    """Large messages take the kernel's copy path when they need no dot-stuffing: every shape arrives
+    byte-exact (no dots, dots at line starts, bare LF on disk, TOP of a large one)."""
+    line = b"x" * 70 + b"\r\n"
+    plain = b"Subject: large, no dots\r\n\r\n" + line * 20_000
+    dotted = b"Subject: large, with dots\r\n\r\n" + (line * 999 + b".dot line\r\n") * 20
+    users = tmp_path / "users"
+    set_password(users, "big", PASSWORD)
+    root = tmp_path / "cache"
+    with open_store(root, "big", backend) as box:
+        box.add(plain)
+        box.add(dotted)
+    if backend == "maildir":  # a file written by another tool, bare LF
+        (root / "big" / "Maildir" / "new" / "1.foreign.host").write_bytes(plain.replace(b"\r\n", b"\n"))
+    config = write_config(
+        tmp_path / "c.toml",
+        {"listen": {"host": HOST, "port": 0}, "local": {"users_file": users}, "cache": {"root": root, "backend": backend}},
+    )
+    server = server_process(config).start()
+    client = poplib.POP3(HOST, server.port, timeout=30)
+    client.user("big")
+    client.pass_(PASSWORD)
+    got = retr_all(client)
+    expected = [plain, dotted] + ([plain] if backend == "maildir" else [])
+    assert sorted(got) == sorted(expected)
+    sizes = sorted(int(l.split()[1]) for l in client.list()[1])
+    assert sizes == sorted(len(m) for m in expected)
+    top = client.top(1, 2)[1]
+    assert len(top) == 4 and top[0].startswith(b"Subject: large")
+    client.quit()
+    url = f"pop3://big:{PASSWORD.replace(' ', '%20')}@{HOST}:{server.port}/1"
+    assert curl(url) in expected
