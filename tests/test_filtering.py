@@ -620,6 +620,7 @@ def test_the_guide_contains_the_tested_example_verbatim():
     guide = (REPO / "docs" / "writing-a-filter.md").read_text()
     example = (TESTS / "plugins" / "example_filter.py").read_text()
     assert example.strip() in guide
+    assert example.strip() in (REPO / "README.md").read_text()  # the README's "Writing a filter" too
     assert '[project.entry-points."pop3proxy.filters"]' in guide
     assert 'subject-watch = "' in guide
 
