@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import ipaddress
 import logging
-import mmap
 import os
 import socket
 import ssl
@@ -440,10 +439,22 @@ def _open_for_sendfile(maildrop: Maildrop, key: str, size: int) -> BinaryIO | No
         if not isinstance(f, io.BufferedReader) or f.tell() != 0 or os.fstat(f.fileno()).st_size != size:
             f.close()
             return None
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            if view[:1] == b"." or view[-2:] != b"\r\n" or view.find(b"\n.") >= 0:
+        # Scanned in pieces through one buffer: mapping the file would count it in our resident size.
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        last = b"\n"  # as if a line ended just before the file: a leading '.' counts
+        tail = b""
+        while n := f.readinto(buffer):
+            piece = bytes(view[:n])
+            if (last + piece).find(b"\n.") >= 0:
                 f.close()
                 return None
+            last = piece[-1:]
+            tail = (tail + piece)[-2:]
+        if tail != b"\r\n":
+            f.close()
+            return None
+        f.seek(0)
         return f
     except BaseException:
         f.close()
