@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 from bench import bench_client as bc
-from bench import bench_mail as mail
 from bench.bench_report import Row, median, percentile
 from bench.bench_servers import (
     BenchDovecot,
@@ -407,8 +406,8 @@ def w6_giant_message(bench: Bench) -> None:
 
 def w7_idle(bench: Bench) -> None:
     s = bench.scale
-    rss = Row("w7.rss", f"7. idle connections (greeted, before login): RSS per connection", "KB", False)
-    pss = Row("w7.pss", f"7. idle connections: PSS per connection", "KB", False)
+    rss = Row("w7.rss", "7. idle connections (greeted, before login): RSS per connection", "KB", False)
+    pss = Row("w7.pss", "7. idle connections: PSS per connection", "KB", False)
     for server in bench.servers():
         port, _ = bench.endpoint(server)
         proc = {"dovecot": bench.dovecot, "pop3proxy": bench.proxy, "perdition": bench.perdition,
