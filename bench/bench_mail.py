@@ -13,7 +13,8 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from pop3proxy.store import open_store, user_dir
+from pop3proxy.store import open_store
+from pop3proxy.store.paths import user_dir
 
 
 def message(size: int, index: int, seed: int = 1) -> bytes:

@@ -31,8 +31,10 @@ import sys
 
 import trio
 
-from pop3proxy import protocol as p
-from pop3proxy import server, session, store
+from pop3proxy import pop3 as p
+from pop3proxy import store
+from pop3proxy.net import pop3_server as server
+from pop3proxy.pop3 import session
 
 READ_CHUNK = server.READ_CHUNK
 NOHOP_LIMIT = 256 * 1024
@@ -229,7 +231,7 @@ def indexed_open(self, key: str):
 
 
 _plain_list = store.MaildirMailbox.list
-_original_recover = __import__("pop3proxy.sync", fromlist=["recover"]).recover
+_original_recover = __import__("pop3proxy.proxy.sync", fromlist=["recover"]).recover
 
 
 def _recover_fast(mailbox, state):
@@ -249,7 +251,7 @@ def apply(names: list[str]) -> None:
         elif name == "uidl":
             session.wire_uid = wire_uid_fast
         elif name == "recover":
-            from pop3proxy import proxy
+            from pop3proxy.proxy import backend as proxy
 
             proxy.recover = _recover_fast
         elif name == "index":

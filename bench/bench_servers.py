@@ -1,6 +1,6 @@
 """The servers a benchmark run starts on loopback, and how their memory is read.
 
-* `BenchDovecot`: the test suite's real Dovecot (``tests/dovecot.py``) with limits raised for a
+* `BenchDovecot`: the test suite's real Dovecot (``tests/helpers/dovecot.py``) with limits raised for a
   thousand concurrent sessions and ten thousand idle connections (login processes in Dovecot's
   "high-performance" mode: a few processes serve many connections).
 * `Pop3proxy`: ``python -m pop3proxy serve --config FILE`` as a child process.
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
-from dovecot import Dovecot, DovecotError, _process_group_members, find_dovecot  # noqa: E402
+from helpers.dovecot import Dovecot, DovecotError, _process_group_members, find_dovecot  # noqa: E402
 
 HOST = "127.0.0.1"
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
@@ -382,7 +382,7 @@ class Pop3proxy(Managed):
 
     def forget_cache(self, user: str) -> None:
         """Drop one user's cache (the next login fetches everything again: a cold start)."""
-        from pop3proxy.store import user_dir
+        from pop3proxy.store.paths import user_dir
 
         shutil.rmtree(user_dir(self.cache_root, user), ignore_errors=True)
 

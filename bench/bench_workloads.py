@@ -454,7 +454,8 @@ def builtin_filters() -> tuple[list[dict], list[str]]:
     from bench.bench_servers import REPO
 
     try:
-        from pop3proxy.filtering import FilterConfigError, load_filter
+        from pop3proxy.filtering.api import FilterConfigError
+        from pop3proxy.filtering.loader import load_filter
     except ImportError as exc:
         return [], [f"pop3proxy.filtering cannot be imported: {exc}"]
     last = ""

@@ -300,7 +300,7 @@ def login_prototypes(tmp: Path, dovecot: BenchDovecot, user, count: int, logins:
 
 
 def huge_mailbox(tmp: Path, count: int, runs: int) -> None:
-    from pop3proxy.passwords import set_password
+    from pop3proxy.proxy.credentials import set_password
 
     say(f"== prototypes: login + STAT + UIDL of a {count:,}-message standalone mailbox (seconds, median)")
     root = tmp / "huge"

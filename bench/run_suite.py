@@ -219,7 +219,7 @@ def _run_with(dovecot: BenchDovecot, scale: w.Scale, only: list[int], tmp: Path,
 
 
 def _huge_mailbox(bench: w.Bench, dovecot: BenchDovecot, tmp: Path) -> None:
-    from pop3proxy.passwords import set_password
+    from pop3proxy.proxy.credentials import set_password
 
     scale = bench.scale
     t0 = time.monotonic()

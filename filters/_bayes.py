@@ -239,6 +239,12 @@ class Bayes:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
+    def create(self) -> None:
+        """Create the store if it does not exist yet."""
+        db = self._connect(create=True)
+        if db is not None:
+            db.close()
+
     def _connect(self, create: bool) -> sqlite3.Connection | None:
         if not create and not self.path.exists():
             return None

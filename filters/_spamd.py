@@ -26,7 +26,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from filters._net import Address, connect, parse_address, read_until_eof
+from pop3proxy.filters._net import Address, connect, parse_address, read_until_eof
 
 PROTOCOL = "SPAMC/1.5"
 MAX_REPLY = 1 << 20  # SYMBOLS/CHECK replies are short; this bounds a misbehaving peer

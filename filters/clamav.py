@@ -30,8 +30,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from filters._net import Address, connect, parse_address
 from pop3proxy.filtering import FilterContext, FilterOutcome, add_header
+from pop3proxy.filters._net import Address, connect, parse_address
 
 HEADER = "X-Virus-Status"
 CHUNK = 64 * 1024

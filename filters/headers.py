@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pop3proxy.filtering import FilterContext, FilterOutcome, add_header, format_header, remove_headers
+from pop3proxy.filtering import (
+    FilterContext,
+    FilterOutcome,
+    add_header,
+    format_header,
+    remove_headers,
+)
 
 
 class HeadersFilter:

@@ -41,11 +41,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from filters._bayes import Bayes, default_database, has_gtube
-from filters._rspamd import RspamdClient
-from filters._net import parse_address
-from filters._spamd import SpamdClient
 from pop3proxy.filtering import FilterContext, FilterOutcome, add_header, header_end
+from pop3proxy.filters._bayes import Bayes, default_database, has_gtube, train_command
+from pop3proxy.filters._net import parse_address
+from pop3proxy.filters._rspamd import RspamdClient
+from pop3proxy.filters._spamd import SpamdClient
 
 log = logging.getLogger("pop3proxy.filters.spam")
 
@@ -117,6 +117,13 @@ def prefix_subject(message: bytes, prefix: str) -> bytes:
 
 class SpamFilter:
     name = "spam"
+    # Commands this plugin adds to the CLI (`pop3proxy train ...`), found through its entry point.
+    commands = {"train": staticmethod(train_command)}
+
+    @staticmethod
+    def create_database(path: Path) -> None:
+        """Create an empty token store for the built-in backend (it then detects GTUBE only)."""
+        Bayes(path).create()
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -10,23 +10,15 @@ from functools import partial
 import trio
 
 from pop3proxy.config import Settings
-from pop3proxy.throttle import Throttle
-from pop3proxy.server import (
-    Backend,
-    LocalBackend,
-    ServerConfig,
-    ServerState,
-    listener_port,
-    make_server_ssl_context,
-    open_listeners,
-    serve_listeners,
-)
+from pop3proxy.errors import StartupError
+from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
+from pop3proxy.net.maildrop import Backend
+from pop3proxy.net.pop3_server import ServerConfig, ServerState
+from pop3proxy.net.throttle import Throttle
+from pop3proxy.net.tls import make_server_ssl_context
+from pop3proxy.proxy.local import LocalBackend
 
 log = logging.getLogger("pop3proxy")
-
-
-class StartupError(Exception):
-    """The service cannot start; the message says why, for the person running it."""
 
 
 @dataclass
@@ -48,8 +40,10 @@ def build_backend(settings: Settings) -> Backend:
             return LocalBackend(settings.local.users_file, settings.cache.root, settings.cache.backend)
         except Exception as exc:
             raise StartupError(str(exc)) from None
-    from pop3proxy.filtering import FilterConfigError
-    from pop3proxy.proxy import ProxyBackend  # the proxy is only imported when configured
+    from pop3proxy.filtering.api import FilterConfigError
+    from pop3proxy.proxy.backend import (
+        ProxyBackend,  # the proxy is only imported when configured
+    )
 
     try:
         return ProxyBackend(settings)
@@ -90,7 +84,7 @@ async def run_service(
 ) -> None:
     """Run until cancelled. ``task_status.started`` reports the bound ports (port 0 works)."""
     backend = backend or build_backend(settings)
-    from pop3proxy.logs import add_secrets
+    from pop3proxy.ops.logs import add_secrets
 
     add_secrets(getattr(backend, "passwords", {}).values())  # masked should they ever reach a log line
     state = ServerState(build_server_config(settings), backend)
@@ -116,14 +110,14 @@ async def run_service(
             backend.attach(nursery)
             nursery.start_soon(serve_listeners, state, plain, tls)
             if settings.smtp.port is not None:
-                from pop3proxy.smtp import run_smtp
+                from pop3proxy.submission.bridge import run_smtp
 
                 # the POP3 side's TLS context, asked per connection: a certificate reload applies to both
                 ports.smtp = await nursery.start(
                     partial(run_smtp, settings, backend, tls_context=lambda: state.config.ssl_context)
                 )
             if settings.metrics.port is not None:
-                from pop3proxy.metrics import serve_metrics
+                from pop3proxy.ops.metrics_http import serve_metrics
 
                 ports.metrics = await nursery.start(serve_metrics, settings)
             task_status.started(ports)

@@ -42,7 +42,7 @@ def _settings(args: argparse.Namespace, **overrides) -> Settings:
 def _run(main: Callable[[], object]) -> None:
     import trio
 
-    from pop3proxy.app import StartupError
+    from pop3proxy.errors import StartupError
 
     try:
         trio.run(main)
@@ -54,7 +54,7 @@ def _run(main: Callable[[], object]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from pop3proxy.logs import setup_logging
+    from pop3proxy.ops.logs import setup_logging
 
     setup_logging(settings.log)
     from pop3proxy.app import run_until_signal
@@ -85,7 +85,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CliError(f"config error: {exc}", EXIT_USAGE) from None
     settings = _settings(args)
-    from pop3proxy.filtering import FilterConfigError, build_pipeline
+    from pop3proxy.filtering.api import FilterConfigError
+    from pop3proxy.filtering.pipeline import build_pipeline
 
     try:
         build_pipeline(settings.filters)
@@ -99,7 +100,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_adduser(args: argparse.Namespace) -> int:
-    from pop3proxy.passwords import UsersFileError, set_password
+    from pop3proxy.proxy.credentials import UsersFileError, set_password
 
     users_file = args.users_file
     if users_file is None:
@@ -133,12 +134,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     names = [args.account] if args.account else list(settings.accounts)
     if args.account and args.account not in settings.accounts:
         raise CliError(f"no [accounts.{args.account!r}] section in the configuration", EXIT_USAGE)
-    import trio
 
-    from pop3proxy.app import StartupError, build_backend
-    from pop3proxy.state import StateError
-    from pop3proxy.store import MailboxBusy
-    from pop3proxy.upstream import UpstreamError
+    from pop3proxy.app import build_backend
+    from pop3proxy.errors import StartupError
+    from pop3proxy.net.endpoint import UpstreamError
+    from pop3proxy.store.locks import MailboxBusy
+    from pop3proxy.store.state import StateError
 
     try:
         backend = build_backend(settings)
@@ -189,7 +190,9 @@ def cmd_filter(args: argparse.Namespace) -> int:
     _setup_logging("error")
     import trio
 
-    from pop3proxy.filtering import FilterConfigError, FilterContext, build_pipeline, change_summary
+    from pop3proxy.filtering.api import FilterConfigError, FilterContext
+    from pop3proxy.filtering.pipeline import build_pipeline
+    from pop3proxy.filtering.summary import change_summary
 
     try:
         pipeline = build_pipeline(settings.filters)
@@ -225,9 +228,10 @@ def cmd_held(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     import time
 
-    from pop3proxy.held import HeldError, HeldOwner, held_owners
-    from pop3proxy.state import StateError
-    from pop3proxy.store import MailboxBusy, user_dir
+    from pop3proxy.store.held import HeldError, HeldOwner, held_owners
+    from pop3proxy.store.locks import MailboxBusy
+    from pop3proxy.store.paths import user_dir
+    from pop3proxy.store.state import StateError
 
     root, backend = settings.cache.root, settings.cache.backend
     try:
@@ -293,14 +297,14 @@ def cmd_held(args: argparse.Namespace) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging("warning")
-    from pop3proxy.smtp import queue_command
+    from pop3proxy.submission.queue_cli import queue_command
 
     return queue_command(settings, args.action, args.ids)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from pop3proxy.status import status_command
+    from pop3proxy.ops.status import status_command
 
     return status_command(settings)
 
@@ -374,9 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["train"]:
-        from filters._bayes import train_command
+        from pop3proxy.filtering.loader import filter_command
 
-        return train_command(args_list[1:])
+        train = filter_command("train")
+        if train is None:
+            print("pop3proxy: train: no installed filter offers it (the spam filter does)", file=sys.stderr)
+            return EXIT_USAGE
+        return train(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,11 +27,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pop3proxy.errors import ConfigError
+
 SECRET_KEYS = frozenset({"password", "secret", "token"})
-
-
-class ConfigError(Exception):
-    """A configuration problem, with a message meant for the person who wrote the file."""
 
 
 class _Section(BaseModel):
@@ -268,3 +273,9 @@ def masked(settings: Settings) -> dict[str, Any]:
         return value
 
     return mask(settings.model_dump(mode="python"))
+
+
+def queue_dir(settings) -> Path:
+    """The outgoing queue: ``smtp.queue_dir``, else ``.queue`` below the cache root (a name no user's
+    cache directory can have)."""
+    return Path(settings.smtp.queue_dir) if settings.smtp.queue_dir else Path(settings.cache.root) / ".queue"

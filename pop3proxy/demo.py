@@ -134,7 +134,7 @@ def try_it_lines(host: str, port: int) -> str:
 
 def prepare(workdir: Path) -> Path:
     """Create the users file and mailbox under ``workdir``; returns the users file."""
-    from pop3proxy.passwords import set_password
+    from pop3proxy.proxy.credentials import set_password
     from pop3proxy.store import open_store
 
     users_file = workdir / "users"
@@ -163,9 +163,9 @@ async def run_demo(workdir: Path, host: str, port: int, on_ready) -> None:
     from pop3proxy.config import Settings
 
     users_file = prepare(workdir)
-    from filters._bayes import Bayes
+    from pop3proxy.filtering.loader import filter_class
 
-    Bayes(workdir / "bayes.sqlite")._connect(create=True).close()  # an empty store: GTUBE only
+    filter_class("spam").create_database(workdir / "bayes.sqlite")  # an empty store: GTUBE only
     provider = Settings(
         listen={"host": "127.0.0.1", "port": 0},
         local={"users_file": users_file},

@@ -1,0 +1,44 @@
+"""What the POP3 server driver needs from the application: a `Backend` that logs users in and
+the `Maildrop` it returns (the messages of one locked mailbox).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import BinaryIO, Sequence
+
+import trio
+
+from pop3proxy.store.base import MessageInfo
+
+log = logging.getLogger("pop3proxy")
+
+
+class Maildrop:
+    """What a successful login hands the session: a locked, listed mailbox."""
+
+    messages: Sequence[MessageInfo]
+    banner: str = ""
+
+    def open(self, key: str) -> BinaryIO:  # runs in a worker thread
+        raise NotImplementedError
+
+    async def commit(self, deleted: Sequence[str]) -> None:
+        """Apply the session's deletions (UPDATE state)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the mailbox; called once, whether or not the session reached UPDATE."""
+
+
+class Backend:
+    """Where logins are checked and maildrops come from."""
+
+    async def login(self, user: str, password: str, peer: str) -> Maildrop:
+        raise NotImplementedError
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Called once before serving, with a nursery for background work that outlives a session."""
+
+    async def aclose(self) -> None:
+        pass

@@ -1,0 +1,485 @@
+"""The POP3 client towards a provider (trio): connect (implicit TLS, STLS or none, verified),
+log in (USER/PASS, AUTH PLAIN, APOP), list, fetch and delete. Every read is under a deadline
+and trio's errors are mapped to `UpstreamError`s.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import inspect
+import logging
+import operator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import trio
+
+from pop3proxy.net.endpoint import (
+    _IO_ERRORS,
+    Endpoint,
+    UpstreamAuthError,
+    UpstreamCommandError,
+    UpstreamTLSError,
+    UpstreamUnavailable,
+    _auth_code,
+    _describe,
+)
+from pop3proxy.pop3.client import (
+    ClientConnection,
+    apop_digest,
+    parse_capa,
+    parse_greeting_timestamp,
+    parse_scan_listing,
+    parse_uidl_listing,
+)
+from pop3proxy.pop3.commands import MAX_COMMAND_LINE
+from pop3proxy.pop3.dotstuff import to_crlf
+from pop3proxy.pop3.errors import RemoteProtocolError
+from pop3proxy.pop3.framing import NEED_DATA, Data, EndOfData, Status
+
+log = logging.getLogger("pop3proxy.upstream")
+_T = TypeVar("_T")
+
+RECEIVE_SIZE = 256 * 1024  # octets asked for per read
+SINK_CHUNK = 64 * 1024  # message data is handed to a sink in pieces of at least this size
+HEADER_DIGEST_PREFIX = "hd-"
+Sink = Callable[[bytes], object | Awaitable[object]]
+
+
+async def _call(sink: Sink, chunk: bytes) -> None:
+    result = sink(chunk)
+    if inspect.isawaitable(result):
+        await result
+
+
+def _message_number(number: int) -> int:
+    number = operator.index(number)
+    if number < 1:
+        raise ValueError("message numbers start at 1")
+    return number
+
+
+async def connect(endpoint: Endpoint) -> UpstreamClient:
+    """Open a session with the provider: connected, secured as configured, greeted, CAPA read."""
+    try:
+        with trio.fail_after(endpoint.timeout):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+    except trio.TooSlowError:
+        reason = f"timed out connecting (after {endpoint.timeout:g} s)"
+        raise UpstreamUnavailable(f"{endpoint.where}: {reason}", reason) from None
+    except OSError as exc:
+        reason = f"cannot connect: {_describe(exc)[0]}"
+        raise UpstreamUnavailable(f"{endpoint.where}: {reason}", reason) from None
+    client = UpstreamClient(stream, endpoint)
+    try:
+        await client._start()
+    except BaseException:
+        client._broken = client._broken or "the session could not be set up"
+        await client.aclose()
+        raise
+    return client
+
+
+class UpstreamClient:
+    """One POP3 session with the provider. Use `connect` to make one.
+
+    One command at a time. After an `UpstreamUnavailable`, a cancellation or an exception
+    from a sink, the session is unusable: every further command raises `UpstreamUnavailable`.
+    `UpstreamCommandError` leaves the session usable.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.greeting = ""
+        self.capabilities: dict[str, list[str]] | None = None
+        self.auth_method: str | None = None
+        self._stream = stream
+        self._conn = ClientConnection()
+        self._broken: str | None = None
+        self._closed = False
+        self._secrets: tuple[str, ...] = ()  # kept out of error messages while logging in
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else (f"broken: {self._broken}" if self._broken else "open")
+        return f"<UpstreamClient {self.endpoint.where} tls={self.endpoint.tls} {state}>"
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def apop_timestamp(self) -> str | None:
+        return parse_greeting_timestamp(self.greeting)
+
+    @property
+    def tls_version(self) -> str | None:
+        """The negotiated TLS version ("TLSv1.3"…), None on a clear-text connection."""
+        if isinstance(self._stream, trio.SSLStream):
+            return self._stream.version()
+        return None
+
+    # -- connection set-up ------------------------------------------------------------
+
+    async def _start(self) -> None:
+        if self.endpoint.tls == "implicit":
+            await self._start_tls()
+        greeting = await self._reply()
+        if not greeting.ok:
+            code = greeting.code if greeting.code in ("IN-USE", "SYS/TEMP", "SYS/PERM") else "SYS/TEMP"
+            raise self._unavailable(f"the provider refused the session: {greeting.text}", code)
+        self.greeting = greeting.text
+        await self._read_capabilities()
+        if self.endpoint.tls == "starttls":
+            if self.capabilities is None or "STLS" not in self.capabilities:
+                raise self._tls_error("the provider does not offer STLS (refusing to go on without TLS)")
+            reply = await self._request("STLS")
+            if not reply.ok:
+                raise self._tls_error(f"the provider refused STLS: {reply.text}")
+            if self._conn.buffered:
+                # Plain text sent after the STLS reply would be read as if it came over TLS.
+                raise self._unavailable("the provider sent data after its STLS reply")
+            await self._start_tls()
+            await self._read_capabilities()
+
+    async def _start_tls(self) -> None:
+        try:
+            context = self.endpoint.ssl_context()
+        except (OSError, ValueError) as exc:
+            reason = f"cannot load the CA file {self.endpoint.ca_file!r}: {_describe(exc)[0]}"
+            raise self._tls_error(reason) from None
+        self._stream = trio.SSLStream(self._stream, context, server_hostname=self.endpoint.tls_name)
+        with self._io_errors("during the TLS handshake"):
+            with trio.fail_after(self.endpoint.timeout):
+                await self._stream.do_handshake()
+
+    async def _read_capabilities(self) -> None:
+        body = bytearray()
+        reply = await self._request("CAPA", sink=body.extend)
+        self.capabilities = parse_capa(bytes(body)) if reply.ok else None
+
+    # -- I/O and error mapping --------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _unavailable(self, reason: str, code: str | None = "SYS/TEMP") -> UpstreamUnavailable:
+        reason = self._scrub(reason)
+        self._broken = self._broken or reason
+        return UpstreamUnavailable(f"{self.endpoint.where}: {reason}", reason, code)
+
+    def _tls_error(self, reason: str, verify_failed: bool = False) -> UpstreamTLSError:
+        reason = self._scrub(reason)
+        self._broken = self._broken or reason
+        return UpstreamTLSError(f"{self.endpoint.where}: {reason}", reason, tls_verify_failed=verify_failed)
+
+    @contextlib.contextmanager
+    def _io_errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except trio.TooSlowError:
+            raise self._unavailable(f"timed out {doing} (after {self.endpoint.timeout:g} s)") from None
+        except _IO_ERRORS as exc:
+            reason, verify_failed = _describe(exc)
+            if verify_failed:
+                raise self._tls_error(reason, verify_failed=True) from None
+            raise self._unavailable(f"{reason} {doing}") from None
+
+    async def _send(self, line: bytes) -> None:
+        with self._io_errors("while sending a command"):
+            with trio.fail_after(self.endpoint.timeout):
+                await self._stream.send_all(line)
+
+    async def _receive(self) -> bytes:
+        with self._io_errors("while waiting for the provider"):
+            with trio.fail_after(self.endpoint.timeout):
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise self._unavailable("the provider closed the connection")
+        return data
+
+    async def _event(self) -> Status | Data | EndOfData:
+        while True:
+            try:
+                event = self._conn.next_event()
+            except RemoteProtocolError as exc:
+                # While logging in, the server's words are left out: it may echo the password.
+                detail = "" if self._secrets else f": {exc}"
+                raise self._unavailable(f"invalid reply from the provider{detail}") from None
+            if event is not NEED_DATA:
+                return event
+            self._conn.receive_data(await self._receive())
+
+    async def _reply(self) -> Status:
+        event = await self._event()
+        if not isinstance(event, Status):
+            raise self._unavailable("reply out of step with its command")
+        return event
+
+    async def _request(self, command: str, *args: str | int, sink: Sink | None = None) -> Status:
+        """Send one command and read its reply; a multi-line body is handed to `sink`.
+
+        Any failure in between (including cancellation and a sink's exception) leaves the
+        session out of step, so it is marked unusable.
+        """
+        if self._broken is not None:
+            raise UpstreamUnavailable(f"{self.endpoint.where}: {self._broken}", self._broken)
+        if self._conn.buffered:
+            raise self._unavailable("the provider sent data nobody asked for")
+        finished = False
+        try:
+            await self._send(self._conn.send(command, *args))
+            reply = await self._reply()
+            if self._conn.pending:  # the positive status line of a multi-line reply
+                if sink is None:
+                    raise self._unavailable(f"unexpected multi-line reply to {command}")
+                await self._drain(sink)
+            finished = True
+            return reply
+        finally:
+            if not finished and self._broken is None:
+                self._broken = f"{command} did not complete"
+
+    async def _drain(self, sink: Sink) -> int:
+        """Hand a multi-line body to `sink` in pieces of SINK_CHUNK octets or more."""
+        total = 0
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._event()
+            if isinstance(event, EndOfData):
+                break
+            if not isinstance(event, Data):
+                raise self._unavailable("reply out of step with its command")
+            parts.append(event.data)
+            size += len(event.data)
+            if size >= SINK_CHUNK:
+                total += size
+                await _call(sink, b"".join(parts))
+                parts.clear()
+                size = 0
+        if parts:
+            total += size
+            await _call(sink, b"".join(parts))
+        return total
+
+    async def _simple(self, command: str, *args: str | int) -> Status:
+        """A single-line command whose ``-ERR`` is an `UpstreamCommandError`."""
+        reply = await self._request(command, *args)
+        if not reply.ok:
+            raise self._command_error(command, reply)
+        return reply
+
+    def _command_error(self, command: str, reply: Status) -> UpstreamCommandError:
+        text = self._scrub(reply.text)
+        return UpstreamCommandError(
+            f"{self.endpoint.where}: the provider refused {command}: {text}", command, reply.code
+        )
+
+    # -- logging in -------------------------------------------------------------------
+
+    def _offers(self, method: str) -> bool:
+        caps = self.capabilities
+        if method == "plain":
+            return caps is not None and "PLAIN" in (m.upper() for m in caps.get("SASL", []))
+        if method == "user":
+            return caps is None or "USER" in caps
+        return self.apop_timestamp is not None
+
+    async def login(self, user: str, password: str) -> str:
+        """Log in with the first of the endpoint's methods the provider offers; return it.
+
+        A method is tried only when the provider offers it: ``plain`` when CAPA lists SASL
+        PLAIN, ``user`` when CAPA lists USER or CAPA is not supported, ``apop`` when the
+        greeting holds a timestamp. A method is skipped only when it proves unavailable
+        (``-ERR`` to USER, before the password was sent): once the provider has refused the
+        credentials no other method is tried, as each try counts as a failed login there.
+        """
+        if not user or any(c in user + password for c in "\r\n\0"):
+            raise UpstreamAuthError(
+                f"{self.endpoint.where}: the user name or password holds a line break or NUL", "AUTH"
+            )
+        methods = [method for method in self.endpoint.auth if self._offers(method)]
+        if not methods:
+            configured = ", ".join(self.endpoint.auth)
+            raise UpstreamAuthError(
+                f"{self.endpoint.where}: the provider offers none of the login methods configured ({configured})",
+                "SYS/PERM",
+            )
+        plain_response = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+        self._secrets = (password, plain_response)
+        try:
+            unavailable: tuple[str, Status] | None = None
+            for method in methods:
+                refused = await getattr(self, f"_login_{method}")(user, password, plain_response)
+                if refused is None:
+                    self.auth_method = method
+                    log.debug("logged in to %s as %s with %s", self.endpoint.where, user, method)
+                    return method
+                unavailable = (method, refused)
+            assert unavailable is not None
+            raise self._auth_error(*unavailable)
+        finally:
+            self._secrets = ()
+
+    def _auth_error(self, method: str, reply: Status) -> UpstreamAuthError:
+        text = self._scrub(reply.text)
+        return UpstreamAuthError(
+            f"{self.endpoint.where}: the provider refused the login ({method}): {text}", _auth_code(reply.code)
+        )
+
+    async def _login_plain(self, user: str, password: str, response: str) -> Status | None:
+        if len(f"AUTH PLAIN {response}\r\n") <= MAX_COMMAND_LINE:
+            reply = await self._request("AUTH", "PLAIN", response)
+        else:  # too long for an initial response (RFC 5034): wait for the empty challenge
+            reply = await self._request("AUTH", "PLAIN")
+            if reply.continuation:
+                reply = await self._request(response)
+        if reply.continuation:
+            raise self._unavailable("unexpected SASL challenge from the provider")
+        if not reply.ok:
+            raise self._auth_error("plain", reply)
+        return None
+
+    async def _login_user(self, user: str, password: str, response: str) -> Status | None:
+        reply = await self._request("USER", user)
+        if not reply.ok:
+            return reply  # USER/PASS is not available (nothing was said about the password)
+        reply = await self._request("PASS", password)
+        if not reply.ok:
+            raise self._auth_error("user", reply)
+        return None
+
+    async def _login_apop(self, user: str, password: str, response: str) -> Status | None:
+        timestamp = self.apop_timestamp
+        assert timestamp is not None
+        reply = await self._request("APOP", user, apop_digest(timestamp, password))
+        if not reply.ok:
+            raise self._auth_error("apop", reply)
+        return None
+
+    # -- transaction ------------------------------------------------------------------
+
+    async def stat(self) -> tuple[int, int]:
+        """(number of messages, total octets)."""
+        reply = await self._simple("STAT")
+        parts = reply.text.split()
+        if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+            raise self._unavailable(f"invalid STAT reply from the provider: {reply.text[:80]!r}")
+        return int(parts[0]), int(parts[1])
+
+    async def list(self) -> dict[int, int]:
+        """{message number: size in octets} for every message."""
+        return self._parse(parse_scan_listing, await self._listing("LIST"))
+
+    async def uidl(self) -> dict[int, str] | None:
+        """{message number: unique id}, or None when the provider does not support UIDL."""
+        body = bytearray()
+        reply = await self._request("UIDL", sink=body.extend)
+        if not reply.ok:
+            return None
+        return self._parse(parse_uidl_listing, bytes(body))
+
+    def _parse(self, parser: Callable[[bytes], _T], body: bytes) -> _T:
+        try:
+            return parser(body)
+        except RemoteProtocolError as exc:
+            raise self._unavailable(str(exc)) from None
+
+    async def _listing(self, command: str) -> bytes:
+        body = bytearray()
+        reply = await self._request(command, sink=body.extend)
+        if not reply.ok:
+            raise self._command_error(command, reply)
+        return bytes(body)
+
+    async def retr(self, number: int, sink: Sink) -> int:
+        """Stream message `number` to `sink`; return its size in octets.
+
+        `sink` gets the message unstuffed, CRLF line endings kept, in pieces of 64 KiB or
+        more; it may be a plain or an async function. A message is complete only when this
+        returns: if it raises (the connection dropped, a timeout…), what the sink got is a
+        fragment and must be thrown away — there is no other end-of-message signal.
+        """
+        number = _message_number(number)
+        size = 0
+
+        async def counted(chunk: bytes) -> None:
+            nonlocal size
+            size += len(chunk)
+            await _call(sink, chunk)
+
+        reply = await self._request("RETR", number, sink=counted)
+        if not reply.ok:
+            raise self._command_error("RETR", reply)
+        return size
+
+    async def retr_bytes(self, number: int) -> bytes:
+        """Message `number`, whole, unstuffed, CRLF line endings kept."""
+        parts: list[bytes] = []
+        await self.retr(number, parts.append)
+        return b"".join(parts)
+
+    async def top(self, number: int, lines: int) -> bytes:
+        """The headers, the blank line and the first `lines` body lines of message `number`."""
+        number = _message_number(number)
+        lines = operator.index(lines)
+        if lines < 0:
+            raise ValueError("TOP needs a line count of 0 or more")
+        parts: list[bytes] = []
+        reply = await self._request("TOP", number, lines, sink=parts.append)
+        if not reply.ok:
+            raise self._command_error("TOP", reply)
+        return b"".join(parts)
+
+    async def header_digest(self, number: int) -> str:
+        """An identifier for providers without UIDL: ``hd-`` + SHA-256 hex of the header block.
+
+        The header block is what ``TOP n 0`` returns up to (not including) the blank line,
+        with CRLF line endings. It is stable for as long as the provider keeps the message,
+        but two messages with identical headers share it.
+        """
+        head = to_crlf(await self.top(number, 0))
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            head = head[: end + 2]
+        elif head.startswith(b"\r\n"):
+            head = b""
+        return HEADER_DIGEST_PREFIX + hashlib.sha256(head).hexdigest()
+
+    async def dele(self, number: int) -> None:
+        """Mark message `number` for deletion; the provider removes it only at `quit`."""
+        await self._simple("DELE", _message_number(number))
+
+    async def noop(self) -> None:
+        await self._simple("NOOP")
+
+    async def quit(self) -> None:
+        """End the session with QUIT, which makes the provider apply the deletions; then close."""
+        try:
+            reply = await self._request("QUIT")
+        finally:
+            await self.aclose()
+        if not reply.ok:
+            raise self._command_error("QUIT", reply)
+
+    async def aclose(self) -> None:
+        """Close the connection without QUIT: the provider deletes nothing. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        broken, self._broken = self._broken, self._broken or "the connection is closed"
+        if broken is not None:
+            await trio.aclose_forcefully(self._stream)
+            return
+        with trio.move_on_after(self.endpoint.timeout):
+            try:
+                await self._stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass

@@ -1,0 +1,380 @@
+"""The POP3 server driver (trio): one `_Connection` per client feeds received octets to the
+sans-IO `Session` and carries out its actions (login through the backend, STLS, sending
+messages with back-pressure and sendfile, QUIT updates), under the configured limits.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterable
+
+import trio
+
+from pop3proxy import pop3 as p
+from pop3proxy.errors import LoginError
+from pop3proxy.net.maildrop import Backend, Maildrop
+from pop3proxy.net.throttle import Throttle
+from pop3proxy.ops import metrics
+from pop3proxy.pop3 import session as s
+
+log = logging.getLogger("pop3proxy")
+
+READ_CHUNK = 256 * 1024
+INLINE_READ = 64 * 1024  # messages up to this size are read without a worker thread
+SENDFILE_MIN = 256 * 1024  # larger messages that need no dot-stuffing go out with sendfile()
+RECEIVE_SIZE = 64 * 1024
+
+
+@dataclass
+class ServerConfig:
+    idle_timeout: float = 600.0
+    tls_handshake_timeout: float = 30.0
+    max_sessions: int = 1000
+    max_sessions_per_address: int = 50
+    max_bad_commands: int = 20
+    allow_plaintext_auth: str = "loopback"  # "loopback" | "always" | "never"
+    ssl_context: ssl.SSLContext | None = None
+    greeting: str = "pop3proxy ready"
+    throttle: Throttle = field(default_factory=Throttle)
+
+
+@dataclass
+class ServerState:
+    """Shared by all connections of one server."""
+
+    config: ServerConfig
+    backend: Backend
+    sessions: int = 0
+    per_address: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0})
+
+
+def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
+    inner = stream
+    while isinstance(inner, trio.SSLStream):
+        inner = inner.transport_stream
+    sock = getattr(inner, "socket", None)
+    if sock is None:
+        return ("", 0)
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return ("", 0)
+    if isinstance(address, tuple):
+        return (address[0], address[1])
+    return (str(address), 0)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == ""  # unix sockets and in-memory test streams are local
+
+
+class _Connection:
+    """Drives one ``Session`` over one stream."""
+
+    def __init__(self, state: ServerState, stream: trio.abc.Stream, tls_active: bool) -> None:
+        self.state = state
+        self.config = state.config
+        self.stream = stream
+        self.peer = _peer_of(stream)
+        loopback = _is_loopback(self.peer[0])
+        plaintext = {"always": True, "never": False, "loopback": loopback}[self.config.allow_plaintext_auth]
+        self.session = s.Session(
+            stls_available=self.config.ssl_context is not None and not tls_active,
+            tls_active=tls_active,
+            plaintext_auth=plaintext,
+            greeting=self.config.greeting,
+            max_bad_commands=self.config.max_bad_commands,
+        )
+        self.out: list[bytes] = []
+        self.maildrop: Maildrop | None = None
+        self.upstream: str | None = None  # the provider this session's login went to (logs)
+        self.bytes_sent = 0
+
+    async def flush(self) -> None:
+        if self.out:
+            data = b"".join(self.out)
+            self.out.clear()
+            await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        with trio.fail_after(self.config.idle_timeout):
+            await self.stream.send_all(data)
+        self.bytes_sent += len(data)
+
+    async def run(self) -> None:
+        self.out.append(self.session.greeting())
+        try:
+            while True:
+                actions = self.session.next_actions()
+                if actions is None:
+                    if not await self._receive():
+                        return
+                    continue
+                if await self._perform(actions):
+                    return
+        finally:
+            if self.maildrop is not None:
+                maildrop, self.maildrop = self.maildrop, None
+                with trio.CancelScope(shield=True):
+                    await maildrop.close()
+
+    async def _receive(self) -> bool:
+        """Flush replies, then wait for input. False when the client is gone or idle too long."""
+        await self.flush()
+        with trio.move_on_after(self.config.idle_timeout):
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return False
+            self.session.receive_data(data)
+            return True
+        self.out.append(p.err("idle timeout, closing connection"))
+        await self.flush()
+        return False
+
+    async def _perform(self, actions: Iterable[s.Action]) -> bool:
+        """Carry out actions; True when the connection is to be closed."""
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            if isinstance(action, s.Send):
+                self.out.append(action.data)
+            elif isinstance(action, s.SendMessage):
+                await self._send_message(action)
+            elif isinstance(action, s.Authenticate):
+                queue[:0] = await self._login(action)
+            elif isinstance(action, s.StartTLS):
+                await self.flush()
+                queue[:0] = await self._start_tls()
+            elif isinstance(action, s.Update):
+                queue[:0] = await self._update(action)
+            elif isinstance(action, s.Close):
+                await self.flush()
+                return True
+        return False
+
+    async def _login(self, action: s.Authenticate) -> list[s.Action]:
+        await self.flush()
+        throttle = self.config.throttle
+        address = self.peer[0]
+        if throttle.blocked(address, action.user):
+            log.warning("login of %r from %s refused: too many failed logins", action.user, address)
+            return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
+        try:
+            maildrop = await self.state.backend.login(action.user, action.password, address)
+        except LoginError as exc:
+            log.info("login failed for %r from %s: %s", action.user, address, exc.text,
+                     extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
+            metrics.login("failed")
+            if exc.code == "AUTH":
+                await trio.sleep(throttle.failed(address, action.user))
+            return self.session.login_failed(exc.text, exc.code)
+        throttle.succeeded(address, action.user)
+        self.maildrop = maildrop
+        self.upstream = getattr(maildrop, "upstream", None)
+        log.info("login %r from %s: %d messages", action.user, self.peer[0], len(maildrop.messages),
+                 extra={"user": action.user, "peer": address, "upstream": self.upstream,
+                        "messages": len(maildrop.messages), "result": "ok"})
+        metrics.login("ok")
+        return self.session.login_succeeded(action.user, maildrop.messages, maildrop.banner)
+
+    async def _start_tls(self) -> list[s.Action]:
+        assert self.config.ssl_context is not None
+        tls = trio.SSLStream(self.stream, self.config.ssl_context, server_side=True)
+        with trio.fail_after(self.config.tls_handshake_timeout):
+            await tls.do_handshake()
+        self.stream = tls
+        return self.session.tls_started()
+
+    async def _update(self, action: s.Update) -> list[s.Action]:
+        assert self.maildrop is not None
+        try:
+            await self.maildrop.commit(action.deleted)
+        except Exception as exc:  # the mailbox stays as it was; the client is told
+            log.error("UPDATE failed for %r: %s", self.session.user, exc)
+            return self.session.update_done(False)
+        return self.session.update_done(True)
+
+    async def _sendfile(self, f: BinaryIO, size: int) -> None:
+        """Copy a whole file to the (plain) socket in the kernel: a large RETR without Python copies."""
+        assert isinstance(self.stream, trio.SocketStream)
+        sock = self.stream.socket
+        offset = 0
+        while offset < size:
+            try:
+                sent = os.sendfile(sock.fileno(), f.fileno(), offset, size - offset)
+            except BlockingIOError:
+                with trio.fail_after(self.config.idle_timeout):
+                    await trio.lowlevel.wait_writable(sock)
+                continue
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if sent == 0:
+                raise trio.BrokenResourceError("the file ended early")
+            offset += sent
+            self.bytes_sent += sent
+            await trio.lowlevel.checkpoint()
+
+    async def _send_message(self, action: s.SendMessage) -> None:
+        assert self.maildrop is not None
+        maildrop = self.maildrop
+        stuffer = p.DotStuffer(action.top_lines, crlf=True)  # the stores serve CRLF form
+
+        def first_read() -> tuple[BinaryIO, bytes]:
+            f = maildrop.open(action.key)
+            try:
+                return f, f.read(READ_CHUNK)
+            except BaseException:
+                f.close()
+                raise
+
+        if (
+            action.top_lines is None
+            and action.size is not None
+            and action.size >= SENDFILE_MIN
+            and isinstance(self.stream, trio.SocketStream)
+        ):
+            try:
+                f = await trio.to_thread.run_sync(_open_for_sendfile, maildrop, action.key, action.size)
+            except (OSError, KeyError, ValueError):
+                f = None
+            if f is not None:
+                try:
+                    await self.flush()
+                    await self._sendfile(f, action.size)
+                finally:
+                    f.close()
+                self.out.append(b".\r\n")
+                return
+        try:
+            if action.size is not None and action.size <= INLINE_READ:
+                # A small message is read right here: a page-cache read of a few KiB costs less than
+                # handing it to a worker thread and back.
+                f, chunk = first_read()
+            else:
+                f, chunk = await trio.to_thread.run_sync(first_read)
+        except (OSError, KeyError) as exc:
+            # The file vanished under us (another tool deleted it). The +OK is queued already, so the
+            # only honest answer is to end the multi-line reply empty and log it.
+            log.error("cannot read message %s of %r: %s", action.key, self.session.user, exc)
+            self.out.append(stuffer.finish())
+            return
+        try:
+            total = 0
+            while chunk:
+                total += len(chunk)
+                self.out.append(stuffer.feed(chunk))
+                if stuffer.done or (action.size is not None and total >= action.size):
+                    break  # no further read (and thread hop) just to learn that the file ended
+                await self.flush()
+                chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
+            self.out.append(stuffer.finish())
+        finally:
+            f.close()
+
+
+def _open_for_sendfile(maildrop: Maildrop, key: str, size: int) -> BinaryIO | None:
+    """The message's own file when it can go to the socket as it is: a plain file of exactly ``size``
+    octets (CRLF form, as the store serves it) that ends with CRLF and has no line starting with '.'."""
+    f = maildrop.open(key)
+    try:
+        if not isinstance(f, io.BufferedReader) or f.tell() != 0 or os.fstat(f.fileno()).st_size != size:
+            f.close()
+            return None
+        # Scanned in pieces through one buffer: mapping the file would count it in our resident size.
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        last = b"\n"  # as if a line ended just before the file: a leading '.' counts
+        tail = b""
+        while n := f.readinto(buffer):
+            piece = bytes(view[:n])
+            if (last + piece).find(b"\n.") >= 0:
+                f.close()
+                return None
+            last = piece[-1:]
+            tail = (tail + piece)[-2:]
+        if tail != b"\r\n":
+            f.close()
+            return None
+        f.seek(0)
+        return f
+    except BaseException:
+        f.close()
+        raise
+
+
+async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit_tls: bool = False) -> None:
+    """Serve one client; never raises."""
+    state.stats["sessions"] += 1
+    started = time.monotonic()
+    conn: _Connection | None = None
+    try:
+        _set_nodelay(stream)
+        address = _peer_of(stream)[0]
+        if state.sessions >= state.config.max_sessions:
+            with trio.move_on_after(5):
+                await stream.send_all(p.err("too many sessions, try again later", "SYS/TEMP"))
+            return
+        if state.per_address.get(address, 0) >= state.config.max_sessions_per_address:
+            with trio.move_on_after(5):
+                await stream.send_all(p.err("too many sessions from your address", "SYS/TEMP"))
+            return
+        state.sessions += 1
+        state.per_address[address] = state.per_address.get(address, 0) + 1
+        metrics.session_started()
+        try:
+            if implicit_tls:
+                assert state.config.ssl_context is not None
+                stream = trio.SSLStream(stream, state.config.ssl_context, server_side=True)
+                with trio.fail_after(state.config.tls_handshake_timeout):
+                    await stream.do_handshake()
+            conn = _Connection(state, stream, tls_active=implicit_tls)
+            await conn.run()
+        finally:
+            metrics.session_ended()
+            state.sessions -= 1
+            state.per_address[address] -= 1
+            if not state.per_address[address]:
+                del state.per_address[address]
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        pass  # the client went away or was too slow; nothing to tell it
+    except Exception:
+        state.stats["errors"] += 1
+        log.exception("session error")
+        try:
+            with trio.move_on_after(1):
+                await stream.send_all(p.err("internal error, closing connection", "SYS/TEMP"))
+        except Exception:
+            pass
+    finally:
+        if conn is not None and conn.session.user:
+            log.info(
+                "session end user=%r peer=%s served=%d bytes=%d duration=%.3fs",
+                conn.session.user,
+                conn.peer[0],
+                conn.session.messages_served,
+                conn.bytes_sent,
+                time.monotonic() - started,
+                extra={"user": conn.session.user, "peer": conn.peer[0], "upstream": conn.upstream,
+                       "messages": conn.session.messages_served, "bytes": conn.bytes_sent,
+                       "duration": round(time.monotonic() - started, 3)},
+            )
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await trio.aclose_forcefully(stream)
+
+
+def _set_nodelay(stream: trio.abc.Stream) -> None:
+    sock = getattr(stream, "socket", None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

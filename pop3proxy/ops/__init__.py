@@ -1,0 +1,1 @@
+"""Observability and administration: metrics, logs, status."""

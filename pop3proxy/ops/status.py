@@ -1,0 +1,202 @@
+"""``pop3proxy status``: what the cache and the outgoing queue hold, per account, read from disk.
+
+Read-only: nothing is created or changed (state databases are opened read-only, and as immutable when
+no write-ahead log is present). Works whether or not the service is running.
+
+Held mail is counted in the ``held/`` Maildir of the user's directory (the filters' held and quarantined
+messages), else from the state database's ``held`` rows; ``quarantine/``, if a filter keeps removed parts
+there, is counted as files.
+
+An account is a directory below ``cache.root`` holding a ``state.db`` (plus every ``[accounts]`` entry
+and every sender with queued mail). Its name is the directory name decoded (`decode_user`); names
+too long to encode reversibly are read from the state database's ``user`` entry, else shown as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from pop3proxy.store.maildir import MaildirMailbox
+from pop3proxy.store.mbox import MboxMailbox
+from pop3proxy.store.paths import encode_user
+from pop3proxy.store.state import account_name, read_state
+
+__all__ = ["AccountStatus", "collect_status", "status_command"]
+
+@dataclass
+class AccountStatus:
+    name: str
+    directory: Path | None = None
+    last_sync: dict | None = None
+    messages: int = 0
+    octets: int = 0
+    held: int = 0
+    quarantined: int = 0
+    queued: list = field(default_factory=list)  # outqueue.Entry objects
+    problem: str = ""
+
+    @property
+    def queued_octets(self) -> int:
+        return sum(entry.size for entry in self.queued)
+
+
+def _count_files(path: Path) -> int:
+    count = 0
+    for _, _, files in os.walk(path):
+        # a stripped attachment is kept twice: decoded, and as its original MIME part (.mime)
+        count += sum(1 for name in files if not name.startswith(".") and not name.endswith(".mime"))
+    return count
+
+
+def _account(directory: Path) -> AccountStatus:
+    status = AccountStatus(account_name(directory), directory)
+    hidden: set[str] = set()
+    try:
+        meta, counts, hidden = read_state(directory / "state.db")
+        if meta.get("last_sync"):
+            try:
+                status.last_sync = json.loads(meta["last_sync"])
+            except ValueError:
+                status.last_sync = {"result": "unreadable"}
+        status.held = counts.get("held", 0)
+    except sqlite3.Error as exc:
+        status.problem = f"state database unreadable: {exc}"
+    try:
+        if (directory / "Maildir").is_dir():
+            mailbox = MaildirMailbox(directory / "Maildir", create=False)
+        elif (directory / "mbox").is_file():
+            mailbox = MboxMailbox(directory / "mbox", create=False)
+        else:
+            mailbox = None
+        if mailbox is not None:
+            with mailbox:
+                infos = [info for info in mailbox.list() if info.key not in hidden]
+            status.messages, status.octets = len(infos), sum(info.size for info in infos)
+    except OSError as exc:
+        status.problem = f"cache unreadable: {exc}"
+    if (directory / "held").is_dir():
+        status.held = sum(_count_files(directory / "held" / sub) for sub in ("new", "cur"))
+    if (directory / "quarantine").is_dir():
+        status.quarantined = _count_files(directory / "quarantine")
+    return status
+
+
+def collect_status(settings) -> list[AccountStatus]:
+    """Every account the cache, the configuration or the queue knows, sorted by name."""
+    from pop3proxy.config import queue_dir
+    from pop3proxy.submission.queue import OutQueue
+
+    root = Path(settings.cache.root)
+    found: dict[str, AccountStatus] = {}
+    by_dir: dict[str, AccountStatus] = {}
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        names = []
+    for name in names:
+        directory = root / name
+        if name.startswith(".") or not (directory / "state.db").is_file():
+            continue
+        status = _account(directory)
+        found[status.name] = status
+        by_dir[name] = status
+    for name in settings.accounts:
+        found.setdefault(name, AccountStatus(name))
+    qdir = queue_dir(settings)
+    if qdir.is_dir():
+        for entry in OutQueue(qdir).entries():
+            try:
+                directory_name = encode_user(entry.cache_id)
+            except ValueError:
+                directory_name = ""
+            status = by_dir.get(directory_name) or found.get(entry.cache_id) or found.get(entry.login)
+            if status is None:
+                status = found[entry.cache_id] = AccountStatus(entry.cache_id)
+            status.queued.append(entry)
+    return sorted(found.values(), key=lambda s: s.name.lower())
+
+
+def human_size(octets: int) -> str:
+    size = float(octets)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{octets} B"
+
+
+def human_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
+
+
+def utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def format_status(accounts: list[AccountStatus], settings, now: float | None = None) -> str:
+    from pop3proxy.config import queue_dir
+
+    now = time.time() if now is None else now
+    lines = [f"cache {settings.cache.root} ({settings.cache.backend}), outgoing queue {queue_dir(settings)}"]
+    if not accounts:
+        lines.append("no accounts yet: nobody has logged in and no [accounts] are configured")
+    for status in accounts:
+        lines.append("")
+        lines.append(status.name)
+        sync = status.last_sync
+        if sync is None:
+            lines.append("  last sync   never")
+        else:
+            when = sync.get("time")
+            text = f"{utc(when)} ({human_age(now - when)} ago)" if isinstance(when, (int, float)) else "unknown time"
+            detail = f"{sync.get('result', 'unknown')}"
+            if sync.get("result") == "ok":
+                detail += (
+                    f": {sync.get('fetched', 0)} new ({human_size(int(sync.get('fetched_bytes', 0)))}),"
+                    f" {sync.get('deleted_upstream', 0)} deleted upstream, {sync.get('held', 0)} held"
+                )
+            lines.append(f"  last sync   {text}: {detail}")
+        if status.directory is None:
+            lines.append("  cached      nothing yet")
+        else:
+            lines.append(f"  cached      {_plural(status.messages, 'message')}, {human_size(status.octets)}")
+        lines.append(f"  held        {status.held}" + (f", quarantined {status.quarantined}" if status.quarantined else ""))
+        if status.queued:
+            soonest = min(entry.next_try for entry in status.queued)
+            errors = [entry.last_error for entry in status.queued if entry.last_error]
+            text = f"{_plural(len(status.queued), 'outgoing message')} ({human_size(status.queued_octets)})"
+            text += f", next try {utc(soonest)}" if soonest > now else ", next try now"
+            if errors:
+                text += f", last error: {errors[-1]}"
+            lines.append(f"  queued      {text}")
+        else:
+            lines.append("  queued      none")
+        if status.problem:
+            lines.append(f"  problem     {status.problem}")
+    return "\n".join(lines)
+
+
+def status_command(settings, out: IO[str] | None = None) -> int:
+    """Print the status of every account; 0, or 1 when some account's files cannot be read."""
+    out = out or sys.stdout
+    accounts = collect_status(settings)
+    print(format_status(accounts, settings), file=out)
+    return 1 if any(status.problem for status in accounts) else 0

@@ -1,0 +1,80 @@
+"""Per-account state shared by sessions and background sync: the account's lock, its last
+sync, and the password source of accounts that prefetch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from pop3proxy.config import AccountSettings
+from pop3proxy.store.locks import MailboxBusy, MailboxLock, lock_mailbox
+
+log = logging.getLogger("pop3proxy.proxy")
+
+if TYPE_CHECKING:
+    from pop3proxy.proxy.backend import ProxyBackend
+
+
+def read_password_source(name: str, account: AccountSettings) -> str | None:
+    """An account's stored password (file or environment), or None. Raises ValueError if unsafe."""
+    if account.password_file is not None:
+        path = Path(account.password_file)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise ValueError(f"accounts.{name}.password_file: cannot read {path}: {exc.strerror}") from None
+        if st.st_mode & (stat.S_IRWXO | stat.S_IRWXG):
+            raise ValueError(
+                f"accounts.{name}.password_file: {path} is readable by others; chmod 600 it"
+            )
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    if account.password_env is not None:
+        value = os.environ.get(account.password_env)
+        if value is None:
+            raise ValueError(f"accounts.{name}.password_env: variable {account.password_env} is not set")
+        return value
+    return None
+
+
+class _Account:
+    """One cache in this process: shares the cross-process lock between a session and its syncs."""
+
+    def __init__(self, backend: "ProxyBackend", cache_id: str) -> None:
+        self.backend = backend
+        self.cache_id = cache_id
+        self.holders = 0
+        self.lock: MailboxLock | None = None
+        self.session_active = False
+        self.sync_lock = trio.Lock()
+        self._acquiring = trio.Lock()
+
+    async def acquire(self, *, session: bool) -> None:
+        async with self._acquiring:
+            if session and self.session_active:
+                raise MailboxBusy(self.cache_id)
+            if self.holders == 0:
+                self.lock = await trio.to_thread.run_sync(lock_mailbox, self.backend.root, self.cache_id)
+                self.backend._accounts[self.cache_id] = self  # a release may have unlisted it meanwhile
+            self.holders += 1
+            if session:
+                self.session_active = True
+
+    async def release(self, *, session: bool) -> None:
+        # Serialised with acquire(): a login arriving while the lock is being released waits for it
+        # instead of finding the lock still held (a false IN-USE right after a QUIT).
+        with trio.CancelScope(shield=True):
+            async with self._acquiring:
+                if session:
+                    self.session_active = False
+                self.holders -= 1
+                if self.holders == 0 and self.lock is not None:
+                    lock, self.lock = self.lock, None
+                    await trio.to_thread.run_sync(lock.release)
+                    if self.backend._accounts.get(self.cache_id) is self:
+                        del self.backend._accounts[self.cache_id]

@@ -1,0 +1,403 @@
+"""The proxy backend: logs a client in upstream (pass-through), syncs the cache, serves it
+offline when the provider is unreachable, and prefetches accounts with a password source.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import time
+from typing import Sequence
+
+import trio
+
+from pop3proxy.config import Settings
+from pop3proxy.errors import LoginError
+from pop3proxy.filtering.pipeline import Pipeline, build_pipeline
+from pop3proxy.net.endpoint import (
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from pop3proxy.net.maildrop import Backend, Maildrop
+from pop3proxy.net.pop3_client import UpstreamClient, connect
+from pop3proxy.ops import metrics
+from pop3proxy.proxy.accounts import _Account, read_password_source
+from pop3proxy.proxy.credentials import hash_password, kdf_limiter, verify_password
+from pop3proxy.proxy.local import StoreMaildrop
+from pop3proxy.proxy.routing import Route, resolve
+from pop3proxy.proxy.sync import SyncResult, delete_upstream, recover, sync_mailbox
+from pop3proxy.store import open_store
+from pop3proxy.store.base import Mailbox
+from pop3proxy.store.held import hold_callback
+from pop3proxy.store.locks import MailboxBusy
+from pop3proxy.store.paths import user_dir
+from pop3proxy.store.state import StateError, UserState
+
+log = logging.getLogger("pop3proxy.proxy")
+
+OFFLINE_HASH = "offline_hash"
+LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
+_AUTH_TEXT = {
+    "AUTH": "invalid user name or password",
+    "IN-USE": "the mailbox is in use at the mail provider",
+    "LOGIN-DELAY": "the mail provider asks to wait before logging in again",
+    "SYS/TEMP": "the mail provider has a temporary problem, try again later",
+    "SYS/PERM": "the mail provider refuses this login permanently",
+}
+
+
+class ProxyMaildrop(StoreMaildrop):
+    def __init__(self, backend: "ProxyBackend", account: _Account, route: Route, password: str | None,
+                 mailbox: Mailbox, state: UserState, messages, banner: str) -> None:
+        super().__init__(mailbox, None, messages, banner)
+        self.backend = backend
+        self.account = account
+        self.route = route
+        self._password = password  # None offline; kept only for this session's mirror deletions
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"ProxyMaildrop({self.route.cache_id!r})"
+
+    @property
+    def upstream(self) -> str:
+        return self.route.endpoint.where
+
+    async def commit(self, deleted: Sequence[str]) -> None:
+        if not deleted:
+            return
+
+        def local() -> set[str]:
+            uids = set(self.state.uids_for_keys(deleted).values())
+            self.state.mark_deleted(deleted)
+            self.mailbox.delete(list(deleted))
+            return uids
+
+        uids = await trio.to_thread.run_sync(local)
+        if self.backend.settings.upstream.delete != "mirror" or not uids or self._password is None:
+            return  # offline deletions reach the provider at the next online sync
+        try:
+            with trio.fail_after(self.backend.settings.upstream.timeout * 2):
+                async with await connect(self.route.endpoint) as client:
+                    await client.login(self.route.remote_user, self._password)
+                    count = await delete_upstream(client, self.state, uids)
+            log.info("deleted %d messages of %r upstream", count, self.route.cache_id)
+        except (UpstreamError, trio.TooSlowError) as exc:
+            log.warning("upstream deletion for %r postponed to the next sync: %s", self.route.cache_id, exc)
+
+    async def close(self) -> None:
+        self._password = None
+        # The session is over (QUIT answered): a login right after it must not be told IN-USE while
+        # these files are still being closed. The hold on the lock is given back below.
+        self.account.session_active = False
+        try:
+            await trio.to_thread.run_sync(self._close_files)
+        finally:
+            await self.account.release(session=False)
+
+    def _close_files(self) -> None:
+        try:
+            self.mailbox.close()
+        finally:
+            self.state.close()
+
+
+class ProxyBackend(Backend):
+    def __init__(self, settings: Settings, pipeline: Pipeline | None = None) -> None:
+        self.settings = settings
+        self.root = settings.cache.root
+        self.store_backend = settings.cache.backend
+        self.pipeline = pipeline if pipeline is not None else build_pipeline(settings.filters)
+        self._accounts: dict[str, _Account] = {}
+        self._nursery: trio.Nursery | None = None
+        self._memo_key = secrets.token_bytes(32)
+        self._memo: dict[tuple[str, str], bytes] = {}
+        self._prefetched: dict[str, float] = {}  # cache id -> when its last complete prefetch ended
+        self.passwords: dict[str, str] = {}
+        for name, account in settings.accounts.items():
+            password = read_password_source(name, account)
+            if password is not None:
+                self.passwords[name] = password
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Give the backend a nursery for background syncs and the prefetch loop."""
+        self._nursery = nursery
+        if self.passwords:
+            nursery.start_soon(self._prefetch_loop)
+
+    def _account(self, cache_id: str) -> _Account:
+        account = self._accounts.get(cache_id)
+        if account is None:
+            account = self._accounts[cache_id] = _Account(self, cache_id)
+        return account
+
+    # -- login -----------------------------------------------------------------------------------
+
+    async def login(self, user: str, password: str, peer: str) -> Maildrop:
+        route = resolve(user, self.settings)
+        if self._fresh_prefetch(route, password):
+            return await self._cached_session(route, password, "")
+        started = time.monotonic()
+        try:
+            client = await connect(route.endpoint)
+        except UpstreamUnavailable as exc:
+            return await self._offline_login(route, password, exc)
+        try:
+            await client.login(route.remote_user, password)
+        except UpstreamAuthError as exc:
+            await client.aclose()
+            if exc.code == "AUTH":
+                await self._forget_offline_password(route)
+            log.info("provider refused the login of %r: %s", route.cache_id, exc)
+            raise LoginError(_AUTH_TEXT.get(exc.code, "login refused by the mail provider"), exc.code) from None
+        except UpstreamUnavailable as exc:
+            await client.aclose()
+            return await self._offline_login(route, password, exc)
+        except BaseException:
+            await client.aclose()
+            raise
+        metrics.upstream_latency(time.monotonic() - started)
+        return await self._online_session(route, client, password)
+
+    async def _open_local(self, route: Route, account: _Account) -> tuple[Mailbox, UserState]:
+        def open_files() -> tuple[Mailbox, UserState]:
+            mailbox = open_store(self.root, route.cache_id, self.store_backend)
+            try:
+                state = UserState(user_dir(self.root, route.cache_id) / "state.db")
+            except BaseException:
+                mailbox.close()
+                raise
+            return mailbox, state
+
+        return await trio.to_thread.run_sync(open_files)
+
+    async def _online_session(self, route: Route, client: UpstreamClient, password: str) -> Maildrop:
+        account = self._account(route.cache_id)
+        try:
+            await account.acquire(session=True)
+        except MailboxBusy:
+            await client.aclose()
+            raise LoginError("mailbox is in use by another session", "IN-USE") from None
+        try:
+            mailbox, state = await self._open_local(route, account)
+        except (OSError, StateError) as exc:
+            await client.aclose()
+            await account.release(session=True)
+            log.error("cannot open the cache of %r: %s", route.cache_id, exc)
+            raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
+        done = trio.Event()
+        outcome: dict[str, object] = {}
+        assert self._nursery is not None, "ProxyBackend.attach() was not called"
+        await account.acquire(session=False)  # the sync's own hold on the lock
+        self._nursery.start_soon(self._background_sync, route, account, client, password, done, outcome)
+        with trio.move_on_after(self.settings.sync.login_budget):
+            await done.wait()
+        error = outcome.get("store_error")
+        if error is not None:
+            await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
+            await account.release(session=True)
+            raise LoginError("cannot store new mail, try again later", "SYS/TEMP")
+        messages = await self._snapshot(mailbox, state)
+        result = outcome.get("result")
+        banner = f"{len(messages)} messages"
+        if not done.is_set():
+            banner += " (more mail is still downloading; it will show at your next login)"
+        elif not isinstance(result, SyncResult) or result.remaining:  # no result: the sync broke off
+            banner += " (some new mail could not be fetched yet)"
+        return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
+
+    async def _snapshot(self, mailbox: Mailbox, state: UserState):
+        def snapshot():
+            hidden = state.hidden_keys()
+            return [info for info in mailbox.list() if info.key not in hidden]
+
+        return await trio.to_thread.run_sync(snapshot)
+
+    async def _background_sync(self, route, account, client, password, done, outcome) -> None:
+        try:
+            async with account.sync_lock:
+                outcome["result"] = await self._sync(route, client, password)
+        except OSError as exc:
+            outcome["store_error"] = exc
+            log.error("sync of %r failed writing the cache: %s", route.cache_id, exc)
+        except UpstreamError as exc:
+            log.warning("sync of %r stopped: %s", route.cache_id, exc)
+        except StateError as exc:
+            outcome["store_error"] = exc
+            log.error("sync of %r failed: %s", route.cache_id, exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+                done.set()
+                await account.release(session=False)
+
+    async def _sync(self, route: Route, client: UpstreamClient, password: str | None, progress=None) -> SyncResult:
+        """Recover, sync, remember the offline hash. Runs with the account lock held."""
+
+        def open_files() -> tuple[Mailbox, UserState]:
+            mailbox = open_store(self.root, route.cache_id, self.store_backend)
+            state = UserState(user_dir(self.root, route.cache_id) / "state.db")
+            recover(mailbox, state)
+            return mailbox, state
+
+        mailbox, state = await trio.to_thread.run_sync(open_files)
+        try:
+            result = await sync_mailbox(
+                client,
+                mailbox,
+                state,
+                user=route.cache_id,
+                pipeline=self.pipeline,
+                policy=self.settings.upstream.delete,
+                delete_after_days=self.settings.upstream.delete_after_days,
+                progress=progress,
+                hold=hold_callback(self.root, route.cache_id),
+                quarantine_dir=user_dir(self.root, route.cache_id) / "quarantine",
+            )
+            log.info(
+                "synced %r: %d new (%d bytes), %d deleted upstream",
+                route.cache_id, result.fetched, result.fetched_bytes, result.deleted_upstream,
+            )
+            if password is not None and self.settings.offline.enabled:
+                await trio.to_thread.run_sync(
+                    self._remember_password, route.cache_id, state, password, limiter=kdf_limiter()
+                )
+            summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
+                                  "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
+                                  "held": result.held})
+            await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
+            await trio.to_thread.run_sync(state.set_meta, "user", route.cache_id)  # for `pop3proxy status`
+            return result
+        except BaseException as exc:
+            summary = json.dumps({"time": time.time(), "result": f"failed: {type(exc).__name__}"})
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
+            raise
+        finally:
+            await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
+
+    def _remember_password(self, cache_id: str, state: UserState, password: str) -> None:
+        """Keep the scrypt hash for offline logins current, without paying scrypt on every login.
+
+        A keyed digest (random key, memory only) of the password last written for each account tells
+        whether the stored hash already matches.
+        """
+        stored = state.get_meta(OFFLINE_HASH)
+        memo = hmac.new(self._memo_key, password.encode("utf-8"), "sha256").digest()
+        if stored is not None and hmac.compare_digest(self._memo.get((cache_id, stored), b""), memo):
+            return
+        if stored is None or not verify_password(password, stored):
+            stored = hash_password(password)
+            state.set_meta(OFFLINE_HASH, stored)
+        self._memo[(cache_id, stored)] = memo
+
+    # -- offline ---------------------------------------------------------------------------------
+
+    async def _forget_offline_password(self, route: Route) -> None:
+        path = user_dir(self.root, route.cache_id) / "state.db"
+
+        def forget() -> None:
+            if path.exists():
+                with UserState(path) as state:
+                    state.set_meta(OFFLINE_HASH, None)
+
+        try:
+            await trio.to_thread.run_sync(forget)
+        except (OSError, StateError) as exc:
+            log.error("cannot drop the offline password of %r: %s", route.cache_id, exc)
+
+    async def _offline_login(self, route: Route, password: str, reason: UpstreamUnavailable) -> Maildrop:
+        log.warning("provider %s:%d unreachable for %r: %s", route.endpoint.host, route.endpoint.port,
+                    route.cache_id, reason)
+        if not self.settings.offline.enabled:
+            raise LoginError("the mail provider cannot be reached, try again later", "SYS/TEMP")
+        path = user_dir(self.root, route.cache_id) / "state.db"
+
+        def check() -> bool | None:
+            if not path.exists():
+                return None
+            with UserState(path) as state:
+                stored = state.get_meta(OFFLINE_HASH)
+            if stored is None:
+                return None
+            return verify_password(password, stored)
+
+        try:
+            verdict = await trio.to_thread.run_sync(check, limiter=kdf_limiter())
+        except StateError:
+            verdict = None
+        if verdict is None:
+            raise LoginError("the mail provider cannot be reached and this account has no offline copy yet", "SYS/TEMP")
+        if not verdict:
+            raise LoginError("invalid user name or password", "AUTH")
+        return await self._cached_session(
+            route, None, "(offline: the provider is unreachable, serving cached mail)"
+        )
+
+    async def _cached_session(self, route: Route, password: str | None, note: str) -> Maildrop:
+        """Serve the cache as it is, without asking the provider (offline, or a fresh prefetch)."""
+        account = self._account(route.cache_id)
+        try:
+            await account.acquire(session=True)
+        except MailboxBusy:
+            raise LoginError("mailbox is in use by another session", "IN-USE") from None
+        try:
+            mailbox, state = await self._open_local(route, account)
+            if not account.sync_lock.locked():
+                await trio.to_thread.run_sync(recover, mailbox, state)
+        except (OSError, StateError) as exc:
+            await account.release(session=True)
+            log.error("cannot open the cache of %r: %s", route.cache_id, exc)
+            raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
+        messages = await self._snapshot(mailbox, state)
+        banner = f"{len(messages)} messages" + (f" {note}" if note else "")
+        return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
+
+    def _fresh_prefetch(self, route: Route, password: str) -> bool:
+        """True when a login may be served from the cache without asking the provider: the account has
+        a configured password, the client gave exactly it, and the background sync succeeded recently."""
+        configured = self.passwords.get(route.cache_id)
+        synced = self._prefetched.get(route.cache_id)
+        if configured is None or synced is None:
+            return False
+        if time.monotonic() - synced > self.settings.sync.interval * 1.5:
+            return False
+        return hmac.compare_digest(configured.encode("utf-8"), password.encode("utf-8"))
+
+    # -- background prefetch ---------------------------------------------------------------------
+
+    async def sync_account(self, name: str, password: str, progress=None) -> SyncResult:
+        """One sync pass for a configured account (prefetch loop and ``pop3proxy sync``)."""
+        route = resolve(name, self.settings)
+        account = self._account(route.cache_id)
+        if account.session_active or account.sync_lock.locked():
+            raise MailboxBusy(route.cache_id)
+        await account.acquire(session=False)
+        try:
+            async with account.sync_lock:
+                async with await connect(route.endpoint) as client:
+                    await client.login(route.remote_user, password)
+                    result = await self._sync(route, client, password, progress)
+            if not result.remaining:
+                self._prefetched[route.cache_id] = time.monotonic()
+                log.info("prefetch of %r complete: logins with its configured password are served from "
+                         "the cache until the next interval", route.cache_id)
+            return result
+        finally:
+            await account.release(session=False)
+
+    async def _prefetch_loop(self) -> None:
+        while True:
+            for name, password in self.passwords.items():
+                try:
+                    await self.sync_account(name, password)
+                except MailboxBusy:
+                    pass
+                except UpstreamError as exc:
+                    log.warning("prefetch of %r failed: %s", name, exc)
+                except (OSError, StateError) as exc:
+                    log.error("prefetch of %r failed writing the cache: %s", name, exc)
+            await trio.sleep(self.settings.sync.interval)

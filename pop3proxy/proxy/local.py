@@ -1,0 +1,92 @@
+"""Standalone mode: users from a local users file, mail from the local store (no provider)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import BinaryIO, Sequence
+
+import trio
+
+from pop3proxy.errors import LoginError
+from pop3proxy.net.maildrop import Backend, Maildrop
+from pop3proxy.proxy.credentials import kdf_limiter, read_users, verify_password
+from pop3proxy.store import open_store
+from pop3proxy.store.base import MessageInfo
+from pop3proxy.store.locks import MailboxBusy, lock_mailbox
+
+log = logging.getLogger("pop3proxy")
+
+
+class StoreMaildrop(Maildrop):
+    """A maildrop over a locked local mailbox (standalone mode and the proxy's cache)."""
+
+    def __init__(self, mailbox, lock, messages: Sequence[MessageInfo], banner: str = "") -> None:
+        self.mailbox = mailbox
+        self.lock = lock
+        self.messages = messages
+        self.banner = banner
+
+    def open(self, key: str) -> BinaryIO:
+        return self.mailbox.open(key)
+
+    async def commit(self, deleted: Sequence[str]) -> None:
+        if deleted:
+            await trio.to_thread.run_sync(self.mailbox.delete, list(deleted))
+
+    async def close(self) -> None:
+        def close() -> None:
+            try:
+                self.mailbox.close()
+            finally:
+                self.lock.release()
+
+        await trio.to_thread.run_sync(close)
+
+
+class LocalBackend(Backend):
+    """Standalone mode: users from a users file, mail from the local store."""
+
+    def __init__(self, users_file: Path, root: Path, backend: str = "maildir") -> None:
+        self.users_file = users_file
+        self.root = root
+        self.store_backend = backend
+        read_users(users_file)  # a broken users file is a startup error, not a login error
+
+    async def login(self, user: str, password: str, peer: str) -> Maildrop:
+        def check() -> bool:
+            stored = read_users(self.users_file).get(user)
+            # Spend the same time for unknown users, so timing does not reveal who exists.
+            return verify_password(password, stored or _DUMMY_HASH) and stored is not None
+
+        if not await trio.to_thread.run_sync(check, limiter=kdf_limiter()):
+            raise LoginError("invalid user name or password", "AUTH")
+        return await open_maildrop(self.root, user, self.store_backend)
+
+
+_DUMMY_HASH = "$scrypt$n=16384,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+async def open_maildrop(root: Path, user: str, backend: str, banner: str = "") -> StoreMaildrop:
+    """Lock ``user``'s mailbox and take the session's snapshot of it."""
+
+    def open_locked() -> StoreMaildrop:
+        lock = lock_mailbox(root, user)
+        try:
+            mailbox = open_store(root, user, backend)
+            try:
+                return StoreMaildrop(mailbox, lock, mailbox.list(), banner)
+            except BaseException:
+                mailbox.close()
+                raise
+        except BaseException:
+            lock.release()
+            raise
+
+    try:
+        return await trio.to_thread.run_sync(open_locked)
+    except MailboxBusy:
+        raise LoginError("mailbox is in use by another session", "IN-USE") from None
+    except OSError as exc:
+        log.error("cannot open mailbox of %r: %s", user, exc)
+        raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None

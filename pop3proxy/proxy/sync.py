@@ -1,0 +1,269 @@
+"""Upstream → filters → cache, and the upstream deletion policies.
+
+The rules that protect mail, in the order this module applies them:
+
+1. A message is claimed in the state database (``fetching`` + the digest of the bytes to be cached)
+   before it is written, and marked ``cached`` after the cache has it fsync'ed. ``recover`` resolves a
+   claim left by a crash either way, so a crash never loses nor duplicates a message.
+2. Nothing is deleted upstream unless its row says the cache has it (``cached``) or the client deleted it
+   (``deleted``, policy ``mirror``). Upstream deletions become real only with a successful QUIT; only
+   then are the rows marked gone from upstream.
+3. A message the client deleted is never fetched again (its row stays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from pop3proxy.filtering.api import FilterContext, FilterResult
+from pop3proxy.filtering.pipeline import Pipeline
+from pop3proxy.net.pop3_client import UpstreamClient
+from pop3proxy.ops import metrics
+from pop3proxy.store.base import Mailbox
+from pop3proxy.store.crlf import normalise
+from pop3proxy.store.state import UserState
+
+log = logging.getLogger("pop3proxy.proxy.sync")
+
+POLICIES = ("mirror", "after_fetch", "never")
+PIPELINE_DEPTH = 64  # fetched messages waiting to be stored
+STORE_BATCH = 32  # messages made durable with one flush
+
+
+@dataclass
+class SyncResult:
+    fetched: int = 0
+    fetched_bytes: int = 0
+    deleted_upstream: int = 0
+    held: int = 0
+    remaining: int = 0  # new upstream messages not fetched (budget, error)
+    errors: list[str] = field(default_factory=list)
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    """The first exception in a (possibly nested) group that is not a cancellation."""
+    inner = getattr(exc, "exceptions", None)
+    if not inner:
+        return exc
+    for candidate in inner:
+        found = _first_error(candidate)
+        if not isinstance(found, trio.Cancelled):
+            return found
+    return exc
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def recover(mailbox: Mailbox, state: UserState) -> tuple[int, int]:
+    """Resolve ``fetching`` rows a crash left behind; drop files of ``deleted`` rows.
+
+    Returns (claimed, dropped). Runs with the mailbox lock held and no sync in progress.
+    """
+    claimed = dropped = 0
+    if hasattr(mailbox, "clean_tmp"):
+        mailbox.clean_tmp()
+    pending = state.fetching()
+    infos = mailbox.list()
+    present = {info.key for info in infos}
+    hidden = [key for key in state.hidden_keys() if key in present]
+    if hidden:
+        mailbox.delete(hidden)
+    # Cached messages whose files vanished (a hand-edited cache): fetch them again while the provider
+    # still has them.
+    vanished = [key for key in state.cached_keys(upstream_only=True) if key not in present]
+    if vanished:
+        state.forget_keys(vanished)
+        log.warning("%d cached messages are missing from the cache; they will be fetched again", len(vanished))
+    if pending:
+        owned = {row.key for row in state.rows() if row.key}
+        by_digest: dict[str, str] = {}
+        for info in infos:
+            if info.key in owned:
+                continue
+            with mailbox.open(info.key) as f:
+                h = hashlib.sha256()
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            by_digest.setdefault(h.hexdigest(), info.key)
+        for row in pending:
+            key = by_digest.pop(row.digest or "", None)
+            if key is not None:
+                size = next(info.size for info in infos if info.key == key)
+                state.finish_fetch(row.uid, key, size)
+                claimed += 1
+            else:
+                state.abandon_fetch(row.uid)
+                dropped += 1
+    if claimed or dropped or hidden or vanished:
+        log.info("recovered cache state: %d claimed, %d refetch, %d removed", claimed, dropped, len(hidden))
+    return claimed, dropped
+
+
+async def upstream_ids(client: UpstreamClient) -> dict[int, str]:
+    """Message number → stable identifier (UIDL, or a header digest when the server has no UIDL)."""
+    uids = await client.uidl()
+    if uids is not None:
+        return uids
+    log.warning("upstream has no UIDL; identifying messages by a digest of their headers")
+    listing = await client.list()
+    return {n: await client.header_digest(n) for n in sorted(listing)}
+
+
+async def sync_mailbox(
+    client: UpstreamClient,
+    mailbox: Mailbox,
+    state: UserState,
+    *,
+    user: str,
+    pipeline: Pipeline,
+    policy: str,
+    delete_after_days: float | None = None,
+    hold: Callable[[bytes, str, FilterResult], str] | None = None,
+    quarantine_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    quit: bool = True,
+) -> SyncResult:
+    """One pass over a logged-in upstream session. Ends with QUIT unless ``quit`` is False."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown deletion policy {policy!r}")
+    result = SyncResult()
+    ids = await upstream_ids(client)
+    rows = {row.uid: row for row in await trio.to_thread.run_sync(state.rows)}
+    present = set(ids.values())
+
+    # Known messages that vanished upstream (another client, the provider's expiry).
+    vanished = [uid for uid, row in rows.items() if row.upstream and uid not in present]
+    if vanished:
+        await trio.to_thread.run_sync(state.upstream_gone, vanished)
+
+    to_delete: list[tuple[int, str]] = []
+    now = time.time()
+    for number, uid in sorted(ids.items()):
+        row = rows.get(uid)
+        if row is None:
+            continue
+        if row.status == "deleted" and policy == "mirror":
+            to_delete.append((number, uid))
+        elif row.status in ("cached", "held") and policy == "after_fetch":
+            to_delete.append((number, uid))
+        elif (
+            row.status in ("cached", "held")
+            and delete_after_days is not None
+            and row.fetched_at is not None
+            and now - row.fetched_at >= delete_after_days * 86400
+        ):
+            to_delete.append((number, uid))
+
+    new = [(number, uid) for number, uid in sorted(ids.items()) if uid not in rows]
+    result.remaining = len(new)
+    deleted_uids: list[str] = []
+    for number, uid in to_delete:
+        await client.dele(number)
+        deleted_uids.append(uid)
+
+    # Fetching (network) and storing (disk, fsync) overlap: while one message is written and fsync'ed in
+    # a worker thread, the next ones are already being fetched and filtered.
+    stored: list[tuple[int, str]] = []
+    send, receive = trio.open_memory_channel[tuple[int, str, FilterResult]](PIPELINE_DEPTH)
+
+    async def fetch() -> None:
+        seen_in_pass: set[str] = set()
+        async with send:
+            for number, uid in new:
+                if uid in seen_in_pass:  # two upstream messages with one id (header digests of twins)
+                    continue
+                seen_in_pass.add(uid)
+                data = await client.retr_bytes(number)
+                context = FilterContext(user=user, uid=uid, quarantine_dir=quarantine_dir)
+                await send.send((number, uid, await pipeline.run(data, context)))
+
+    async def keep() -> None:
+        async with receive:
+            while True:
+                try:
+                    batch = [await receive.receive()]
+                except trio.EndOfChannel:
+                    return
+                while len(batch) < STORE_BATCH:  # whatever else is ready goes into the same flush
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                prepared = [(number, uid, outcome, normalise(outcome.data)) for number, uid, outcome in batch]
+
+                def store() -> list[tuple[int, str, bool, int]]:
+                    """Claim, write, settle, for the whole batch in one worker-thread hop: one flush to
+                    disk for all the messages. If this fails (or the process dies) between claim and
+                    settle, claims stay 'fetching' and recover() settles them."""
+                    granted = state.begin_fetch_many([(uid, digest(cached)) for _, uid, _, cached in prepared])
+                    mine = [item for item, ok in zip(prepared, granted) if ok]
+                    keep_held = [item for item in mine if item[2].hold and hold is not None]
+                    to_cache = [item for item in mine if not (item[2].hold and hold is not None)]
+                    settled = []
+                    for _, uid, outcome, cached in keep_held:
+                        settled.append((uid, hold(cached, uid, outcome), len(cached), "held"))
+                    infos = mailbox.add_many([outcome.data for _, _, outcome, _ in to_cache])
+                    settled += [(uid, info.key, info.size, "cached") for (_, uid, _, _), info in zip(to_cache, infos)]
+                    state.finish_fetch_many(settled)
+                    return [(number, uid, item in keep_held, len(cached))
+                            for item in mine for number, uid, _, cached in [item]]
+
+                for number, uid, was_held, size in await trio.to_thread.run_sync(store):
+                    stored.append((number, uid))
+                    if was_held:
+                        result.held += 1
+                    result.fetched += 1
+                    result.fetched_bytes += size
+                    metrics.synced(1, size)
+                    result.remaining -= 1
+                if progress is not None:
+                    progress(len(stored), len(new))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            nursery.start_soon(keep)
+    except BaseException as exc:
+        # Callers handle UpstreamError, OSError and StateError: hand them the first real error, not a
+        # group of the fetcher's and the keeper's (whichever trio version groups them).
+        first = _first_error(exc)
+        if first is exc:
+            raise
+        raise first from None
+
+    if policy == "after_fetch":  # each of these is cached and fsync'ed by now
+        for number, uid in stored:
+            await client.dele(number)
+            deleted_uids.append(uid)
+
+    if quit:
+        if deleted_uids:
+            # What the deletions rely on must be on disk before the provider acts on them.
+            await trio.to_thread.run_sync(state.sync_to_disk)
+        await client.quit()  # upstream deletions take effect only now
+        if deleted_uids:
+            await trio.to_thread.run_sync(state.upstream_gone, deleted_uids)
+            result.deleted_upstream = len(deleted_uids)
+    return result
+
+
+async def delete_upstream(client: UpstreamClient, state: UserState, uids: set[str]) -> int:
+    """Delete these upstream messages (mirror policy at the client's QUIT) and QUIT."""
+    ids = await upstream_ids(client) if uids else {}
+    numbers = [(n, uid) for n, uid in sorted(ids.items()) if uid in uids]
+    for number, _ in numbers:
+        await client.dele(number)
+    await client.quit()
+    gone = [uid for _, uid in numbers]
+    if gone:
+        await trio.to_thread.run_sync(state.upstream_gone, gone)
+    return len(gone)

@@ -1,0 +1,51 @@
+"""The mailbox interface every cache backend implements, and what it says of one message."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from typing import BinaryIO, NamedTuple
+
+
+class MessageInfo(NamedTuple):
+    """One stored message. `size` is the exact octet count of the message in CRLF form.
+
+    A named tuple rather than a dataclass: a login to a large mailbox builds one per message."""
+
+    key: str
+    uid: str
+    size: int
+
+
+class Mailbox(abc.ABC):
+    """A store of messages, each served in CRLF form. Keys are the messages' uids."""
+
+    @abc.abstractmethod
+    def list(self) -> list[MessageInfo]:
+        """All messages, oldest first, in a stable order."""
+
+    @abc.abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A binary file yielding exactly the message's octets in CRLF form. Raises KeyError if absent."""
+
+    @abc.abstractmethod
+    def add(self, data: bytes) -> MessageInfo:
+        """Store a message atomically and durably (fsync'ed) and describe it."""
+
+    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+        """Store several messages; when it returns, all are durable (one flush for the batch where the
+        backend can do that). A crash meanwhile leaves each message either stored whole or not at all."""
+        return [self.add(data) for data in messages]
+
+    @abc.abstractmethod
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove messages durably; keys that are not (or no longer) present are ignored."""
+
+    def close(self) -> None:
+        """Release what the object holds; files returned by `open()` stay usable."""
+
+    def __enter__(self) -> Mailbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

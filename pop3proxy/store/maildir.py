@@ -1,0 +1,249 @@
+"""The Maildir cache backend: one file per message, Dovecot-style names with ,S= and ,W= sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+from pop3proxy.store.base import Mailbox, MessageInfo
+from pop3proxy.store.crlf import CHUNK, _BareLfConverter, _stream, normalise
+from pop3proxy.store.fsutil import DIR_MODE, fsync_dir, write_new_file
+
+_SIZE_FIELD = re.compile(r",S=(\d+)")
+_VSIZE_FIELD = re.compile(r",W=(\d+)")
+_DELIVERY_TIME = re.compile(r"(\d+)\.(?:[^.]*?M(\d+))?")
+# Names written by add() (and Dovecot's): <sec>.M<usec>P<pid>..., with ,S=<size>,W=<size>.
+_OWN_NAME = re.compile(r"(\d+)\.M(\d+)[^,]*,S=(\d+),W=(\d+)$")
+_SCANS: dict[str, tuple[tuple[int, ...], dict]] = {}  # Maildir path -> (directory mtimes, entries)
+_LISTS: dict[str, tuple[dict, list]] = {}  # Maildir path -> (the scan it was made from, its MessageInfos)
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:12] or "localhost"
+
+_clock_lock = threading.Lock()
+_last_delivery = 0  # microseconds; keeps delivery times in this process strictly increasing
+_counter = itertools.count(1)
+
+
+def _unique_name(size: int) -> str:
+    """A Dovecot-style unique name: ``<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size>``."""
+    global _last_delivery
+    with _clock_lock:
+        now = max(time.time_ns() // 1000, _last_delivery + 1)
+        _last_delivery = now
+        n = next(_counter)
+    sec, usec = divmod(now, 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{n}.{_HOST},S={size},W={size}"
+
+
+def _named_crlf_size(uid: str) -> int | None:
+    """The size the name states, when it proves CRLF form (``,S=n,W=n`` with equal values)."""
+    size, vsize = _SIZE_FIELD.search(uid), _VSIZE_FIELD.search(uid)
+    if size and vsize and size[1] == vsize[1]:
+        return int(size[1])
+    return None
+
+
+def _is_stored_crlf(uid: str, file_size: int) -> bool:
+    """True when the name proves the file is already in CRLF form (physical size equals CRLF size)."""
+    size, vsize = _SIZE_FIELD.search(uid), _VSIZE_FIELD.search(uid)
+    return bool(size and vsize and int(size[1]) == int(vsize[1]) == file_size)
+
+
+class _MaildirEntry(NamedTuple):
+    path: str  # a plain string: building 100,000 Path objects is a measurable part of a login
+    crlf: bool  # the file is already in CRLF form and is served as is
+    file_size: int
+    order: tuple[int, int, str]
+
+
+class MaildirMailbox(Mailbox):
+    """A Maildir. Messages are keyed by uid: the file's base name before ':' (stable across flag changes).
+
+    Messages that other tools drop into new/ or cur/ are served too; their CRLF size is computed by reading
+    them once and remembered for the life of the object.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
+        self.path = Path(path)
+        self._subdirs = {name: self.path / name for name in ("tmp", "new", "cur")}
+        if create:
+            self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            for subdir in self._subdirs.values():
+                subdir.mkdir(mode=DIR_MODE, exist_ok=True)
+        missing = [str(d) for d in self._subdirs.values() if not d.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"not a Maildir, missing: {', '.join(missing)}")
+        self._entries: dict[str, _MaildirEntry] = {}
+        self._scanned: dict[str, _MaildirEntry] | None = None
+        self._sizes: dict[str, tuple[int, int, int]] = {}  # uid -> (file size, mtime_ns, CRLF size)
+
+    def list(self) -> list[MessageInfo]:
+        entries = self._scan()
+        cached = _LISTS.get(str(self.path))
+        if cached is not None and cached[0] is self._scanned:
+            return list(cached[1])
+        infos = []
+        for uid, entry in entries.items():
+            if entry.crlf:
+                size = entry.file_size
+            else:
+                try:
+                    size = self._crlf_size(uid, entry.path)
+                except FileNotFoundError:  # moved or deleted by another tool meanwhile
+                    continue
+            infos.append(MessageInfo(key=uid, uid=uid, size=size))
+        if all(entry.crlf for entry in entries.values()):  # sizes of foreign files may change in place
+            _LISTS[str(self.path)] = (self._scanned, infos)
+            while len(_LISTS) > 1000:
+                _LISTS.pop(next(iter(_LISTS)))
+        return list(infos)
+
+    def open(self, key: str) -> BinaryIO:
+        for rescan in (False, True):
+            entry = (self._scan() if rescan else self._entries).get(key)
+            if entry is None:
+                continue
+            try:
+                if entry.crlf:
+                    return open(entry.path, "rb")
+                return _stream(open(entry.path, "rb", buffering=0), _BareLfConverter())
+            except FileNotFoundError:
+                continue
+        raise KeyError(key)
+
+    def add(self, data: bytes) -> MessageInfo:
+        return self.add_many([data])[0]
+
+    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+        """Write each to tmp/, then fsync each (the disk sees the whole batch before the first flush),
+        rename each into new/, fsync new/ once. A crash leaves a message in tmp/ (never served) or whole
+        in new/."""
+        written: list[tuple[str, Path, int]] = []
+        try:
+            batch = len(messages) > 1
+            for data in messages:
+                data = normalise(data)
+                name = _unique_name(len(data))
+                tmp = self._subdirs["tmp"] / name
+                write_new_file(tmp, data, durable=not batch)
+                written.append((name, tmp, len(data)))
+            if batch:
+                for _, tmp, _ in written:
+                    fd = os.open(tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            infos = []
+            for name, tmp, size in written:
+                new = self._subdirs["new"] / name
+                os.rename(tmp, new)
+                self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0))
+                infos.append(MessageInfo(key=name, uid=name, size=size))
+        except BaseException:
+            for name, tmp, _ in written:
+                tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(self._subdirs["new"])
+        return infos
+
+    def clean_tmp(self) -> int:
+        """Remove what a crash left in tmp/ (never served); call only while nothing writes here."""
+        removed = 0
+        with os.scandir(self._subdirs["tmp"]) as it:
+            for item in it:
+                if item.is_file() and not item.name.startswith("."):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(item.path)
+                        removed += 1
+        return removed
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            for rescan in (False, True):
+                entry = (self._scan() if rescan else self._entries).get(key)
+                if entry is None:
+                    if rescan:
+                        break
+                    continue
+                try:
+                    os.unlink(entry.path)
+                    break
+                except FileNotFoundError:  # maybe moved new/ -> cur/ by another tool: look again
+                    continue
+            self._entries.pop(key, None)
+            self._sizes.pop(key, None)
+        fsync_dir(self._subdirs["new"])
+        fsync_dir(self._subdirs["cur"])
+
+    def _scan(self) -> dict[str, _MaildirEntry]:
+        # A directory whose mtime has not changed lists the same files: reuse the last scan of it (in
+        # this process), so a login to a large, unchanged mailbox costs two stat() calls.
+        try:
+            stamp = tuple(os.stat(self._subdirs[sub]).st_mtime_ns for sub in ("new", "cur"))
+        except FileNotFoundError:
+            stamp = None
+        cached = _SCANS.get(str(self.path))
+        if stamp is not None and cached is not None and cached[0] == stamp and time.time_ns() - max(stamp) > 2e9:
+            self._scanned = cached[1]
+            self._entries = dict(cached[1])
+            return self._entries
+        entries: dict[str, _MaildirEntry] = {}
+        for sub in ("new", "cur"):
+            with os.scandir(self._subdirs[sub]) as it:
+                for item in it:
+                    if item.name.startswith(".") or not item.is_file():
+                        continue
+                    uid = item.name.split(":", 1)[0]
+                    if uid in entries:
+                        continue
+                    ours = _OWN_NAME.match(uid)
+                    if ours is not None and ours[3] == ours[4]:
+                        # Size and order are in the name (as Dovecot trusts them): no stat() per file,
+                        # which keeps listing a mailbox of 100,000 messages fast.
+                        order = (int(ours[1]), int(ours[2]), uid)
+                        entries[uid] = _MaildirEntry(item.path, True, int(ours[3]), order)
+                        continue
+                    try:
+                        st = item.stat()
+                    except FileNotFoundError:
+                        continue
+                    crlf = _is_stored_crlf(uid, st.st_size)
+                    order = _order(uid, st.st_mtime_ns)
+                    entries[uid] = _MaildirEntry(item.path, crlf, st.st_size, order)
+        self._entries = dict(sorted(entries.items(), key=lambda kv: kv[1].order))
+        self._scanned = self._entries
+        if stamp is not None:
+            _SCANS[str(self.path)] = (stamp, self._entries)
+            while len(_SCANS) > 1000:
+                _SCANS.pop(next(iter(_SCANS)))
+            self._entries = dict(self._entries)
+        return self._entries
+
+    def _crlf_size(self, uid: str, path: Path) -> int:
+        with open(path, "rb") as file:
+            st = os.fstat(file.fileno())
+            cached = self._sizes.get(uid)
+            if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+                return cached[2]
+            converter, size = _BareLfConverter(), 0
+            while chunk := file.read(CHUNK):
+                size += len(converter.feed(chunk))
+        self._sizes[uid] = (st.st_size, st.st_mtime_ns, size)
+        return size
+
+
+def _order(uid: str, mtime_ns: int) -> tuple[int, int, str]:
+    """Sort key: the delivery time in the name (seconds, microseconds), else the file's mtime; then name."""
+    match = _DELIVERY_TIME.match(uid)
+    if match:
+        return int(match[1]), int(match[2] or 0), uid
+    sec, nsec = divmod(mtime_ns, 1_000_000_000)
+    return sec, nsec // 1000, uid

@@ -1,0 +1,1 @@
+"""Test helpers shared by tests/unit and tests/integration (no test module imports another)."""

@@ -1,0 +1,151 @@
+"""Shared test helpers: configuration files, a pop3proxy server process, waiting for events."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HOST = "127.0.0.1"
+
+
+def require_tool(name: str, package: str) -> str:
+    """The tool's path; a missing tool fails the test and names it (it never skips)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: apt-get install {package} (see .ci/install-deps.sh)")
+    return path
+
+
+def toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def write_config(path: Path, sections: dict[str, dict]) -> Path:
+    """Write a TOML file from {"section": {key: value}} (dotted section names allowed)."""
+    lines = []
+    for section, values in sections.items():
+        if section == "filters":
+            for table in values:
+                lines.append("[[filters]]")
+                lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items())
+            continue
+        lines.append(f"[{section}]")
+        lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in values.items() if v is not None)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+_READY = re.compile(r"listening for (POP3S?) on \S+ port (\d+)")
+
+
+class ServerProcess:
+    """``python -m pop3proxy serve --config FILE`` as a real child process."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.tls_port: int | None = None
+        self.log: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 15.0, plain: bool = True, tls: bool = False) -> "ServerProcess":
+        """Start and wait for the "listening" lines of the listeners expected (plain, tls)."""
+        self.log.clear()
+        self.port = self.tls_port = None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pop3proxy", "serve", "--config", str(self.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            text=True,
+        )
+        ready = threading.Event()
+        want_plain, want_tls = plain, tls
+
+        def pump() -> None:
+            assert self.proc and self.proc.stdout
+            for line in self.proc.stdout:
+                self.log.append(line.rstrip("\n"))
+                match = _READY.search(line)
+                if match:
+                    if match.group(1) == "POP3":
+                        self.port = int(match.group(2))
+                    else:
+                        self.tls_port = int(match.group(2))
+                if (self.port or not want_plain) and (self.tls_port or not want_tls):
+                    ready.set()
+            ready.set()
+
+        self._reader = threading.Thread(target=pump, daemon=True)
+        self._reader.start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            output = "\n".join(self.log)
+            self.stop()
+            raise AssertionError(f"pop3proxy did not start:\n{output}")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(2)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def output(self) -> str:
+        return "\n".join(self.log)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+def drop_connection(client) -> None:
+    """Vanish without QUIT: close the poplib client's socket and its file (which shares the socket)."""
+    import socket as _socket
+
+    client.sock.shutdown(_socket.SHUT_RDWR)
+    client.file.close()
+    client.sock.close()
