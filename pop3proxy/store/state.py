@@ -33,6 +33,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+from pop3proxy.store.fsutil import FILE_MODE
 from pop3proxy.store.paths import decode_user
 
 log = logging.getLogger("pop3proxy.store.state")
@@ -96,12 +97,13 @@ class UserState:
                 self._compact_journal()
         except FileNotFoundError:
             pass
-        self._journal = open(self.journal_path, "a", encoding="utf-8")
+        self._journal = open(_private(self.journal_path), "a", encoding="utf-8", closefd=True)
 
     def _compact_journal(self) -> None:
         """Rewrite the journal as one line per row and setting (atomically)."""
         tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
+        tmp.unlink(missing_ok=True)
+        with open(_private(tmp), "w", encoding="utf-8") as out:
             for uid, key, status, size, fetched, upstream in self._db.execute(
                 "SELECT uid, key, status, size, fetched_at, upstream FROM messages WHERE status != 'fetching'"
             ):
@@ -114,6 +116,14 @@ class UserState:
         tmp.replace(self.journal_path)
 
     def _open(self) -> sqlite3.Connection:
+        # The database holds the offline password hash: 0600 whatever the umask (SQLite gives its -wal
+        # and -shm files the database's mode).
+        os.close(_private(self.path))
+        for suffix in ("-wal", "-shm"):
+            try:
+                os.close(_private(Path(str(self.path) + suffix), create=False))
+            except FileNotFoundError:
+                pass
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -385,6 +395,19 @@ class UserState:
         else:
             self._run("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
         self._note(m=name, v=value)
+
+
+def _private(path: Path, create: bool = True) -> int:
+    """Open `path` for appending, created mode 0600 or tightened to it: it may hold a secret."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o7777 != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --- reading a state database from outside the service (status, metrics) -------------------------
