@@ -134,11 +134,9 @@ class Journal:
 
     def read(self) -> Iterator[dict]:
         """The entries, oldest first; a torn or garbled line is skipped."""
-        try:
-            journal = open(self.path, "rb")
-        except FileNotFoundError:
+        if not self.path.exists():
             return
-        with journal:
+        with open(self.path, "rb") as journal:
             for raw in journal:
                 try:
                     entry = json.loads(raw)

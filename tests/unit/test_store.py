@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3proxy.proxy.sync import recover
+from pop3proxy.store import maildir as maildir_module
 from pop3proxy.store import open_store
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.locks import MailboxBusy, lock_mailbox
-from pop3proxy.store import maildir as maildir_module
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import user_dir
