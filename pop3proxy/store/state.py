@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
 
 
 class StateError(Exception):
-    """The state database cannot be used (corrupt, unreadable)."""
+    """The state files cannot be used now (locked, unreadable, unwritable, an I/O error, or corrupt beyond
+    rebuilding). Callers answer ``-ERR [SYS/TEMP]``; the files are left as they are."""
 
 
 class Row(NamedTuple):
@@ -119,8 +120,10 @@ class UserState:
             log.warning("cannot compact %s: %s", self.journal_path.name, exc)
         try:
             self._journal.open()
-        except BaseException:
+        except BaseException as exc:
             self._db.close()
+            if isinstance(exc, OSError):
+                raise StateError(f"cannot open {self.journal_path.name}: {exc}") from exc
             raise
 
     def _snapshot(self) -> Iterator[dict]:
@@ -141,12 +144,15 @@ class UserState:
         OSError) for any other failure: those leave the files as they are."""
         # The database holds the offline password hash: 0600 whatever the umask (SQLite gives its -wal
         # and -shm files the database's mode).
-        os.close(private_fd(self.path))
-        for suffix in ("-wal", "-shm"):
-            try:
-                os.close(private_fd(Path(str(self.path) + suffix), create=False))
-            except FileNotFoundError:
-                pass
+        try:
+            os.close(private_fd(self.path))
+            for suffix in ("-wal", "-shm"):
+                try:
+                    os.close(private_fd(Path(str(self.path) + suffix), create=False))
+                except FileNotFoundError:
+                    pass
+        except OSError as exc:
+            raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
         try:
             db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
                                  timeout=BUSY_TIMEOUT)
