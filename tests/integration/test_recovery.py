@@ -170,3 +170,31 @@ def test_kill_while_a_big_message_is_appended_to_the_mbox(server_process, tmp_pa
     assert cached(proxy, dovecot.user, "mbox") == [small, big]
     assert dovecot.messages(dovecot.user) == []
     assert [p.name for p in mbox.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_state_database_that_cannot_be_opened_is_a_temporary_error(proxy, dovecot):
+    # Not corruption: the database is fine, SQLite just cannot open its write-ahead log (here a
+    # directory stands in its place). The login is refused for now and nothing is moved or rebuilt.
+    messages = [sample(i, 3000) for i in range(3)]
+    for m in messages:
+        dovecot.deliver(dovecot.user, m)
+    proxy.start(upstream={"delete": "never"})
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == messages
+    client.quit()
+    proxy.stop()
+    db = user_dir(proxy.root, dovecot.user) / "state.db"
+    before = db.read_bytes()
+    wal = Path(str(db) + "-wal")
+    wal.unlink(missing_ok=True)
+    wal.mkdir()
+    proxy.start(upstream={"delete": "never"})
+    with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[SYS/TEMP\]"):
+        proxy.client(dovecot.user, dovecot.password)
+    assert db.read_bytes() == before
+    assert not list(db.parent.glob("state.db.corrupt-*"))
+    wal.rmdir()
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == messages  # nothing fetched twice
+    client.quit()
+    assert "rebuilt" not in proxy.output()
