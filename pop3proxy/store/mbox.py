@@ -116,6 +116,8 @@ class MboxMailbox(Mailbox):
 
     def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
         """Append the messages with one fsync and one commit: a crash leaves none of them served or all."""
+        if not messages:
+            return []
         datas = [normalise(data) for data in messages]
         bodies = [_QUOTABLE_FROM.sub(rb">\1", data.replace(b"\r\n", b"\n")) for data in datas]
         from_line = f"From MAILER-DAEMON {time.asctime(time.gmtime())}\n".encode()

@@ -80,6 +80,15 @@ def test_round_trip_is_byte_exact_in_crlf_form(reopen: Callable[[], Mailbox]) ->
         assert read(fresh, info.key) == crlf(message)
 
 
+def test_add_many_stores_a_batch_and_nothing_for_an_empty_one(reopen: Callable[[], Mailbox]) -> None:
+    box = reopen()
+    assert box.add_many([]) == []
+    infos = box.add_many(MESSAGES[:4])
+    assert box.add_many([]) == []
+    assert reopen().list() == infos
+    assert [read(box, info.key) for info in infos] == [crlf(m) for m in MESSAGES[:4]]
+
+
 def test_add_normalises_line_endings(reopen: Callable[[], Mailbox]) -> None:
     box = reopen()
     lf = box.add(b"A: 1\n\nx\ny\n")
