@@ -107,7 +107,10 @@ class UserState:
             if lost:
                 self._replay_journal()
         except _Corrupt as exc:
-            self.rebuilt_from = self._move_aside(exc)
+            try:
+                self.rebuilt_from = self._move_aside(exc)
+            except OSError as cannot:
+                raise StateError(f"state database {path.name} is corrupt and cannot be moved aside: {cannot}") from exc
             try:
                 self._db = self._open()
             except _Corrupt as again:
@@ -140,8 +143,8 @@ class UserState:
             yield {"m": name, "v": value}
 
     def _open(self) -> sqlite3.Connection:
-        """Open the database. Raises _Corrupt when the file is damaged or not ours, StateError (or
-        OSError) for any other failure: those leave the files as they are."""
+        """Open the database. Raises _Corrupt when the file is damaged or not ours, StateError for any
+        other failure (which leaves the files as they are)."""
         # The database holds the offline password hash: 0600 whatever the umask (SQLite gives its -wal
         # and -shm files the database's mode).
         try:
