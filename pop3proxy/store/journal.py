@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from pop3proxy.store.fsutil import FILE_MODE, fsync_dir
+from pop3proxy.store.fsutil import FILE_MODE, fsync_dir, write_new_file
 
 
 def private_fd(path: Path, create: bool = True) -> int:
@@ -113,19 +113,8 @@ class Journal:
                 if os.fstat(fd).st_size <= larger_than:
                     return False  # compacted by another UserState meanwhile
                 tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.unlink(missing_ok=True)
-                out = private_fd(tmp)
-                try:
-                    chunk: list[bytes] = []
-                    for entry in snapshot():
-                        chunk.append(_line(entry))
-                        if len(chunk) >= 1000:
-                            _write_all(out, b"".join(chunk))
-                            chunk.clear()
-                    _write_all(out, b"".join(chunk))
-                    os.fsync(out)
-                finally:
-                    os.close(out)
+                tmp.unlink(missing_ok=True)  # left by a crash during an earlier compaction
+                write_new_file(tmp, b"".join(_line(entry) for entry in snapshot()))
                 os.replace(tmp, self.path)
                 fsync_dir(self.path.parent)
                 return True
