@@ -23,6 +23,7 @@ _DELIVERY_TIME = re.compile(r"(\d+)\.(?:[^.]*?M(\d+))?")
 # Names written by add() (and Dovecot's): <sec>.M<usec>P<pid>..., with ,S=<size>,W=<size>.
 _OWN_NAME = re.compile(r"(\d+)\.M(\d+)[^,]*,S=(\d+),W=(\d+)$")
 _SCANS: dict[str, tuple[tuple[int, ...], dict]] = {}  # Maildir path -> (directory mtimes, entries)
+_SETTLED_NS = 2 * 10**9  # a directory unchanged this long has no change pending within its mtime's tick
 _LISTS: dict[str, tuple[dict, list]] = {}  # Maildir path -> (the scan it was made from, its MessageInfos)
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:12] or "localhost"
 
@@ -185,13 +186,17 @@ class MaildirMailbox(Mailbox):
 
     def _scan(self) -> dict[str, _MaildirEntry]:
         # A directory whose mtime has not changed lists the same files: reuse the last scan of it (in
-        # this process), so a login to a large, unchanged mailbox costs two stat() calls.
+        # this process), so a login to a large, unchanged mailbox costs two stat() calls. Only a scan
+        # made when both directories had been quiet for _SETTLED_NS is kept: a file that arrives within
+        # the timestamp tick of the previous change leaves the mtime as it was, so a scan of a directory
+        # changed that recently may already be incomplete when the mtime says it is current.
+        started = time.time_ns()
         try:
             stamp = tuple(os.stat(self._subdirs[sub]).st_mtime_ns for sub in ("new", "cur"))
         except FileNotFoundError:
             stamp = None
         cached = _SCANS.get(str(self.path))
-        if stamp is not None and cached is not None and cached[0] == stamp and time.time_ns() - max(stamp) > 2e9:
+        if stamp is not None and cached is not None and cached[0] == stamp:
             self._scanned = cached[1]
             self._entries = dict(cached[1])
             return self._entries
@@ -220,7 +225,7 @@ class MaildirMailbox(Mailbox):
                     entries[uid] = _MaildirEntry(item.path, crlf, st.st_size, order)
         self._entries = dict(sorted(entries.items(), key=lambda kv: kv[1].order))
         self._scanned = self._entries
-        if stamp is not None:
+        if stamp is not None and started - max(stamp) > _SETTLED_NS:
             _SCANS[str(self.path)] = (stamp, self._entries)
             while len(_SCANS) > 1000:
                 _SCANS.pop(next(iter(_SCANS)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -23,7 +24,7 @@ from pop3proxy.store.crlf import (
     _stream,
     normalise,
 )
-from pop3proxy.store.fsutil import FILE_MODE, fsync_dir
+from pop3proxy.store.fsutil import FILE_MODE, fsync_dir, write_new_file
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,12 @@ class _MboxEntry:
     size: int  # CRLF size
 
 
+Identity = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, committed length
+
+
 @dataclass
 class _MboxIndex:
-    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+    identity: Identity
     entries: list[_MboxEntry]
     counts: dict[str, int]  # digest -> number of messages with that content
     by_uid: dict[str, _MboxEntry] = field(default_factory=dict)
@@ -53,8 +57,8 @@ class _MboxIndex:
         return [MessageInfo(key=e.uid, uid=e.uid, size=e.size) for e in self.entries]
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+def _identity(st: os.stat_result, committed: int) -> Identity:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, committed
 
 
 def _uid(digest: str, counts: dict[str, int]) -> str:
@@ -68,10 +72,21 @@ class MboxMailbox(Mailbox):
     A message's uid is the SHA-1 hex digest of its CRLF form; the n-th copy of identical content gets the
     suffix ``-n``. Uids survive restarts and the deletion of other content; deleting one of several
     identical copies renumbers the later copies.
+
+    Crash safety: beside the mbox, ``.<name>.committed`` holds the inode and the length of the mbox as
+    last committed, replaced atomically (written, fsync'ed, renamed, directory fsync'ed). An append
+    writes and fsyncs its messages past the committed length and then commits the new length; a rewrite
+    (deletion) copies the kept messages to ``.<name>.<pid>.<random>.tmp``, fsyncs it, commits its inode
+    and length, and renames it over the mbox. Readers never look past the committed length, so a
+    message a crash left half written is never served; the next write (or ``clean_tmp``, run by
+    recovery) cuts it off, and ``clean_tmp`` removes rewrite copies a crash left behind. When the
+    commit file names another inode (an mbox replaced by another program, or a crash between the two
+    renames of a rewrite), the mbox is taken as it is.
     """
 
     def __init__(self, path: str | os.PathLike[str], create: bool = True) -> None:
         self.path = Path(path)
+        self._commit_path = self.path.with_name(f".{self.path.name}.committed")
         if create:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
         elif not self.path.is_file():
@@ -89,7 +104,7 @@ class MboxMailbox(Mailbox):
                 raise KeyError(key)
             file = open(self.path, "rb", buffering=0)
             st = os.fstat(file.fileno())
-            if (st.st_dev, st.st_ino) == index.identity[:2] and st.st_size >= index.identity[2]:
+            if (st.st_dev, st.st_ino) == index.identity[:2] and st.st_size >= entry.stop:
                 file.seek(entry.start)
                 return _stream(file, _MboxrdConverter(), entry.stop - entry.start)
             file.close()  # replaced between indexing and opening: index again
@@ -97,52 +112,73 @@ class MboxMailbox(Mailbox):
         raise OSError(f"{self.path} keeps changing while being opened")
 
     def add(self, data: bytes) -> MessageInfo:
-        data = normalise(data)
-        body = _QUOTABLE_FROM.sub(rb">\1", data.replace(b"\r\n", b"\n"))
+        return self.add_many([data])[0]
+
+    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+        """Append the messages with one fsync and one commit: a crash leaves none of them served or all."""
+        if not messages:
+            return []
+        datas = [normalise(data) for data in messages]
+        bodies = [_QUOTABLE_FROM.sub(rb">\1", data.replace(b"\r\n", b"\n")) for data in datas]
         from_line = f"From MAILER-DAEMON {time.asctime(time.gmtime())}\n".encode()
         with self._locked() as fd:
+            end = self._settle_locked(fd)
             index = self._index_locked(fd)
-            end = os.fstat(fd).st_size
-            tail = os.pread(fd, 2, end - 2) if end >= 2 else os.pread(fd, 1, 0)
+            tail = os.pread(fd, 2, end - 2) if end >= 2 else os.pread(fd, end, 0)
             separator = b"" if end == 0 or tail == b"\n\n" else b"\n" if tail.endswith(b"\n") else b"\n\n"
-            record = separator + from_line + body + b"\n"
+            # Each record ends in a blank line (a body ends with LF, then one more), so only the first
+            # may need a separator.
+            records = [separator + from_line + bodies[0] + b"\n"] + [from_line + body + b"\n" for body in bodies[1:]]
             try:
                 os.lseek(fd, end, os.SEEK_SET)
-                view = memoryview(record)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for record in records:
+                    view = memoryview(record)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 os.fsync(fd)
+                st = os.fstat(fd)
+                self._commit(st.st_ino, st.st_size)
             except BaseException:  # leave no partial message behind (for example on a full disk)
-                os.ftruncate(fd, end)
                 self._index = None
+                try:
+                    os.ftruncate(fd, end)
+                except OSError:
+                    pass  # the commit file still says `end`: nothing past it is ever served
                 raise
-            uid = _uid(hashlib.sha1(data).hexdigest(), index.counts)
-            if separator:  # the previous message's end may have changed: index again when needed
+            infos = []
+            position = end
+            for data, body, record in zip(datas, bodies, records):
+                uid = _uid(hashlib.sha1(data).hexdigest(), index.counts)
+                start = position + len(record) - len(body) - 1
+                index.append(_MboxEntry(uid, start - len(from_line), start, start + len(body), len(data)))
+                position += len(record)
+                infos.append(MessageInfo(key=uid, uid=uid, size=len(data)))
+            if separator:  # the previous message's end has changed: index again when needed
                 self._index = None
             else:
-                start = end + len(from_line)
-                index.append(_MboxEntry(uid, end, start, start + len(body), len(data)))
-                index.identity = _identity(os.fstat(fd))
-        return MessageInfo(key=uid, uid=uid, size=len(data))
+                index.identity = _identity(st, st.st_size)
+        return infos
 
     def delete(self, keys: Iterable[str]) -> None:
         doomed = set(keys)
         with self._locked() as fd:
+            end = self._settle_locked(fd)
             index = self._index_locked(fd)
             kept = [e for e in index.entries if e.uid not in doomed]
             if len(kept) == len(index.entries):
                 return
             st = os.fstat(fd)
-            ends = [e.record for e in index.entries[1:]] + [st.st_size]
+            ends = [e.record for e in index.entries[1:]] + [end]
             ranges = [(0, index.entries[0].record)]  # anything before the first message is kept
-            ranges += [(e.record, end) for e, end in zip(index.entries, ends) if e.uid not in doomed]
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            ranges += [(e.record, stop) for e, stop in zip(index.entries, ends) if e.uid not in doomed]
+            tmp = self._tmp_name("")
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
                 os.fchmod(out, st.st_mode & 0o7777)
-                for start, end in ranges:
-                    _copy_range(fd, out, start, end)
+                for start, stop in ranges:
+                    _copy_range(fd, out, start, stop)
                 os.fsync(out)
+                self._commit(os.fstat(out).st_ino, sum(stop - start for start, stop in ranges))
                 os.close(out)
                 out = -1
                 os.replace(tmp, self.path)
@@ -153,6 +189,66 @@ class MboxMailbox(Mailbox):
                 raise
             fsync_dir(self.path.parent)
             self._index = None
+
+    def clean_tmp(self) -> int:
+        """Recovery after a crash (with the mailbox lock held, no sync running): cut off a message left
+        half written past the committed length, remove the rewrite copies a crash left behind."""
+        removed = 0
+        prefix = f".{self.path.name}."
+        with self._locked() as fd:
+            self._settle_locked(fd)
+            with os.scandir(self.path.parent) as it:
+                for item in it:
+                    if item.name.startswith(prefix) and item.name.endswith(".tmp") and item.is_file():
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(item.path)
+                            removed += 1
+        return removed
+
+    def _tmp_name(self, kind: str) -> Path:
+        return self.path.with_name(f".{self.path.name}.{kind}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+    def _read_commit(self) -> tuple[int, int] | None:
+        """(inode, length) of the last commit, or None when there is none (or it cannot be read)."""
+        try:
+            parts = self._commit_path.read_bytes().split()
+        except FileNotFoundError:
+            return None
+        if len(parts) == 2 and all(part.isdigit() for part in parts):
+            return int(parts[0]), int(parts[1])
+        return None
+
+    def _committed(self, st: os.stat_result) -> int:
+        """How much of the mbox file described by `st` is committed (readers look no further)."""
+        mark = self._read_commit()
+        if mark is not None and mark[0] == st.st_ino and mark[1] <= st.st_size:
+            return mark[1]
+        return st.st_size
+
+    def _commit(self, inode: int, length: int) -> None:
+        """Durably record `length` as the committed length of the mbox file `inode`."""
+        tmp = self._tmp_name("committed.")
+        try:
+            write_new_file(tmp, f"{inode} {length}\n".encode())
+            os.replace(tmp, self._commit_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.path.parent)
+
+    def _settle_locked(self, fd: int) -> int:
+        """Before writing: cut off what a crashed append left past the committed length (or adopt the file
+        as it is when no commit describes it). Returns the committed length."""
+        st = os.fstat(fd)
+        mark = self._read_commit()
+        if mark is None or mark[0] != st.st_ino or mark[1] > st.st_size:
+            self._commit(st.st_ino, st.st_size)
+            return st.st_size
+        if mark[1] < st.st_size:
+            os.ftruncate(fd, mark[1])
+            os.fsync(fd)
+            self._index = None
+        return mark[1]
 
     @contextmanager
     def _locked(self) -> Iterator[int]:
@@ -179,21 +275,26 @@ class MboxMailbox(Mailbox):
             os.close(fd)  # releases both locks
 
     def _current_index(self) -> _MboxIndex:
-        if self._index is not None and self._index.identity == _identity(os.stat(self.path)):
-            return self._index
+        if self._index is not None:
+            st = os.stat(self.path)
+            if self._index.identity == _identity(st, self._committed(st)):
+                return self._index
         with self._locked() as fd:
             return self._index_locked(fd)
 
     def _index_locked(self, fd: int) -> _MboxIndex:
         st = os.fstat(fd)
-        if self._index is None or self._index.identity != _identity(st):
+        identity = _identity(st, self._committed(st))
+        if self._index is None or self._index.identity != identity:
             with open(os.dup(fd), "rb") as file:
-                self._index = _parse_mbox(file, _identity(st))
+                self._index = _parse_mbox(file, identity)
         return self._index
 
 
-def _parse_mbox(file: BinaryIO, identity: tuple[int, int, int, int]) -> _MboxIndex:
-    """Index an mbox the way Python's `mailbox.mbox` splits it, hashing each message's CRLF form."""
+def _parse_mbox(file: BinaryIO, identity: Identity) -> _MboxIndex:
+    """Index an mbox (up to its committed length) the way Python's `mailbox.mbox` splits it, hashing each
+    message's CRLF form."""
+    limit = identity[4]
     entries: list[_MboxEntry] = []
     counts: dict[str, int] = {}
     current: tuple[int, int] | None = None  # (record offset, start offset)
@@ -203,7 +304,7 @@ def _parse_mbox(file: BinaryIO, identity: tuple[int, int, int, int]) -> _MboxInd
     pos = 0  # offset of the current line
     file.seek(0)
     while True:
-        line = file.readline()
+        line = file.readline(max(0, limit - pos))
         length = len(line)
         if not line or line.startswith(b"From "):
             if current is not None:

@@ -13,17 +13,20 @@ deletion) makes it survive a power loss too. Each upstream message has one row, 
 A ``fetching`` row left by a crash is resolved by ``recover``: the cached copy is claimed if it was
 written, otherwise the row is dropped and the message is fetched again — never lost, never twice.
 
-Beside the database, ``state.journal`` records every settled row and setting, one JSON line each
-(appended, not fsync'ed: it is a second copy, not the primary record). When the database is found
-corrupt on opening, it is moved aside (``state.db.corrupt-<time>``) and rebuilt from the journal, so the
-cache's messages stay known and nothing is fetched twice. The journal is compacted when it grows large.
+Beside the database, ``state.journal`` (see ``journal.py``) records every claim (with its digest),
+settled row and setting, one JSON line each. It is fsync'ed where a rebuild would otherwise fetch or
+resurrect a message: claims before their messages are written, the client's deletions, and
+``sync_to_disk``. Only a database that is really corrupt (``PRAGMA quick_check`` fails, SQLite says
+"file is not a database" or "malformed", or the tables are not ours) is moved aside
+(``state.db.corrupt-<time>``) and rebuilt from the journal; any other error on opening (locked,
+read-only, unable to open, I/O) raises `StateError` and leaves every file as it is. The journal is
+compacted when it grows large, without losing what other open `UserState` objects append meanwhile.
 
 Synchronous code; callers run it in worker threads. A lock serialises calls from several threads.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -31,14 +34,16 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
+from pop3proxy.store.journal import Journal, private_fd
 from pop3proxy.store.paths import decode_user
 
 log = logging.getLogger("pop3proxy.store.state")
 
 SCHEMA_VERSION = 1
 JOURNAL_COMPACT_AT = 4 * 1024 * 1024
+BUSY_TIMEOUT = 30.0  # seconds to wait for another connection's write lock
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -56,7 +61,8 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
 
 
 class StateError(Exception):
-    """The state database cannot be used (corrupt, unreadable)."""
+    """The state files cannot be used now (locked, unreadable, unwritable, an I/O error, or corrupt beyond
+    rebuilding). Callers answer ``-ERR [SYS/TEMP]``; the files are left as they are."""
 
 
 class Row(NamedTuple):
@@ -69,13 +75,29 @@ class Row(NamedTuple):
     upstream: bool
 
 
+class _Corrupt(Exception):
+    """The database file is damaged or not ours: only then may it be moved aside and rebuilt."""
+
+
+# SQLite's primary result codes that mean the file itself is damaged or is no database at all. Every
+# other error on opening (locked, read-only, unable to open, out of memory, I/O) is a transient error.
+_CORRUPTION_CODES = {11: "SQLITE_CORRUPT", 26: "SQLITE_NOTADB"}
+_COLUMNS = {"uid", "key", "status", "digest", "size", "fetched_at", "upstream"}
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _CORRUPTION_CODES
+
+
 class UserState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.journal_path = path.with_name(path.stem + ".journal")
         self._lock = threading.Lock()
+        self._journal = Journal(self.journal_path)
         self.rebuilt_from: Path | None = None  # where a corrupt database was moved, if it was
-        lost = not path.exists() and self.journal_path.exists() and self.journal_path.stat().st_size > 0
+        lost = not path.exists() and self._journal.size() > 0
         if lost:  # the database is gone but its journal is not: rebuild, do not start from nothing
             log.error("state database %s is missing: rebuilding from %s", path.name, self.journal_path.name)
             for suffix in ("-wal", "-shm"):
@@ -84,48 +106,79 @@ class UserState:
             self._db = self._open()
             if lost:
                 self._replay_journal()
-        except sqlite3.DatabaseError as exc:
-            self.rebuilt_from = self._move_aside(exc)
+        except _Corrupt as exc:
+            try:
+                self.rebuilt_from = self._move_aside(exc)
+            except OSError as cannot:
+                raise StateError(f"state database {path.name} is corrupt and cannot be moved aside: {cannot}") from exc
             try:
                 self._db = self._open()
-            except sqlite3.DatabaseError as again:
+            except _Corrupt as again:
                 raise StateError(f"state database {path.name} is unusable: {again}") from again
             self._replay_journal()
         try:
-            if self.journal_path.stat().st_size > JOURNAL_COMPACT_AT:
-                self._compact_journal()
-        except FileNotFoundError:
-            pass
-        self._journal = open(self.journal_path, "a", encoding="utf-8")
+            if self._journal.size() > JOURNAL_COMPACT_AT:
+                self._journal.compact(self._snapshot, JOURNAL_COMPACT_AT)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cannot compact %s: %s", self.journal_path.name, exc)
+        try:
+            self._journal.open()
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, OSError):
+                raise StateError(f"cannot open {self.journal_path.name}: {exc}") from exc
+            raise
 
-    def _compact_journal(self) -> None:
-        """Rewrite the journal as one line per row and setting (atomically)."""
-        tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
-            for uid, key, status, size, fetched, upstream in self._db.execute(
-                "SELECT uid, key, status, size, fetched_at, upstream FROM messages WHERE status != 'fetching'"
-            ):
-                out.write(json.dumps({"u": uid, "k": key, "s": status, "z": size, "t": fetched, "up": upstream},
-                                     separators=(",", ":")) + "\n")
-            for name, value in self._db.execute("SELECT name, value FROM meta"):
-                out.write(json.dumps({"m": name, "v": value}, separators=(",", ":")) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(self.journal_path)
+    def _snapshot(self) -> Iterator[dict]:
+        """What the database holds, as journal entries: every row (claims in flight with their digest)
+        and every setting."""
+        for uid, key, status, digest, size, fetched, upstream in self._db.execute(
+            "SELECT uid, key, status, digest, size, fetched_at, upstream FROM messages"
+        ):
+            entry = {"u": uid, "k": key, "s": status, "z": size, "t": fetched, "up": upstream}
+            if status == "fetching":
+                entry["d"] = digest
+            yield entry
+        for name, value in self._db.execute("SELECT name, value FROM meta"):
+            yield {"m": name, "v": value}
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        """Open the database. Raises _Corrupt when the file is damaged or not ours, StateError for any
+        other failure (which leaves the files as they are)."""
+        # The database holds the offline password hash: 0600 whatever the umask (SQLite gives its -wal
+        # and -shm files the database's mode).
+        try:
+            os.close(private_fd(self.path))
+            for suffix in ("-wal", "-shm"):
+                try:
+                    os.close(private_fd(Path(str(self.path) + suffix), create=False))
+                except FileNotFoundError:
+                    pass
+        except OSError as exc:
+            raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
+        try:
+            db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                 timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
         try:
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit is in the OS's hands when the call returns (safe against the
             # process dying); sync_to_disk() makes it durable against power loss where that matters.
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             check = db.execute("PRAGMA quick_check(1)").fetchone()
             if not check or check[0] != "ok":
-                raise sqlite3.DatabaseError(f"integrity check failed: {check[0] if check else 'no answer'}")
-            db.execute("SELECT uid, key, status, digest, size, fetched_at, upstream FROM messages LIMIT 1").fetchall()
+                raise _Corrupt(f"integrity check failed: {check[0] if check else 'no answer'}")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+            if columns and not _COLUMNS <= columns:
+                raise _Corrupt("not a pop3proxy state database (its messages table differs)")
+            db.executescript(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.Error as exc:
+            db.close()
+            if _is_corruption(exc):
+                raise _Corrupt(str(exc)) from exc
+            raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
         except BaseException:
             db.close()
             raise
@@ -146,47 +199,44 @@ class UserState:
         """Rebuild the rows from the journal: the last line about a uid wins."""
         rows: dict[str, tuple] = {}
         meta: dict[str, str | None] = {}
+        for entry in self._journal.read():
+            if "m" in entry:
+                meta[entry["m"]] = entry.get("v")
+            elif "u" in entry and "s" in entry:
+                uid, status, old = entry["u"], entry["s"], rows.get(entry["u"])
+                if status == "forget" or (status == "abandon" and old is not None and old[2] == "fetching"):
+                    rows.pop(uid, None)
+                elif status != "abandon":
+                    upstream = entry.get("up", old[6] if old else 1)
+                    rows[uid] = (uid, entry.get("k"), status, entry.get("d"), entry.get("z"), entry.get("t"),
+                                 upstream)
         try:
-            with open(self.journal_path, encoding="utf-8") as journal:
-                for line in journal:
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
-                        continue  # a torn last line
-                    if "m" in entry:
-                        meta[entry["m"]] = entry.get("v")
-                    elif "u" in entry:
-                        if entry.get("s") == "forget":
-                            rows.pop(entry["u"], None)
-                        else:
-                            old = rows.get(entry["u"])
-                            upstream = entry.get("up", old[5] if old else 1)
-                            rows[entry["u"]] = (entry["u"], entry.get("k"), entry["s"], entry.get("z"),
-                                                entry.get("t"), upstream)
-        except FileNotFoundError:
-            pass
-        with self._db:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO messages (uid, key, status, size, fetched_at, upstream) VALUES (?,?,?,?,?,?)",
-                rows.values(),
-            )
-            self._db.executemany(
-                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-                [(k, v) for k, v in meta.items() if v is not None],
-            )
+            with self._db:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO messages (uid, key, status, digest, size, fetched_at, upstream)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    rows.values(),
+                )
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                    [(k, v) for k, v in meta.items() if v is not None],
+                )
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StateError(f"cannot rebuild state database {self.path.name}: {exc}") from exc
         log.warning("state database %s rebuilt: %d messages, %d settings", self.path.name, len(rows), len(meta))
 
-    def _note(self, **entry) -> None:
+    def _note(self, *entries: dict, durable: bool = False) -> None:
         """Append to the journal (a second record, used only to rebuild a corrupt database)."""
         try:
-            self._journal.write(json.dumps(entry, separators=(",", ":")) + "\n")
-            self._journal.flush()
-        except (OSError, ValueError) as exc:
+            self._journal.append(entries, durable=durable)
+        except OSError as exc:
             log.warning("cannot write %s: %s", self.journal_path.name, exc)
 
     def sync_to_disk(self) -> None:
-        """Checkpoint the write-ahead log into the database file, fsync'ed."""
+        """Checkpoint the write-ahead log into the database file, fsync'ed, and fsync the journal."""
         self._run("PRAGMA wal_checkpoint(FULL)")
+        self._note(durable=True)
 
     def close(self) -> None:
         with self._lock:
@@ -267,6 +317,7 @@ class UserState:
             )
         except sqlite3.IntegrityError:
             return False
+        self._note({"u": uid, "s": "fetching", "d": digest}, durable=True)
         return True
 
     def begin_fetch_many(self, claims: list[tuple[str, str]]) -> list[bool]:
@@ -285,6 +336,10 @@ class UserState:
                 )
         if statements:
             self._transaction(statements)
+            # Durable before the messages are written: a database rebuilt from the journal still has
+            # the claims, and recover() finds their cached copies by digest.
+            self._note(*({"u": uid, "s": "fetching", "d": d} for (uid, d), ok in zip(claims, granted) if ok),
+                       durable=True)
         return granted
 
     def known_uids_among(self, uids: list[str]) -> set[str]:
@@ -302,8 +357,7 @@ class UserState:
             [("UPDATE messages SET status = ?, key = ?, size = ?, fetched_at = ? WHERE uid = ?",
               (status, key, size, now, uid)) for uid, key, size, status in settled]
         )
-        for uid, key, size, status in settled:
-            self._note(u=uid, k=key, s=status, z=size, t=now)
+        self._note(*({"u": uid, "k": key, "s": status, "z": size, "t": now} for uid, key, size, status in settled))
 
     def finish_fetch(self, uid: str, key: str, size: int, status: str = "cached") -> None:
         now = time.time()
@@ -311,10 +365,11 @@ class UserState:
             "UPDATE messages SET status = ?, key = ?, size = ?, fetched_at = ? WHERE uid = ?",
             (status, key, size, now, uid),
         )
-        self._note(u=uid, k=key, s=status, z=size, t=now)
+        self._note({"u": uid, "k": key, "s": status, "z": size, "t": now})
 
     def abandon_fetch(self, uid: str) -> None:
         self._run("DELETE FROM messages WHERE uid = ? AND status = 'fetching'", (uid,))
+        self._note({"u": uid, "s": "abandon"})
 
     def fetching(self) -> list[Row]:
         return [
@@ -343,7 +398,7 @@ class UserState:
             ))
         self._transaction(statements)
         for uid_of_key in self.uids_for_keys([key]).values():
-            self._note(u=uid_of_key, k=key, s="cached", z=size, t=time.time())
+            self._note({"u": uid_of_key, "k": key, "s": "cached", "z": size, "t": time.time()})
 
     # -- deletions -------------------------------------------------------------------------------
 
@@ -353,25 +408,24 @@ class UserState:
         self._transaction(
             [("UPDATE messages SET status = 'deleted' WHERE key = ? AND status = 'cached'", (key,)) for key in keys]
         )
-        for key, uid in self.uids_for_keys(keys).items():
-            self._note(u=uid, k=key, s="deleted")
+        self._note(*({"u": uid, "k": key, "s": "deleted"} for key, uid in self.uids_for_keys(keys).items()),
+                   durable=True)
 
     def forget_keys(self, keys: Iterable[str]) -> None:
         """Drop rows whose cached copy vanished although nobody deleted it through us."""
         keys = list(keys)
         uids = self.uids_for_keys(keys)
         self._transaction([("DELETE FROM messages WHERE key = ? AND status = 'cached'", (key,)) for key in keys])
-        for uid in uids.values():
-            self._note(u=uid, s="forget")
+        self._note(*({"u": uid, "s": "forget"} for uid in uids.values()))
 
     def upstream_gone(self, uids: Iterable[str]) -> None:
         uids = list(uids)
         self._transaction([("UPDATE messages SET upstream = 0 WHERE uid = ?", (uid,)) for uid in uids])
         status = {row.uid: row for row in self.rows()} if uids else {}
-        for uid in uids:
-            row = status.get(uid)
-            if row is not None:
-                self._note(u=uid, k=row.key, s=row.status, z=row.size, t=row.fetched_at, up=0)
+        self._note(*(
+            {"u": uid, "k": row.key, "s": row.status, "z": row.size, "t": row.fetched_at, "up": 0}
+            for uid in uids if (row := status.get(uid)) is not None
+        ))
 
     # -- meta ------------------------------------------------------------------------------------
 
@@ -384,7 +438,7 @@ class UserState:
             self._run("DELETE FROM meta WHERE name = ?", (name,))
         else:
             self._run("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
-        self._note(m=name, v=value)
+        self._note({"m": name, "v": value})
 
 
 # --- reading a state database from outside the service (status, metrics) -------------------------

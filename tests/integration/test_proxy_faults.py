@@ -2,8 +2,9 @@
 
 * Crashes: the proxy process is killed (SIGKILL) at random points of a sync of many messages from
   the real Dovecot, restarted, and synced to the end; every message exists exactly once across the
-  provider and the cache — never lost, never duplicated — under every deletion policy (one proxy per
-  policy, side by side). Run with -s for the count of kills and messages checked.
+  provider and the cache — never lost, never duplicated, never a fragment — for both cache backends
+  under every deletion policy (one proxy per backend and policy, side by side). Run with -s for the
+  count of kills and messages checked.
 * A misbehaving provider (`faulty_upstream`): a connection dropped in the middle of RETR, a stall
   past ``upstream.timeout``, garbage, no CAPA, no UIDL, TLS refused, ``[IN-USE]`` and
   ``[LOGIN-DELAY]``.
@@ -118,13 +119,16 @@ def login_in_background(port: int, user: str, password: str) -> threading.Thread
 
 CRASH_MESSAGES = 40  # a sync long enough that most kills in the random window land in the middle of it
 CRASH_SIZE = 10_000
-CRASH_ROUNDS = int(os.environ.get("POP3PROXY_CRASH_ROUNDS", "50"))  # per deletion policy
+CRASH_BIG = 2_000_000  # one message this big, so that kills also land in the middle of writing one
+CRASH_ROUNDS = int(os.environ.get("POP3PROXY_CRASH_ROUNDS", "20"))  # per backend and deletion policy
 CRASH_WINDOW = 0.8  # seconds after the login starts in which the kill falls
 POLICIES = ("mirror", "after_fetch", "never")
+BACKENDS = ("maildir", "mbox")
 
 
 @dataclass
 class CrashReport:
+    backend: str
     policy: str
     kills: int = 0
     mid_sync: int = 0  # kills that left the cache partly filled
@@ -136,15 +140,16 @@ class CrashReport:
 
     def summary(self) -> str:
         return (
-            f"{self.policy}: {self.kills} kills ({self.mid_sync} in the middle of the sync, {self.claims} with a "
+            f"{self.backend}/{self.policy}: {self.kills} kills ({self.mid_sync} in the middle of the sync, {self.claims} with a "
             f"message claimed but not finished), {self.checked} messages checked"
         )
 
 
-def crash_rounds(proxy: Proxy, dovecot, user: str, password: str, policy: str, rng: random.Random) -> CrashReport:
+def crash_rounds(proxy: Proxy, dovecot, user: str, password: str, backend: str, policy: str,
+                 rng: random.Random) -> CrashReport:
     """CRASH_ROUNDS times: fill the provider, log in, SIGKILL the proxy mid-sync, restart, sync to the end."""
-    report = CrashReport(policy)
-    originals = [sample(i, CRASH_SIZE) for i in range(CRASH_MESSAGES)]
+    report = CrashReport(backend, policy)
+    originals = [sample(i, CRASH_BIG if i == CRASH_MESSAGES // 4 else CRASH_SIZE) for i in range(CRASH_MESSAGES)]
     config = {"upstream": {"delete": policy}, "sync": {"login_budget": 60}}
     proxy.start(**config)
     try:
@@ -165,7 +170,7 @@ def crash_rounds(proxy: Proxy, dovecot, user: str, password: str, policy: str, r
             report.kills += 1
             thread.join(10)
             # Right after the crash: nothing lost, nothing twice, no fragment in the cache.
-            cache = cached(proxy, user)
+            cache = cached(proxy, user, backend)
             for problem in check_copies(originals, provider_messages(dovecot, user), cache):
                 report.problems.append(f"round {round_}, killed after {delay:.3f} s: {problem}")
             report.mid_sync += 0 < len(cache) < CRASH_MESSAGES
@@ -179,8 +184,14 @@ def crash_rounds(proxy: Proxy, dovecot, user: str, password: str, policy: str, r
             client.quit()
             if count != CRASH_MESSAGES or len(uids) != CRASH_MESSAGES:
                 report.problems.append(f"round {round_}: the client saw {count} messages, {len(uids)} uids")
-            for problem in check_final(policy, originals, provider_messages(dovecot, user), cached(proxy, user)):
+            for problem in check_final(policy, originals, provider_messages(dovecot, user),
+                                       cached(proxy, user, backend)):
                 report.problems.append(f"round {round_}, killed after {delay:.3f} s, synced again: {problem}")
+            home = user_dir(proxy.root, user)
+            leftovers = [str(p.relative_to(home)) for p in home.rglob("*")
+                         if p.is_file() and (p.name.endswith(".tmp") or p.parent.name == "tmp")]
+            if leftovers:
+                report.problems.append(f"round {round_}: left over after recovery: {leftovers[:5]}")
             statuses = Counter(row.status for row in cache_rows(proxy.root, user))
             if statuses != Counter({"cached": CRASH_MESSAGES}):
                 report.problems.append(f"round {round_}: state rows {dict(statuses)}")
@@ -194,26 +205,30 @@ def crash_rounds(proxy: Proxy, dovecot, user: str, password: str, policy: str, r
 
 @pytest.mark.dovecot
 def test_kill_during_sync_loses_and_duplicates_nothing(server_process, tmp_path, dovecot):
-    # One proxy per deletion policy, side by side (each with its own provider user and cache).
+    # One proxy per backend and deletion policy, side by side (each with its own provider user and cache).
     seed = random.randrange(1 << 32)
-    users = [(dovecot.user, dovecot.password)] + [dovecot.new_user() for _ in POLICIES[1:]]
-    with ThreadPoolExecutor(len(POLICIES)) as pool:
+    combos = [(backend, policy) for backend in BACKENDS for policy in POLICIES]
+    users = [(dovecot.user, dovecot.password)] + [dovecot.new_user() for _ in combos[1:]]
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(combos)) as pool:
         futures = []
-        for policy, (user, password) in zip(POLICIES, users):
-            (tmp_path / policy).mkdir()
-            proxy = Proxy(server_process, tmp_path / policy, dovecot)
-            rng = random.Random(f"{seed}-{policy}")
-            futures.append(pool.submit(crash_rounds, proxy, dovecot, user, password, policy, rng))
+        for (backend, policy), (user, password) in zip(combos, users):
+            (tmp_path / backend / policy).mkdir(parents=True)
+            proxy = Proxy(server_process, tmp_path / backend / policy, dovecot, cache={"backend": backend})
+            rng = random.Random(f"{seed}-{backend}-{policy}")
+            futures.append(pool.submit(crash_rounds, proxy, dovecot, user, password, backend, policy, rng))
         reports = [future.result() for future in futures]
     summary = (
-        f"crash test (seed {seed}): {sum(r.kills for r in reports)} kills, "
+        f"crash test (seed {seed}, {time.monotonic() - started:.0f} s): {sum(r.kills for r in reports)} kills, "
         f"{sum(r.checked for r in reports)} messages checked; " + "; ".join(r.summary() for r in reports)
     )
     print(summary)
     for report in reports:
-        details = f"{summary}\n{report.policy} kill delays {report.delays}:\n" + "\n".join(report.problems[:20])
+        details = (f"{summary}\n{report.backend}/{report.policy} kill delays {report.delays}:\n"
+                   + "\n".join(report.problems[:20]))
         assert report.kills >= CRASH_ROUNDS and not report.problems, details
-    assert sum(report.mid_sync for report in reports) >= 1, f"no kill interrupted a sync: {summary}"
+    for backend in BACKENDS:
+        assert sum(r.mid_sync for r in reports if r.backend == backend) >= 1, f"no kill interrupted a sync: {summary}"
     for report, (_, password) in zip(reports, users):
         assert not any(password in log for log in report.logs), "a password reached the log"
 

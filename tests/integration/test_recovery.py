@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import poplib
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
+from helpers.common import HOST, wait_for
 from helpers.proxy import Proxy, cached, retr_all, sample
 
 from pop3proxy.store import open_store
@@ -127,3 +130,71 @@ def test_state_database_of_another_program_is_not_trusted(tmp_path):
     with UserState(path) as state:  # incompatible schema: moved aside, fresh database
         assert state.rows() == []
         assert state.rebuilt_from is not None and state.rebuilt_from.exists()
+
+
+def test_kill_while_a_big_message_is_appended_to_the_mbox(server_process, tmp_path, dovecot):
+    # The proxy is SIGKILLed while it writes a 30 MB message into the mbox (the file is seen growing):
+    # the bytes written so far are never served, and the next login stores the message once, whole.
+    small, big = sample(1, 2000), sample(2, 30_000_000)
+    for m in (small, big):
+        dovecot.deliver(dovecot.user, m)
+    proxy = Proxy(server_process, tmp_path, dovecot, cache={"backend": "mbox"})
+    proxy.start(upstream={"delete": "after_fetch"}, sync={"login_budget": 120})
+    mbox = user_dir(proxy.root, dovecot.user) / "mbox"
+
+    def login() -> None:
+        try:
+            client = poplib.POP3(HOST, proxy.process.port, timeout=120)
+            client.user(dovecot.user)
+            client.pass_(dovecot.password)
+            client.quit()
+        except (OSError, poplib.error_proto, EOFError):
+            pass  # the proxy dies under it
+
+    thread = threading.Thread(target=login, daemon=True)
+    thread.start()
+    try:
+        seen = wait_for(lambda: mbox.exists() and mbox.stat().st_size > len(small) + 1_000_000 and mbox.stat().st_size,
+                        timeout=120, interval=0)
+        proxy.kill()
+    finally:
+        thread.join(30)
+    print(f"killed with {seen:,} bytes of the mbox written, {mbox.stat().st_size:,} on disk after the kill")
+    assert cached(proxy, dovecot.user, "mbox") in ([small], [small, big])  # never a fragment
+    assert sorted(dovecot.messages(dovecot.user)) == sorted([small, big])  # nothing deleted upstream yet
+    proxy.start(upstream={"delete": "after_fetch"}, sync={"login_budget": 120})
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == [small, big]
+    client.quit()
+    proxy.stop()
+    assert cached(proxy, dovecot.user, "mbox") == [small, big]
+    assert dovecot.messages(dovecot.user) == []
+    assert [p.name for p in mbox.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_state_database_that_cannot_be_opened_is_a_temporary_error(proxy, dovecot):
+    # Not corruption: the database is fine, SQLite just cannot open its write-ahead log (here a
+    # directory stands in its place). The login is refused for now and nothing is moved or rebuilt.
+    messages = [sample(i, 3000) for i in range(3)]
+    for m in messages:
+        dovecot.deliver(dovecot.user, m)
+    proxy.start(upstream={"delete": "never"})
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == messages
+    client.quit()
+    proxy.stop()
+    db = user_dir(proxy.root, dovecot.user) / "state.db"
+    before = db.read_bytes()
+    wal = Path(str(db) + "-wal")
+    wal.unlink(missing_ok=True)
+    wal.mkdir()
+    proxy.start(upstream={"delete": "never"})
+    with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[SYS/TEMP\]"):
+        proxy.client(dovecot.user, dovecot.password)
+    assert db.read_bytes() == before
+    assert not list(db.parent.glob("state.db.corrupt-*"))
+    wal.rmdir()
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == messages  # nothing fetched twice
+    client.quit()
+    assert "rebuilt" not in proxy.output()

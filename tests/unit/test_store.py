@@ -8,6 +8,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pop3proxy.proxy.sync import recover
+from pop3proxy.store import maildir as maildir_module
 from pop3proxy.store import open_store
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.locks import MailboxBusy, lock_mailbox
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import user_dir
+from pop3proxy.store.state import UserState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,6 +78,15 @@ def test_round_trip_is_byte_exact_in_crlf_form(reopen: Callable[[], Mailbox]) ->
     assert fresh.list() == infos
     for message, info in zip(MESSAGES, infos):
         assert read(fresh, info.key) == crlf(message)
+
+
+def test_add_many_stores_a_batch_and_nothing_for_an_empty_one(reopen: Callable[[], Mailbox]) -> None:
+    box = reopen()
+    assert box.add_many([]) == []
+    infos = box.add_many(MESSAGES[:4])
+    assert box.add_many([]) == []
+    assert reopen().list() == infos
+    assert [read(box, info.key) for info in infos] == [crlf(m) for m in MESSAGES[:4]]
 
 
 def test_add_normalises_line_endings(reopen: Callable[[], Mailbox]) -> None:
@@ -233,6 +246,40 @@ def test_maildir_uid_survives_flag_changes(tmp_path: Path) -> None:
     assert os.listdir(cur) == ["1500000000.M2P2.other:2,RS"]
 
 
+def test_maildir_listing_is_never_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A directory's mtime does not change when a file arrives within the same timestamp tick as the
+    # previous change (coarse file-system clocks). A listing made within that tick must not be reused
+    # later on the strength of an unchanged mtime, or a delivered message is missing from it (and
+    # recover() would then forget its row, so it is fetched twice).
+    path = tmp_path / "Maildir"
+    box = MaildirMailbox(path)
+    first = box.add(b"Subject: one\r\n\r\n")
+    new, cur = path / "new", path / "cur"
+    tick = time.time_ns() - 60 * 10**9
+    for sub in (new, cur):
+        os.utime(sub, ns=(tick, tick))
+    clock = [tick + 5 * 10**8]  # the listing runs half a second after the last change
+    monkeypatch.setattr(time, "time_ns", lambda: clock[0])
+    assert [i.uid for i in box.list()] == [first.uid]
+    second = "1700000000.M1P1.other,S=20,W=20"
+    (new / second).write_bytes(b"Subject: two\r\n\r\nx\r\n")
+    os.utime(new, ns=(tick, tick))  # the same tick: the mtime is unchanged
+    clock[0] = tick + 10 * 10**9
+    state = UserState(tmp_path / "state.db")
+    try:
+        assert state.begin_fetch("u2", "d2")
+        state.finish_fetch("u2", second, 20)
+        fresh = MaildirMailbox(path)
+        assert sorted(i.uid for i in fresh.list()) == sorted([first.uid, second])
+        recover(fresh, state)
+        assert [(row.uid, row.status) for row in state.rows()] == [("u2", "cached")]
+    finally:
+        state.close()
+    # A listing made when the directories had been quiet for a while is kept and reused while they stay so.
+    assert maildir_module._SCANS[str(path)][0] == (tick, tick)
+    assert [i.uid for i in MaildirMailbox(path).list()] == [i.uid for i in fresh.list()]
+
+
 def test_maildir_without_create_needs_an_existing_maildir(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a Maildir"):
         MaildirMailbox(tmp_path / "missing", create=False)
@@ -290,7 +337,7 @@ def test_mbox_delete_keeps_other_messages_byte_identical(tmp_path: Path) -> None
     )
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert box.list() == [a, c]
-    assert [p.name for p in tmp_path.iterdir()] == ["mbox"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mbox.committed", "mbox"]  # no temporary file left
 
 
 def test_mbox_rewrite_is_seen_by_an_object_holding_an_old_index(tmp_path: Path) -> None:
