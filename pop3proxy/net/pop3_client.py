@@ -1,5 +1,5 @@
 """The POP3 client towards a provider (trio): connect (implicit TLS, STLS or none, verified),
-log in (USER/PASS, AUTH PLAIN, APOP), list, fetch and delete. Every read is under a deadline
+log in (USER/PASS, AUTH PLAIN, APOP; an OAuth2 bearer token with XOAUTH2 or OAUTHBEARER), list, fetch and delete. Every read is under a deadline
 and trio's errors are mapped to `UpstreamError`s.
 """
 
@@ -38,6 +38,8 @@ from pop3proxy.pop3.commands import MAX_COMMAND_LINE
 from pop3proxy.pop3.dotstuff import to_crlf
 from pop3proxy.pop3.errors import RemoteProtocolError
 from pop3proxy.pop3.framing import NEED_DATA, Data, EndOfData, Status
+from pop3proxy.pop3.sasl import MECHANISMS as OAUTH_MECHANISMS
+from pop3proxy.pop3.sasl import OAUTHBEARER, OAUTHBEARER_ABORT, BearerToken, SaslError, oauthbearer, xoauth2
 
 log = logging.getLogger("pop3proxy.upstream")
 _T = TypeVar("_T")
@@ -222,7 +224,7 @@ class UpstreamClient:
             raise self._unavailable("reply out of step with its command")
         return event
 
-    async def _request(self, command: str, *args: str | int, sink: Sink | None = None) -> Status:
+    async def _request(self, command: str, *args: str | int, sink: Sink | None = None, sasl: bool = False) -> Status:
         """Send one command and read its reply; a multi-line body is handed to `sink`.
 
         Any failure in between (including cancellation and a sink's exception) leaves the
@@ -234,7 +236,7 @@ class UpstreamClient:
             raise self._unavailable("the provider sent data nobody asked for")
         finished = False
         try:
-            await self._send(self._conn.send(command, *args))
+            await self._send(self._conn.send(command, *args, sasl=sasl))
             reply = await self._reply()
             if self._conn.pending:  # the positive status line of a multi-line reply
                 if sink is None:
@@ -301,6 +303,8 @@ class UpstreamClient:
         (``-ERR`` to USER, before the password was sent): once the provider has refused the
         credentials no other method is tried, as each try counts as a failed login there.
         """
+        if isinstance(password, BearerToken):
+            return await self.login_bearer(user, password)
         if not user or any(c in user + password for c in "\r\n\0"):
             raise UpstreamAuthError(
                 f"{self.endpoint.where}: the user name or password holds a line break or NUL", "AUTH"
@@ -340,12 +344,55 @@ class UpstreamClient:
         else:  # too long for an initial response (RFC 5034): wait for the empty challenge
             reply = await self._request("AUTH", "PLAIN")
             if reply.continuation:
-                reply = await self._request(response)
+                reply = await self._request(response, sasl=True)
         if reply.continuation:
             raise self._unavailable("unexpected SASL challenge from the provider")
         if not reply.ok:
             raise self._auth_error("plain", reply)
         return None
+
+    async def login_bearer(self, user: str, token: str, mechanisms: tuple[str, ...] = OAUTH_MECHANISMS) -> str:
+        """Log in with an OAuth2 access token, by the first of `mechanisms` CAPA's SASL line offers.
+
+        The response is sent in the two-line form (``AUTH XOAUTH2``, ``+``, then the response),
+        which every provider accepts (Microsoft's only). A refusal comes as a base64 JSON
+        challenge first; it is answered (an empty line for XOAUTH2, ``AQ==`` for OAUTHBEARER,
+        RFC 7628) and then ``-ERR`` ends the attempt. Returns the mechanism used.
+        """
+        offered = {m.upper() for m in (self.capabilities or {}).get("SASL", [])}
+        usable = [m for m in mechanisms if m in offered]
+        if not usable:
+            raise UpstreamAuthError(
+                f"{self.endpoint.where}: the provider offers neither XOAUTH2 nor OAUTHBEARER (needed for OAuth2)",
+                "SYS/PERM",
+            )
+        mechanism = usable[0]
+        try:
+            if mechanism == OAUTHBEARER:
+                response = oauthbearer(user, token, self.endpoint.host, self.endpoint.port)
+            else:
+                response = xoauth2(user, token)
+        except SaslError as exc:
+            raise UpstreamAuthError(f"{self.endpoint.where}: {exc}", "AUTH") from None
+        self._secrets = (token, response)
+        try:
+            reply = await self._request("AUTH", mechanism)
+            if not reply.continuation:
+                if reply.ok:
+                    raise self._unavailable(f"the provider accepted AUTH {mechanism} without credentials")
+                raise self._auth_error(mechanism.lower(), reply)
+            reply = await self._request(response, sasl=True)
+            if reply.continuation:  # an error challenge: answer it, then the -ERR follows
+                reply = await self._request(OAUTHBEARER_ABORT if mechanism == OAUTHBEARER else "", sasl=True)
+            if reply.continuation:
+                raise self._unavailable("unexpected SASL challenge from the provider")
+            if not reply.ok:
+                raise self._auth_error(mechanism.lower(), reply)
+            self.auth_method = mechanism.lower()
+            log.debug("logged in to %s as %s with %s", self.endpoint.where, user, mechanism)
+            return self.auth_method
+        finally:
+            self._secrets = ()
 
     async def _login_user(self, user: str, password: str, response: str) -> Status | None:
         reply = await self._request("USER", user)
