@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, Union
 
-from pop3proxy.pop3 import replies
+from pop3proxy.pop3 import replies, sasl
 from pop3proxy.pop3.commands import MAX_AUTH_LINE, MAX_COMMAND_LINE, Command, parse_command, parse_number
 from pop3proxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from pop3proxy.pop3.framing import NEED_DATA, Line, LineReader, LineTooLong
@@ -81,7 +81,7 @@ class Authenticate:
 
     user: str
     password: str = field(repr=False)
-    mechanism: str  # "USER" or "PLAIN"
+    mechanism: str  # "USER", "PLAIN", "XOAUTH2" or "OAUTHBEARER" (password is then a sasl.BearerToken)
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,12 @@ class Session:
         plaintext_auth: bool = True,
         greeting: str = "pop3proxy ready",
         max_bad_commands: int = MAX_BAD_COMMANDS,
+        bearer_auth: bool = False,
     ) -> None:
         self.max_bad_commands = max_bad_commands
+        # AUTH XOAUTH2 / OAUTHBEARER: the token is handed on as a `sasl.BearerToken` password.
+        self.mechanisms = ("PLAIN", *sasl.MECHANISMS) if bearer_auth else ("PLAIN",)
+        self._mechanism = "PLAIN"
         self.state = State.AUTHORIZATION
         self.stls_available = stls_available
         self.tls_active = tls_active
@@ -284,7 +288,7 @@ class Session:
         if self.state is State.AUTHORIZATION:
             if self._login_allowed():
                 caps.append("USER")
-                caps.append("SASL PLAIN")
+                caps.append("SASL " + " ".join(self.mechanisms))
             if self.stls_available and not self.tls_active:
                 caps.append("STLS")
         caps.append(f"IMPLEMENTATION {IMPLEMENTATION}")
@@ -319,10 +323,11 @@ class Session:
 
     def _cmd_auth(self, command: Command) -> list[Action]:
         if not command.args:
-            mechanisms = ["PLAIN"] if self._login_allowed() else []
+            mechanisms = list(self.mechanisms) if self._login_allowed() else []
             return [Send(replies.multiline("SASL mechanisms follow", mechanisms))]
-        if command.args[0].upper() != "PLAIN":
+        if command.args[0].upper() not in self.mechanisms:
             return self._bad(replies.err(f"unsupported authentication mechanism {command.args[0][:40]}"))
+        self._mechanism = command.args[0].upper()
         if not self._login_allowed():
             return self._refuse_plaintext()
         if len(command.args) == 2:
@@ -334,6 +339,12 @@ class Session:
         data = data.strip(b" ")
         if data == b"*":
             return self._bad(replies.err("authentication cancelled", "AUTH"))
+        if self._mechanism != "PLAIN":
+            try:
+                login = sasl.parse(self._mechanism, data)
+            except sasl.SaslError as exc:
+                return self._bad(replies.err(f"{self._mechanism}: {exc}", "AUTH"))
+            return self._authenticate(login.user, sasl.BearerToken(login.token), self._mechanism)
         if data == b"=":
             data = b""
         try:

@@ -4,7 +4,6 @@ SASL XOAUTH2 (two-line form) and OAUTHBEARER (RFC 7628, with its error challenge
 from __future__ import annotations
 
 import pytest
-import trio
 
 from pop3proxy.net.endpoint import Endpoint, UpstreamAuthError
 from pop3proxy.net.pop3_client import connect

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import secrets
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import warnings
 
 import httpx
 from authlib.common.security import generate_token

@@ -9,7 +9,6 @@ printed.
 from __future__ import annotations
 
 import http.server
-import threading
 import time
 import urllib.parse
 from datetime import datetime, timezone
