@@ -43,7 +43,7 @@ def oauth_command(settings: Settings, args: argparse.Namespace) -> int:
     except flows.OAuthFailure as exc:
         print(f"pop3proxy: oauth login {args.account}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"pop3proxy: oauth login {args.account}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0

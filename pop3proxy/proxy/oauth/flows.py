@@ -117,7 +117,7 @@ def start_device(settings: OAuth2Settings) -> DeviceCode:
     data = {"client_id": settings.client_id, "scope": " ".join(settings.effective_scopes())}
     with _client(settings) as client:
         try:
-            reply = client.post(url, data=data, withhold_token=True)
+            reply = client.request("POST", url, data=data, withhold_token=True)
             body = reply.json()
         except httpx.HTTPError as exc:
             raise TransientFailure(f"device authorization: {type(exc).__name__}: {exc}") from None

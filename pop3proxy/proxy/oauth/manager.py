@@ -147,12 +147,16 @@ class TokenManager:
             if tokens is not None and tokens.state == NEEDS_AUTHORISATION:
                 await trio.sleep(IDLE_CHECK)
                 continue
-            due = 0.0 if tokens is None else tokens.valid_for(self.clock()) - settings.refresh_margin
+            margin = settings.refresh_margin
+            if tokens is not None and tokens.updated and tokens.expires_at > tokens.updated:
+                # A token that lives shorter than twice the margin is renewed at half its life.
+                margin = min(margin, (tokens.expires_at - tokens.updated) / 2)
+            due = 0.0 if tokens is None else tokens.valid_for(self.clock()) - margin
             if due > 0:
                 await trio.sleep(min(due, IDLE_CHECK))
                 continue
             try:
-                await self._renew(account, settings.refresh_margin)
+                await self._renew(account, margin)
                 retry = MIN_RETRY
                 log.info("renewed the OAuth2 token of %r", account)
             except NeedsAuthorisation as exc:
