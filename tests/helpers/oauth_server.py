@@ -12,14 +12,19 @@ Fixtures:
 * ``oidc_server`` (session): the running `OidcServer` (access tokens live an hour).
 * ``oauth_dovecot`` (session): a `Dovecot` whose only passdb is ``oauth2``, validating tokens by
   introspection at ``oidc_server``; it offers SASL XOAUTH2 and OAUTHBEARER.
-* ``short_oidc`` (function): a fresh server whose access tokens live `SHORT_TTL` seconds, with its
-  own OAuth2-only Dovecot (``short_oidc.dovecot``); stopped after the test.
+* ``short_oidc`` (function): a fresh server whose access tokens are JWTs that live `SHORT_TTL`
+  seconds, with its own OAuth2-only Dovecot (``short_oidc.dovecot``) validating them locally with
+  the signing key (so tokens keep working while the authorization server is down); stopped after
+  the test.
 """
 
 from __future__ import annotations
 
+import base64
 import re
+import secrets
 import shutil
+import tempfile
 import subprocess
 import threading
 from pathlib import Path
@@ -32,14 +37,17 @@ from helpers.common import HOST
 from helpers.dovecot import Dovecot, DovecotError, free_port
 
 HERE = Path(__file__).resolve().parent / "oidc"
-SHORT_TTL = 4
+SHORT_TTL = 6
 SERVICE_USER = "service-box"
 _READY = re.compile(r"oidc listening on (\d+)")
 
 
 class OidcServer:
-    def __init__(self, access_ttl: int = 3600) -> None:
+    def __init__(self, access_ttl: int = 3600, jwt: bool = False) -> None:
         self.access_ttl = access_ttl
+        # jwt: access tokens are JWTs (HS256) that Dovecot validates locally, so the provider keeps
+        # accepting a token while this server is down, as real providers do.
+        self.jwt_key = secrets.token_urlsafe(32) if jwt else None
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
@@ -66,7 +74,8 @@ class OidcServer:
             stderr=subprocess.STDOUT,
             text=True,
             env={"PATH": "/usr/bin:/bin", "OIDC_ACCESS_TTL": str(self.access_ttl),
-                 "OIDC_SERVICE_USER": self.service_user},
+                 "OIDC_SERVICE_USER": self.service_user,
+                 **({"OIDC_JWT_KEY": self.jwt_key} if self.jwt_key else {})},
         )
         ready = threading.Event()
 
@@ -96,8 +105,17 @@ class OidcServer:
 
     # -- what a test needs from the authorization server --------------------------------------
 
-    def dovecot_settings(self) -> dict[str, str]:
-        """Dovecot's oauth2 passdb settings: introspection (RFC 7662) at this server."""
+    def dovecot_settings(self, key_dir: Path | None = None) -> dict[str, str]:
+        """Dovecot's oauth2 passdb settings: local JWT validation with the key in `key_dir`, or
+        introspection (RFC 7662) at this server."""
+        if self.jwt_key is not None:
+            assert key_dir is not None
+            return {
+                "introspection_mode": "local",
+                "local_validation_key_dict": f"fs:posix:prefix={key_dir}/",
+                "username_attribute": "username",
+                "issuers": self.url,
+            }
         return {
             "introspection_mode": "post",
             "introspection_url": f"http://dovecot:dovecot-secret@{HOST}:{self.port}/token/introspection",
@@ -164,7 +182,18 @@ class OidcServer:
             http.post(f"{self.url}/token/revocation", data={"token": token, "client_id": client_id}).raise_for_status()
 
     def start_dovecot(self) -> Dovecot:
-        server = Dovecot(oauth2=self.dovecot_settings())
+        key_dir = None
+        if self.jwt_key is not None:
+            # Dovecot looks the key up as <prefix><azp>/<alg>/<kid>; HMAC keys are base64.
+            key_dir = Path(tempfile.mkdtemp(prefix="jwk", dir="/tmp"))
+            self._key_dir = key_dir
+            (key_dir / "default" / "HS256").mkdir(parents=True)
+            (key_dir / "default" / "HS256" / "default").write_text(
+                base64.b64encode(self.jwt_key.encode()).decode() + "\n")
+            for path in (key_dir, key_dir / "default", key_dir / "default" / "HS256"):
+                path.chmod(0o755)
+            (key_dir / "default" / "HS256" / "default").chmod(0o644)
+        server = Dovecot(oauth2=self.dovecot_settings(key_dir))
         try:
             server.start()
         except DovecotError as exc:
@@ -190,9 +219,10 @@ def oauth_dovecot(oidc_server: OidcServer) -> Iterator[Dovecot]:
 
 @pytest.fixture
 def short_oidc() -> Iterator[OidcServer]:
-    server = OidcServer(access_ttl=SHORT_TTL).start()
+    server = OidcServer(access_ttl=SHORT_TTL, jwt=True).start()
     server.start_dovecot()
     yield server
     assert server.dovecot is not None
     server.dovecot.stop()
     server.stop()
+    shutil.rmtree(server._key_dir, ignore_errors=True)

@@ -31,6 +31,16 @@ IDLE_CHECK = 60.0  # how often an account without a usable grant is looked at ag
 MIN_RETRY = 5.0  # first wait after a transient failure; doubles up to the account's retry_max
 
 
+LAST_USE = 2.0  # a token with less left than this is not used any more (the login takes time)
+
+
+def _skew(tokens: TokenSet | None) -> float:
+    """Renew before use when less than this is left: EXPIRY_SKEW, or a quarter of a short life."""
+    if tokens is not None and tokens.updated and tokens.expires_at > tokens.updated:
+        return min(EXPIRY_SKEW, (tokens.expires_at - tokens.updated) / 4)
+    return EXPIRY_SKEW
+
+
 class NeedsAuthorisation(Exception):
     """The account has no grant (never authorised, or the server answered invalid_grant)."""
 
@@ -117,8 +127,15 @@ class TokenManager:
         try:
             if tokens is not None and tokens.state == NEEDS_AUTHORISATION:
                 raise NeedsAuthorisation(tokens.error or "needs authorisation")
-            if force or tokens is None or tokens.valid_for(self.clock()) <= EXPIRY_SKEW:
-                tokens = await self._renew(account, float("inf") if force else EXPIRY_SKEW)
+            skew = _skew(tokens)
+            if force or tokens is None or tokens.valid_for(self.clock()) <= skew:
+                try:
+                    tokens = await self._renew(account, float("inf") if force else skew)
+                except TokenUnavailable:
+                    # The authorization server failed: a token that has not expired keeps working.
+                    if force or tokens is None or tokens.valid_for(self.clock()) <= LAST_USE:
+                        raise
+                    log.info("using the stored token of %r until it expires (renewal failed)", account)
         except NeedsAuthorisation:
             metrics.oauth2_state(account, True)
             raise

@@ -2,7 +2,9 @@
 //
 // Usage: node server.js PORT   (prints "oidc listening on PORT" when ready)
 // Environment: OIDC_ACCESS_TTL (seconds, default 3600), OIDC_SERVICE_USER (the mailbox the
-// client-credentials client "service" may read), OIDC_DOVECOT_SECRET, OIDC_SERVICE_SECRET.
+// client-credentials client "service" may read), OIDC_DOVECOT_SECRET, OIDC_SERVICE_SECRET,
+// OIDC_JWT_KEY (when set: access tokens are JWTs signed HS256 with this key, for a resource server
+// that validates them locally, without asking this server).
 //
 // The end user's side of a login (the browser) is automated: every interaction signs in the
 // account named by login_hint (default "alice") and grants the scopes asked for, so a test drives
@@ -62,6 +64,19 @@ const configuration = {
     clientCredentials: { enabled: true },
     introspection: { enabled: true, allowedPolicy: async () => true },
     revocation: { enabled: true },
+    ...(process.env.OIDC_JWT_KEY ? {
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: async () => 'urn:pop3proxy:test',
+        useGrantedResource: async () => true,
+        getResourceServerInfo: async () => ({
+          scope: 'pop3',
+          accessTokenTTL: accessTtl,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: 'HS256', key: Buffer.from(process.env.OIDC_JWT_KEY) } },
+        }),
+      },
+    } : {}),
   },
   ttl: {
     AccessToken: accessTtl,
@@ -73,6 +88,8 @@ const configuration = {
     Session: 3600,
     IdToken: 3600,
   },
+  // Dovecot 2.3 accepts only typ "JWT" (not RFC 9068's "at+jwt").
+  formats: { customizers: { jwt: async (ctx, token, jwt) => { jwt.header = { typ: 'JWT' }; } } },
   // Refresh tokens whenever the client may use them (no consent prompt for offline_access).
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
   // Dovecot reads the mailbox name from the introspection answer's "username".
@@ -97,6 +114,8 @@ provider.use(async (ctx, next) => {
     ? await provider.Grant.find(details.grantId)
     : new provider.Grant({ accountId, clientId: details.params.client_id });
   grant.addOIDCScope(String(details.params.scope || ''));
+  const missing = details.prompt.details.missingResourceScopes || {};
+  for (const [indicator, scopes] of Object.entries(missing)) grant.addResourceScope(indicator, scopes.join(' '));
   const grantId = await grant.save();
   const url = await provider.interactionResult(ctx.req, ctx.res, {
     login: { accountId },
