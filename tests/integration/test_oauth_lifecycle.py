@@ -6,6 +6,7 @@ during a session, the authorization server down, and a revoked grant (invalid_gr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import poplib
 import re
@@ -154,3 +155,39 @@ def test_revoked_grant_marks_the_account_needs_authorisation(server_process, tmp
     assert len(retr_all(client)) == 1
     client.quit()
     proxy.stop()
+
+
+async def test_failed_renewals_back_off_up_to_retry_max(tmp_path, autojump_clock):
+    """The authorization server refuses connections: retries after 5, 10, 20 s, then every retry_max."""
+    import trio
+    from helpers.dovecot import free_port
+
+    from pop3proxy.config import OAuth2Settings
+    from pop3proxy.proxy.oauth import TokenManager
+
+    settings = OAuth2Settings(client_id="service", client_secret="s", grant="client_credentials",
+                              token_url=f"http://{HOST}:{free_port()}/token", retry_max=30, timeout=5)
+    manager = TokenManager(tmp_path, {"svc": settings})
+    delays: list[float] = []
+    enough = trio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.search(r"retrying in (\S+) s", record.getMessage())
+            if found:
+                delays.append(float(found.group(1)))
+                if len(delays) == 6:
+                    enough.set()
+
+    logger = logging.getLogger("pop3proxy.oauth2")
+    watch = Watch()
+    logger.addHandler(watch)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(manager.run)
+            await enough.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        logger.removeHandler(watch)
+    assert delays == [5, 10, 20, 30, 30, 30]
+    assert not (user_dir(tmp_path, "svc") / "oauth2-token.json").exists()

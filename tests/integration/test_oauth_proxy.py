@@ -13,12 +13,11 @@ import re
 import secrets
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers.common import HOST, require_tool, wait_for, write_config
+from helpers.common import HOST, require_tool, write_config
 from helpers.proxy import Proxy, cached, retr_all, sample
 
 from pop3proxy.store.paths import user_dir
