@@ -235,3 +235,15 @@ def test_code_flow_with_pkce_and_loopback_redirect(tmp_path, oidc_server):
     tokens = json.loads((user_dir(tmp_path / "cache", "bob") / "oauth2-token.json").read_text())
     assert tokens["refresh_token"] and tokens["state"] == "ok"
     assert tokens["access_token"] not in rest
+
+
+def test_login_throttle_applies_to_local_passwords(oauth_proxy):
+    oauth_proxy.start(throttle={"max_failures": 2, "base_delay": 0, "max_delay": 0})
+    for _ in range(2):
+        with pytest.raises(poplib.error_proto) as info:
+            oauth_proxy.client(oauth_proxy.account, "guess")
+        assert b"[AUTH]" in info.value.args[0]
+    with pytest.raises(poplib.error_proto) as info:
+        oauth_proxy.client(oauth_proxy.account, "local-pw")  # even the right one, for now
+    assert b"[LOGIN-DELAY]" in info.value.args[0]
+    assert token_file(oauth_proxy, oauth_proxy.account).is_file()
