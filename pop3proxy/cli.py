@@ -167,6 +167,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from pop3proxy.app import build_backend
     from pop3proxy.errors import StartupError
     from pop3proxy.net.endpoint import UpstreamError
+    from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenUnavailable
     from pop3proxy.store.locks import MailboxBusy
     from pop3proxy.store.state import StateError
 
@@ -174,9 +175,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         backend = build_backend(settings)
     except StartupError as exc:
         raise CliError(str(exc)) from None
-    names = [name for name in names if name in backend.passwords]
+    names = [name for name in names if name in backend.passwords or name in backend.oauth]
     if not names:
-        raise CliError("no account has a password source (password_file or password_env) to sync with")
+        raise CliError("no account has a password source (password_file or password_env) or oauth2 to sync with")
     failures = 0
     tty = sys.stderr.isatty()
 
@@ -194,12 +195,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
         nonlocal failures
         for name in names:
             try:
-                result = await backend.sync_account(name, backend.passwords[name], progress=bar(name))
+                result = await backend.sync_account(name, backend.passwords.get(name), progress=bar(name))
             except MailboxBusy:
                 failures += 1
                 print(f"{name}: in use by a session or another sync; try again later", file=sys.stderr)
                 continue
-            except (UpstreamError, OSError, StateError) as exc:
+            except (UpstreamError, OSError, StateError, NeedsAuthorisation, TokenUnavailable) as exc:
                 failures += 1
                 print(f"{name}: sync failed: {exc}", file=sys.stderr)
                 continue

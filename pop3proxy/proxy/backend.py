@@ -135,7 +135,7 @@ class ProxyBackend(OAuthLogins, Backend):
         self._nursery = nursery
         if self.oauth.accounts:
             nursery.start_soon(self.oauth.run)
-        if self.passwords:
+        if self.passwords or self.oauth.accounts:
             nursery.start_soon(self._prefetch_loop)
 
     def _account(self, cache_id: str) -> _Account:
@@ -383,8 +383,9 @@ class ProxyBackend(OAuthLogins, Backend):
 
     # -- background prefetch ---------------------------------------------------------------------
 
-    async def sync_account(self, name: str, password: str, progress=None) -> SyncResult:
-        """One sync pass for a configured account (prefetch loop and ``pop3proxy sync``)."""
+    async def sync_account(self, name: str, password: str | None, progress=None) -> SyncResult:
+        """One sync pass for a configured account (prefetch loop and ``pop3proxy sync``); an OAuth2
+        account (`password` None) logs in with its token."""
         route = resolve(name, self.settings)
         account = self._account(route.cache_id)
         if account.session_active or account.sync_lock.locked():
@@ -392,10 +393,11 @@ class ProxyBackend(OAuthLogins, Backend):
         await account.acquire(session=False)
         try:
             async with account.sync_lock:
+                secret = await self.upstream_secret(route, password)
                 async with await connect(route.endpoint) as client:
-                    await client.login(route.remote_user, password)
-                    result = await self._sync(route, client, password, progress)
-            if not result.remaining:
+                    await client.login(route.remote_user, secret)
+                    result = await self._sync(route, client, secret, progress)
+            if not result.remaining and password is not None:
                 self._prefetched[route.cache_id] = time.monotonic()
                 log.info("prefetch of %r complete: logins with its configured password are served from "
                          "the cache until the next interval", route.cache_id)
@@ -405,11 +407,14 @@ class ProxyBackend(OAuthLogins, Backend):
 
     async def _prefetch_loop(self) -> None:
         while True:
-            for name, password in self.passwords.items():
+            accounts = {**{name: None for name in self.oauth.accounts}, **self.passwords}
+            for name, password in accounts.items():
                 try:
                     await self.sync_account(name, password)
                 except MailboxBusy:
                     pass
+                except (NeedsAuthorisation, TokenUnavailable) as exc:
+                    log.warning("prefetch of %r skipped: no OAuth2 token: %s", name, exc)
                 except UpstreamError as exc:
                     log.warning("prefetch of %r failed: %s", name, exc)
                 except (OSError, StateError) as exc:

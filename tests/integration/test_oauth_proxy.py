@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers.common import HOST, require_tool, write_config
+from helpers.common import HOST, require_tool, wait_for, write_config
 from helpers.proxy import Proxy, cached, retr_all, sample
 
 from pop3proxy.store.paths import user_dir
@@ -247,3 +247,20 @@ def test_login_throttle_applies_to_local_passwords(oauth_proxy):
         oauth_proxy.client(oauth_proxy.account, "local-pw")  # even the right one, for now
     assert b"[LOGIN-DELAY]" in info.value.args[0]
     assert token_file(oauth_proxy, oauth_proxy.account).is_file()
+
+
+def test_sync_command_fetches_an_oauth2_account_with_its_token(oauth_proxy, oauth_dovecot):
+    account = oauth_proxy.account
+    oauth_proxy.stop()
+    oauth_dovecot.deliver(account, sample(11))
+    done = cli("sync", "--account", account, "-c", str(oauth_proxy.config()))
+    assert done.returncode == 0, done.stderr
+    assert f"{account}: 1 new messages" in done.stdout
+    assert any(b"Subject: message 11" in m for m in cached(oauth_proxy, account))
+
+
+def test_service_prefetches_an_oauth2_account_without_any_login(oauth_proxy, oauth_dovecot):
+    account = oauth_proxy.account
+    oauth_dovecot.deliver(account, sample(12))
+    oauth_proxy.start()  # the prefetch loop's first pass runs at start
+    wait_for(lambda: any(b"Subject: message 12" in m for m in cached(oauth_proxy, account)), timeout=20)
