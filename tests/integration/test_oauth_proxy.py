@@ -264,3 +264,28 @@ def test_service_prefetches_an_oauth2_account_without_any_login(oauth_proxy, oau
     oauth_dovecot.deliver(account, sample(12))
     oauth_proxy.start()  # the prefetch loop's first pass runs at start
     wait_for(lambda: any(b"Subject: message 12" in m for m in cached(oauth_proxy, account)), timeout=20)
+
+
+def test_legacy_fetchmail_moves_the_mail_home_and_the_provider_deletes_it(oauth_proxy, oauth_dovecot, tmp_path):
+    """fetchmail (its default `auth any`, with XOAUTH2/OAUTHBEARER on offer) logs in with the local
+    password, fetches and deletes; the deletion reaches the OAuth2-only Dovecot with the token."""
+    fetchmail = require_tool("fetchmail", "fetchmail")
+    account = oauth_proxy.account
+    for i in (21, 22):
+        oauth_dovecot.deliver(account, sample(i))
+    outdir = tmp_path / "fetched"
+    outdir.mkdir()
+    deliver = tmp_path / "deliver.py"
+    deliver.write_text("import os, sys\nd = sys.argv[1]\n"
+                       "open(os.path.join(d, '%05d' % len(os.listdir(d))), 'wb').write(sys.stdin.buffer.read())\n")
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(f'poll {HOST} protocol pop3 port {oauth_proxy.process.port} user "{account}" password "local-pw"'
+                  f' nokeep fetchall no rewrite no stripcr\n mda "{sys.executable} {deliver} {outdir}"\n')
+    rc.chmod(0o600)
+    done = subprocess.run([fetchmail, "-f", str(rc), "--invisible", "--nosyslog", "--sslproto", "", "-d0", "-v",
+                           "--pidfile", str(tmp_path / "fm.pid")], capture_output=True, timeout=60,
+                          env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")
+    fetched = [path.read_bytes() for path in sorted(outdir.iterdir())]
+    assert len(fetched) == 2 and all(b"X-Filtered-By: pop3proxy" in m for m in fetched)
+    wait_for(lambda: oauth_dovecot.messages(account) == [], timeout=20)
