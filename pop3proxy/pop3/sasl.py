@@ -19,6 +19,8 @@ OAUTHBEARER = "OAUTHBEARER"
 MECHANISMS = (XOAUTH2, OAUTHBEARER)
 # The client's answer to an OAUTHBEARER error challenge (RFC 7628 3.2.3): base64 of ^A.
 OAUTHBEARER_ABORT = base64.b64encode(b"\x01").decode("ascii")
+# The server's error challenge when a bearer login fails (RFC 7628 3.2.2; Gmail's XOAUTH2 does the same).
+ERROR_CHALLENGE = base64.b64encode(b'{"status":"invalid_token","schemes":"bearer"}')
 
 
 class SaslError(ValueError):

@@ -163,9 +163,9 @@ class Session:
         bearer_auth: bool = False,
     ) -> None:
         self.max_bad_commands = max_bad_commands
-        # AUTH XOAUTH2 / OAUTHBEARER: the token is handed on as a `sasl.BearerToken` password.
-        self.mechanisms = ("PLAIN", *sasl.MECHANISMS) if bearer_auth else ("PLAIN",)
+        self.mechanisms = ("PLAIN", *sasl.MECHANISMS) if bearer_auth else ("PLAIN",)  # bearer: sasl.BearerToken
         self._mechanism = "PLAIN"
+        self._failure: bytes | None = None  # -ERR held back until the client answers an error challenge
         self.state = State.AUTHORIZATION
         self.stls_available = stls_available
         self.tls_active = tls_active
@@ -231,6 +231,9 @@ class Session:
     def login_failed(self, text: str = "invalid user name or password", code: str | None = "AUTH") -> list[Action]:
         self._expect(_Pending.LOGIN)
         self._user = None
+        if self._mechanism in sasl.MECHANISMS:  # RFC 7628 3.2.2: an error challenge, then -ERR
+            self._failure, self._pending = replies.err(text, code), _Pending.SASL
+            return [Send(replies.continuation(sasl.ERROR_CHALLENGE))]
         self.bad_commands += 1
         return self._maybe_close([Send(replies.err(text, code))])
 
@@ -327,7 +330,7 @@ class Session:
             return [Send(replies.multiline("SASL mechanisms follow", mechanisms))]
         if command.args[0].upper() not in self.mechanisms:
             return self._bad(replies.err(f"unsupported authentication mechanism {command.args[0][:40]}"))
-        self._mechanism = command.args[0].upper()
+        self._mechanism, self._failure = command.args[0].upper(), None
         if not self._login_allowed():
             return self._refuse_plaintext()
         if len(command.args) == 2:
@@ -336,6 +339,9 @@ class Session:
         return [Send(replies.continuation())]
 
     def _sasl_response(self, data: bytes) -> list[Action]:
+        if self._failure is not None:  # the client's answer to the error challenge
+            failure, self._failure, self._mechanism = self._failure, None, "PLAIN"
+            return self._bad(failure)
         data = data.strip(b" ")
         if data == b"*":
             return self._bad(replies.err("authentication cancelled", "AUTH"))
@@ -365,6 +371,7 @@ class Session:
         return self._authenticate(authcid, password, "PLAIN")
 
     def _authenticate(self, user: str, password: str, mechanism: str) -> list[Action]:
+        self._mechanism = mechanism
         if "\x00" in user or "\x00" in password:
             self._user = None
             return self._bad(replies.err("invalid user name or password", "AUTH"))

@@ -176,11 +176,14 @@ def test_bearer_pass_through_with_poplib(server_process, tmp_path, oauth_dovecot
     [message] = retr_all(client)
     client.quit()
     assert b"Subject: message 2" in message
-    # A bad token: the provider's refusal reaches the client as -ERR [AUTH].
+    # A bad token: the provider's refusal reaches the client as an error challenge (RFC 7628), then
+    # -ERR [AUTH] once the client has answered it.
     client = poplib.POP3(HOST, proxy.process.port, timeout=30)
     client._shortcmd(f"AUTH {mechanism}")
+    challenge = client._shortcmd(base64.b64encode(raw.replace(token, "bogus-token").encode()).decode())
+    assert challenge.startswith(b"+ ")
     with pytest.raises(poplib.error_proto) as info:
-        client._shortcmd(base64.b64encode(raw.replace(token, "bogus-token").encode()).decode())
+        client._shortcmd("AQ==" if mechanism == "OAUTHBEARER" else "")
     assert b"[AUTH]" in info.value.args[0]
     proxy.stop()
 

@@ -63,3 +63,21 @@ def test_bearer_auth_needs_tls_like_plain():
     session = s.Session(bearer_auth=True, plaintext_auth=False, stls_available=True)
     out, actions = run(session, b"AUTH XOAUTH2 " + sasl.xoauth2("a", "t").encode() + b"\r\n")
     assert out.startswith(b"-ERR [AUTH] plaintext authentication disallowed") and not actions
+
+
+@pytest.mark.parametrize("mechanism,answer", [("OAUTHBEARER", b"AQ=="), ("XOAUTH2", b"")])
+def test_refused_token_gets_an_error_challenge_then_err(mechanism, answer):
+    session = s.Session(bearer_auth=True)
+    response = sasl.xoauth2("a", "bad") if mechanism == "XOAUTH2" else sasl.oauthbearer("a", "bad", "h", 110)
+    _, [auth] = run(session, f"AUTH {mechanism} {response}\r\n".encode())
+    [challenge] = session.login_failed("invalid token", "AUTH")
+    assert challenge.data.startswith(b"+ ")
+    assert sasl.error_challenge(challenge.data[2:].decode())["status"] == "invalid_token"
+    out, actions = run(session, answer + b"\r\n")
+    assert out == b"-ERR [AUTH] invalid token\r\n" and not actions
+    assert session.bad_commands == 1
+    # The session goes on; a later USER/PASS failure is a plain -ERR again.
+    run(session, b"USER a\r\n")
+    _, [auth] = run(session, b"PASS b\r\n")
+    [reply] = session.login_failed()
+    assert reply.data.startswith(b"-ERR")
