@@ -13,6 +13,9 @@ Fixtures:
   server, so tests never see each other's mail. Everything else (host, port, tls_port, ca, ca_file,
   client_context(), add_user(), maildir(), deliver(), messages(), log_text()) is the server's.
 
+``Dovecot(oauth2={...})`` makes an OAuth2-only server instead (passdb oauth2 with those settings,
+SASL XOAUTH2 and OAUTHBEARER); helpers.oauth_server starts one next to a real authorization server.
+
 Dovecot is installed with ``.ci/install-dovecot.sh``; when the binary is missing the fixtures fail
 with a message saying so. The server must be started as root: it creates the mail user and lets
 Dovecot drop privileges to it.
