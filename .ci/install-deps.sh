@@ -13,9 +13,14 @@ command -v fetchmail >/dev/null || missing+=(fetchmail)
 command -v mutt >/dev/null || missing+=(mutt)
 command -v swaks >/dev/null || missing+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# The OAuth2 authorization server of the tests (oidc-provider) runs on node.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 $SUDO bash "$here/install-dovecot.sh"
 $SUDO bash "$here/install-filters.sh"
+# oidc-provider, pinned by tests/helpers/oidc/package-lock.json.
+(cd "$here/../tests/helpers/oidc" && npm ci --no-audit --no-fund --loglevel=error)

@@ -99,15 +99,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_adduser(args: argparse.Namespace) -> int:
-    from pop3proxy.proxy.credentials import UsersFileError, set_password
-
-    users_file = args.users_file
-    if users_file is None:
-        settings = _settings(args)
-        users_file = settings.local.users_file
-        if users_file is None:
-            raise CliError("no users file: pass --users-file or set local.users_file", EXIT_USAGE)
+def _ask_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -118,6 +110,43 @@ def cmd_adduser(args: argparse.Namespace) -> int:
             raise CliError("the passwords differ; nothing changed")
     if not password:
         raise CliError("empty password refused; nothing changed", EXIT_USAGE)
+    return password
+
+
+def _oauth_passwd(args: argparse.Namespace, settings: Settings) -> int:
+    """The local password a legacy client logs in with to an OAuth2 account (the token stays)."""
+    from pop3proxy.proxy.oauth import set_local_password
+
+    password = _ask_password(args)
+    try:
+        set_local_password(settings.cache.root, args.name, password)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"cannot set the password of {args.name}: {exc}") from None
+    print(f"local password set for the OAuth2 account {args.name}")
+    return 0
+
+
+def cmd_oauth(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("warning")
+    from pop3proxy.proxy.oauth.cli import oauth_command
+
+    return oauth_command(settings, args)
+
+
+def cmd_adduser(args: argparse.Namespace) -> int:
+    from pop3proxy.proxy.credentials import UsersFileError, set_password
+
+    users_file = args.users_file
+    if users_file is None:
+        settings = _settings(args)
+        oauth_account = settings.accounts.get(args.name)
+        if args.command == "passwd" and oauth_account is not None and oauth_account.oauth2 is not None:
+            return _oauth_passwd(args, settings)
+        users_file = settings.local.users_file
+        if users_file is None:
+            raise CliError("no users file: pass --users-file or set local.users_file", EXIT_USAGE)
+    password = _ask_password(args)
     try:
         set_password(Path(users_file), args.name, password)
     except (UsersFileError, OSError) as exc:
@@ -138,6 +167,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from pop3proxy.app import build_backend
     from pop3proxy.errors import StartupError
     from pop3proxy.net.endpoint import UpstreamError
+    from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenUnavailable
     from pop3proxy.store.locks import MailboxBusy
     from pop3proxy.store.state import StateError
 
@@ -145,9 +175,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         backend = build_backend(settings)
     except StartupError as exc:
         raise CliError(str(exc)) from None
-    names = [name for name in names if name in backend.passwords]
+    names = [name for name in names if name in backend.passwords or name in backend.oauth]
     if not names:
-        raise CliError("no account has a password source (password_file or password_env) to sync with")
+        raise CliError("no account has a password source (password_file or password_env) or oauth2 to sync with")
     failures = 0
     tty = sys.stderr.isatty()
 
@@ -165,12 +195,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
         nonlocal failures
         for name in names:
             try:
-                result = await backend.sync_account(name, backend.passwords[name], progress=bar(name))
+                result = await backend.sync_account(name, backend.passwords.get(name), progress=bar(name))
             except MailboxBusy:
                 failures += 1
                 print(f"{name}: in use by a session or another sync; try again later", file=sys.stderr)
                 continue
-            except (UpstreamError, OSError, StateError) as exc:
+            except (UpstreamError, OSError, StateError, NeedsAuthorisation, TokenUnavailable) as exc:
                 failures += 1
                 print(f"{name}: sync failed: {exc}", file=sys.stderr)
                 continue
@@ -366,8 +396,24 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(sub.add_parser("status", help="per account: last sync, cached, held and queued mail"))
     status.set_defaults(func=cmd_status)
 
+    oauth = sub.add_parser("oauth", help="authorise OAuth2 accounts and show their tokens' state")
+    oauth_actions = oauth.add_subparsers(dest="oauth_action", metavar="ACTION", required=True)
+    login = with_config(oauth_actions.add_parser("login", help="get the first token for an account (once)"))
+    login.add_argument("account", help="an [accounts] entry with an oauth2 table")
+    login.add_argument("--flow", choices=["device", "code", "client_credentials"],
+                       help="device code (default when the account has a device_url), authorization code with "
+                            "PKCE and a redirect to 127.0.0.1, or client credentials (grant = client_credentials)")
+    login.add_argument("--port", type=int, default=0, help="port of the one-shot redirect listener (default: any free)")
+    login.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the user (default 300)")
+    login.set_defaults(func=cmd_oauth)
+    ostatus = with_config(oauth_actions.add_parser("status", help="each OAuth2 account's token state and expiry"))
+    ostatus.add_argument("--json", action="store_true", help="machine-readable output")
+    ostatus.set_defaults(func=cmd_oauth)
+
     for name in ("adduser", "passwd"):
-        add = with_config(sub.add_parser(name, help="add a local user or change its password (standalone mode)"))
+        text = ("add a local user or change its password (standalone mode)" if name == "adduser" else
+                "change a local user's password, or set an OAuth2 account's local password")
+        add = with_config(sub.add_parser(name, help=text))
         add.add_argument("name", help="user name")
         add.add_argument("--users-file", type=Path, help="users file (default: local.users_file)")
         add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")

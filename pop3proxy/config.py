@@ -30,6 +30,7 @@ from pydantic_settings import (
 from pop3proxy.errors import ConfigError
 
 SECRET_KEYS = frozenset({"password", "secret", "token"})
+_NOT_SECRET = frozenset({"password_file", "password_env", "client_secret_file", "token_url"})
 
 
 class _Section(BaseModel):
@@ -93,6 +94,69 @@ class RouteSettings(_Section):
     smtp_tls: Literal["implicit", "starttls", "none"] | None = None
 
 
+# Endpoints and scopes of the providers known by name (`[accounts."name".oauth2] provider = ...`).
+# `{tenant}` is the Microsoft Entra tenant (`tenant`, default "common"; a service principal needs its own).
+OAUTH2_PRESETS: dict[str, dict[str, Any]] = {
+    "microsoft": {
+        "authorization_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
+        "token_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        "device_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+        "scopes": ["https://outlook.office.com/POP.AccessAsUser.All", "offline_access"],
+        "service_scopes": ["https://outlook.office365.com/.default"],
+    },
+    "google": {
+        "authorization_url": "https://accounts.google.com/o/oauth2/v2/auth",
+        "token_url": "https://oauth2.googleapis.com/token",
+        "device_url": "https://oauth2.googleapis.com/device/code",
+        "scopes": ["https://mail.google.com/"],
+        "service_scopes": ["https://mail.google.com/"],
+    },
+}
+
+
+class OAuth2Settings(_Section):
+    provider: Literal["microsoft", "google"] | None = Field(
+        None, description="Preset endpoints and scopes; without it, token_url is required.")
+    tenant: str = Field("common", description="Microsoft tenant (directory) name or id.")
+    client_id: str = Field(description="The OAuth2 client (application) id registered with the provider.")
+    client_secret: str | None = Field(None, description="Client secret, for confidential clients.")
+    client_secret_file: Path | None = Field(None, description="File holding the client secret (mode 0600).")
+    grant: Literal["user", "client_credentials"] = Field(
+        "user", description="user: a person authorises once (device or browser flow); client_credentials: a service principal.")
+    token_url: str | None = None
+    authorization_url: str | None = None
+    device_url: str | None = None
+    scopes: list[str] | None = Field(None, description="Scopes to ask for (default: the preset's).")
+    refresh_margin: float = Field(300.0, ge=0, description="Seconds before expiry at which a token is refreshed.")
+    retry_max: float = Field(300.0, gt=0, description="Longest wait between retries of a refresh that failed transiently.")
+    timeout: float = Field(30.0, gt=0, description="Seconds an authorization-server request may take.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "OAuth2Settings":
+        if self.client_secret is not None and self.client_secret_file is not None:
+            raise ValueError("give client_secret or client_secret_file, not both")
+        if self.provider is None and not self.token_url:
+            raise ValueError("token_url is required without a provider preset")
+        if self.grant == "client_credentials" and self.client_secret is None and self.client_secret_file is None:
+            raise ValueError("the client_credentials grant needs client_secret or client_secret_file")
+        return self
+
+    def endpoint(self, name: str) -> str | None:
+        """token_url / authorization_url / device_url: the account's own, else the preset's."""
+        value = getattr(self, name)
+        if value is None and self.provider is not None:
+            value = OAUTH2_PRESETS[self.provider][name].format(tenant=self.tenant)
+        return value
+
+    def effective_scopes(self) -> list[str]:
+        if self.scopes is not None:
+            return list(self.scopes)
+        if self.provider is None:
+            return []
+        key = "service_scopes" if self.grant == "client_credentials" else "scopes"
+        return list(OAUTH2_PRESETS[self.provider][key])
+
+
 class AccountSettings(_Section):
     host: str | None = Field(None, description="Provider for this user (default: [upstream]).")
     port: int | None = Field(None, ge=1, le=65535)
@@ -103,6 +167,8 @@ class AccountSettings(_Section):
     smtp_host: str | None = Field(None, description="Submission server for this user (default: [smtp.upstream]).")
     smtp_port: int | None = Field(None, ge=1, le=65535)
     smtp_tls: Literal["implicit", "starttls", "none"] | None = None
+    oauth2: OAuth2Settings | None = Field(
+        None, description="Log in to the provider with OAuth2; the client logs in with a local password (`pop3proxy passwd`).")
 
 
 class CacheSettings(_Section):
@@ -266,7 +332,7 @@ def masked(settings: Settings) -> dict[str, Any]:
             return {k: mask(v, k) for k, v in value.items()}
         if isinstance(value, list):
             return [mask(v, key) for v in value]
-        if any(secret in key.lower() for secret in SECRET_KEYS) and key not in ("password_file", "password_env"):
+        if any(secret in key.lower() for secret in SECRET_KEYS) and key not in _NOT_SECRET:
             return "***" if value not in (None, "") else value
         if isinstance(value, Path):
             return str(value)

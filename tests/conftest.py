@@ -43,3 +43,4 @@ def server_process() -> Iterator[type[ServerProcess]]:
     yield Tracked
     for proc in made:
         proc.stop()
+from helpers.oauth_server import oauth_dovecot, oidc_server, short_oidc  # noqa: F401,E402  (fixtures)

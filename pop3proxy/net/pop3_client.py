@@ -1,5 +1,5 @@
 """The POP3 client towards a provider (trio): connect (implicit TLS, STLS or none, verified),
-log in (USER/PASS, AUTH PLAIN, APOP), list, fetch and delete. Every read is under a deadline
+log in (USER/PASS, AUTH PLAIN, APOP; an OAuth2 bearer token with XOAUTH2 or OAUTHBEARER), list, fetch and delete. Every read is under a deadline
 and trio's errors are mapped to `UpstreamError`s.
 """
 
@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import trio
 
+from pop3proxy.net.bearer_login import BearerLoginMixin
 from pop3proxy.net.endpoint import (
     _IO_ERRORS,
     Endpoint,
@@ -38,6 +39,7 @@ from pop3proxy.pop3.commands import MAX_COMMAND_LINE
 from pop3proxy.pop3.dotstuff import to_crlf
 from pop3proxy.pop3.errors import RemoteProtocolError
 from pop3proxy.pop3.framing import NEED_DATA, Data, EndOfData, Status
+from pop3proxy.pop3.sasl import BearerToken
 
 log = logging.getLogger("pop3proxy.upstream")
 _T = TypeVar("_T")
@@ -82,7 +84,7 @@ async def connect(endpoint: Endpoint) -> UpstreamClient:
     return client
 
 
-class UpstreamClient:
+class UpstreamClient(BearerLoginMixin):
     """One POP3 session with the provider. Use `connect` to make one.
 
     One command at a time. After an `UpstreamUnavailable`, a cancellation or an exception
@@ -222,7 +224,7 @@ class UpstreamClient:
             raise self._unavailable("reply out of step with its command")
         return event
 
-    async def _request(self, command: str, *args: str | int, sink: Sink | None = None) -> Status:
+    async def _request(self, command: str, *args: str | int, sink: Sink | None = None, sasl: bool = False) -> Status:
         """Send one command and read its reply; a multi-line body is handed to `sink`.
 
         Any failure in between (including cancellation and a sink's exception) leaves the
@@ -234,7 +236,7 @@ class UpstreamClient:
             raise self._unavailable("the provider sent data nobody asked for")
         finished = False
         try:
-            await self._send(self._conn.send(command, *args))
+            await self._send(self._conn.send(command, *args, sasl=sasl))
             reply = await self._reply()
             if self._conn.pending:  # the positive status line of a multi-line reply
                 if sink is None:
@@ -301,6 +303,8 @@ class UpstreamClient:
         (``-ERR`` to USER, before the password was sent): once the provider has refused the
         credentials no other method is tried, as each try counts as a failed login there.
         """
+        if isinstance(password, BearerToken):
+            return await self.login_bearer(user, password)
         if not user or any(c in user + password for c in "\r\n\0"):
             raise UpstreamAuthError(
                 f"{self.endpoint.where}: the user name or password holds a line break or NUL", "AUTH"
@@ -340,7 +344,7 @@ class UpstreamClient:
         else:  # too long for an initial response (RFC 5034): wait for the empty challenge
             reply = await self._request("AUTH", "PLAIN")
             if reply.continuation:
-                reply = await self._request(response)
+                reply = await self._request(response, sasl=True)
         if reply.continuation:
             raise self._unavailable("unexpected SASL challenge from the provider")
         if not reply.ok:

@@ -95,6 +95,7 @@ class _Connection:
             plaintext_auth=plaintext,
             greeting=self.config.greeting,
             max_bad_commands=self.config.max_bad_commands,
+            bearer_auth=getattr(state.backend, "accepts_bearer", False),
         )
         self.out: list[bytes] = []
         self.maildrop: Maildrop | None = None

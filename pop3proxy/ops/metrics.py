@@ -58,6 +58,16 @@ SMTP_MESSAGES = Counter(
     registry=REGISTRY,
 )
 
+OAUTH2_NEEDS_AUTHORISATION = Gauge(
+    "pop3proxy_oauth2_needs_authorisation",
+    "1 for an OAuth2 account whose grant the authorization server refused (run `pop3proxy oauth login`).",
+    ["account"], registry=REGISTRY,
+)
+OAUTH2_REFRESHES = Counter(
+    "pop3proxy_oauth2_refreshes", "OAuth2 token refreshes by result (ok, transient, invalid_grant).",
+    ["result"], registry=REGISTRY,
+)
+
 _LOGIN_RESULTS = frozenset({"ok", "failed", "offline", "unavailable", "error"})
 _TOKEN = re.compile(r"[a-z0-9_.-]+")
 
@@ -120,5 +130,10 @@ def filter_error(filter_name: str) -> None:
     FILTER_ERRORS.labels(filter=_token(filter_name, "unnamed", 64)).inc()
 
 
+def oauth2_state(account: str, needs_authorisation: bool) -> None:
+    """The account names come from the configuration only, so this label stays bounded."""
+    OAUTH2_NEEDS_AUTHORISATION.labels(account=account[:128]).set(1 if needs_authorisation else 0)
 
 
+def oauth2_refresh(result: str) -> None:
+    OAUTH2_REFRESHES.labels(result=result if result in ("ok", "transient", "invalid_grant") else "other").inc()

@@ -189,9 +189,34 @@ def format_status(accounts: list[AccountStatus], settings, now: float | None = N
             lines.append(f"  queued      {text}")
         else:
             lines.append("  queued      none")
+        oauth_line = _oauth2_line(settings, status.name, now)
+        if oauth_line:
+            lines.append(f"  oauth2      {oauth_line}")
         if status.problem:
             lines.append(f"  problem     {status.problem}")
     return "\n".join(lines)
+
+
+def _oauth2_line(settings, name: str, now: float) -> str:
+    """An OAuth2 account's token state (never the token), empty for password accounts."""
+    account = settings.accounts.get(name)
+    if account is None or account.oauth2 is None:
+        return ""
+    from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, load_tokens
+
+    try:
+        tokens = load_tokens(settings.cache.root, name)
+    except ValueError as exc:
+        return f"token file damaged: {exc}"
+    if tokens is None:
+        return f"not authorised yet: run `pop3proxy oauth login {name}`"
+    if tokens.state == NEEDS_AUTHORISATION:
+        return f"NEEDS AUTHORISATION: run `pop3proxy oauth login {name}` ({tokens.error})"
+    if tokens.valid_for(now) <= 0:
+        text = f"token expired {utc(tokens.expires_at)}"
+    else:
+        text = f"token valid until {utc(tokens.expires_at)}"
+    return text + (f", last error: {tokens.error}" if tokens.error else "")
 
 
 def status_command(settings, out: IO[str] | None = None) -> int:

@@ -27,14 +27,22 @@ class ClientConnection(ReplyReader):
         super().__init__()
         self.expect(False)
 
-    def send(self, command: str, *args: str | int) -> bytes:
-        """The command line to write; queues the right kind of reply."""
+    def send(self, command: str, *args: str | int, sasl: bool = False) -> bytes:
+        """The command line to write; queues the right kind of reply.
+
+        With `sasl`, `command` is a SASL response line (RFC 5034), which may be empty.
+        """
         if self.pending:
             raise LocalProtocolError("cannot send a command while a reply is pending")
         parts = [command, *(str(arg) for arg in args)]
         for part in parts:
             if any(c in part for c in "\r\n\0"):
                 raise LocalProtocolError(f"line break or NUL in command part {part!r}")
+        if sasl:
+            if args:
+                raise LocalProtocolError("a SASL response is a single line")
+            self.expect(False)
+            return command.encode("utf-8") + b"\r\n"
         if not command:
             raise LocalProtocolError("empty command")
         keyword = command.upper()

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, Union
 
-from pop3proxy.pop3 import replies
+from pop3proxy.pop3 import replies, sasl
 from pop3proxy.pop3.commands import MAX_AUTH_LINE, MAX_COMMAND_LINE, Command, parse_command, parse_number
 from pop3proxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from pop3proxy.pop3.framing import NEED_DATA, Line, LineReader, LineTooLong
@@ -81,7 +81,7 @@ class Authenticate:
 
     user: str
     password: str = field(repr=False)
-    mechanism: str  # "USER" or "PLAIN"
+    mechanism: str  # "USER", "PLAIN", "XOAUTH2" or "OAUTHBEARER" (password is then a sasl.BearerToken)
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,12 @@ class Session:
         plaintext_auth: bool = True,
         greeting: str = "pop3proxy ready",
         max_bad_commands: int = MAX_BAD_COMMANDS,
+        bearer_auth: bool = False,
     ) -> None:
         self.max_bad_commands = max_bad_commands
+        self.mechanisms = ("PLAIN", *sasl.MECHANISMS) if bearer_auth else ("PLAIN",)  # bearer: sasl.BearerToken
+        self._mechanism = "PLAIN"
+        self._failure: bytes | None = None  # -ERR held back until the client answers an error challenge
         self.state = State.AUTHORIZATION
         self.stls_available = stls_available
         self.tls_active = tls_active
@@ -227,6 +231,9 @@ class Session:
     def login_failed(self, text: str = "invalid user name or password", code: str | None = "AUTH") -> list[Action]:
         self._expect(_Pending.LOGIN)
         self._user = None
+        if self._mechanism in sasl.MECHANISMS:  # RFC 7628 3.2.2: an error challenge, then -ERR
+            self._failure, self._pending = replies.err(text, code), _Pending.SASL
+            return [Send(replies.continuation(sasl.ERROR_CHALLENGE))]
         self.bad_commands += 1
         return self._maybe_close([Send(replies.err(text, code))])
 
@@ -284,7 +291,7 @@ class Session:
         if self.state is State.AUTHORIZATION:
             if self._login_allowed():
                 caps.append("USER")
-                caps.append("SASL PLAIN")
+                caps.append("SASL " + " ".join(self.mechanisms))
             if self.stls_available and not self.tls_active:
                 caps.append("STLS")
         caps.append(f"IMPLEMENTATION {IMPLEMENTATION}")
@@ -319,10 +326,11 @@ class Session:
 
     def _cmd_auth(self, command: Command) -> list[Action]:
         if not command.args:
-            mechanisms = ["PLAIN"] if self._login_allowed() else []
+            mechanisms = list(self.mechanisms) if self._login_allowed() else []
             return [Send(replies.multiline("SASL mechanisms follow", mechanisms))]
-        if command.args[0].upper() != "PLAIN":
+        if command.args[0].upper() not in self.mechanisms:
             return self._bad(replies.err(f"unsupported authentication mechanism {command.args[0][:40]}"))
+        self._mechanism, self._failure = command.args[0].upper(), None
         if not self._login_allowed():
             return self._refuse_plaintext()
         if len(command.args) == 2:
@@ -331,9 +339,18 @@ class Session:
         return [Send(replies.continuation())]
 
     def _sasl_response(self, data: bytes) -> list[Action]:
+        if self._failure is not None:  # the client's answer to the error challenge
+            failure, self._failure, self._mechanism = self._failure, None, "PLAIN"
+            return self._bad(failure)
         data = data.strip(b" ")
         if data == b"*":
             return self._bad(replies.err("authentication cancelled", "AUTH"))
+        if self._mechanism != "PLAIN":
+            try:
+                login = sasl.parse(self._mechanism, data)
+            except sasl.SaslError as exc:
+                return self._bad(replies.err(f"{self._mechanism}: {exc}", "AUTH"))
+            return self._authenticate(login.user, sasl.BearerToken(login.token), self._mechanism)
         if data == b"=":
             data = b""
         try:
@@ -354,6 +371,7 @@ class Session:
         return self._authenticate(authcid, password, "PLAIN")
 
     def _authenticate(self, user: str, password: str, mechanism: str) -> list[Action]:
+        self._mechanism = mechanism
         if "\x00" in user or "\x00" in password:
             self._user = None
             return self._bad(replies.err("invalid user name or password", "AUTH"))

@@ -24,9 +24,12 @@ from pop3proxy.net.endpoint import (
 from pop3proxy.net.maildrop import Backend, Maildrop
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.ops import metrics
+from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.accounts import _Account, read_password_source
 from pop3proxy.proxy.credentials import hash_password, kdf_limiter, verify_password
 from pop3proxy.proxy.local import StoreMaildrop
+from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavailable
+from pop3proxy.proxy.oauth.logins import OAuthLogins
 from pop3proxy.proxy.routing import Route, resolve
 from pop3proxy.proxy.sync import SyncResult, delete_upstream, recover, sync_mailbox
 from pop3proxy.store import open_store
@@ -77,15 +80,17 @@ class ProxyMaildrop(StoreMaildrop):
             return uids
 
         uids = await trio.to_thread.run_sync(local)
-        if self.backend.settings.upstream.delete != "mirror" or not uids or self._password is None:
+        no_credentials = self._password is None and self.route.cache_id not in self.backend.oauth
+        if self.backend.settings.upstream.delete != "mirror" or not uids or no_credentials:
             return  # offline deletions reach the provider at the next online sync
         try:
             with trio.fail_after(self.backend.settings.upstream.timeout * 2):
+                secret = await self.backend.upstream_secret(self.route, self._password)
                 async with await connect(self.route.endpoint) as client:
-                    await client.login(self.route.remote_user, self._password)
+                    await client.login(self.route.remote_user, secret)
                     count = await delete_upstream(client, self.state, uids)
             log.info("deleted %d messages of %r upstream", count, self.route.cache_id)
-        except (UpstreamError, trio.TooSlowError) as exc:
+        except (UpstreamError, trio.TooSlowError, NeedsAuthorisation, TokenUnavailable) as exc:
             log.warning("upstream deletion for %r postponed to the next sync: %s", self.route.cache_id, exc)
 
     async def close(self) -> None:
@@ -105,7 +110,8 @@ class ProxyMaildrop(StoreMaildrop):
             self.state.close()
 
 
-class ProxyBackend(Backend):
+class ProxyBackend(OAuthLogins, Backend):
+    accepts_bearer = True  # AUTH XOAUTH2 / OAUTHBEARER tokens are passed upstream
     def __init__(self, settings: Settings, pipeline: Pipeline | None = None) -> None:
         self.settings = settings
         self.root = settings.cache.root
@@ -117,6 +123,8 @@ class ProxyBackend(Backend):
         self._memo: dict[tuple[str, str], bytes] = {}
         self._prefetched: dict[str, float] = {}  # cache id -> when its last complete prefetch ended
         self.passwords: dict[str, str] = {}
+        self.oauth = TokenManager(self.root, {
+            name: account.oauth2 for name, account in settings.accounts.items() if account.oauth2 is not None})
         for name, account in settings.accounts.items():
             password = read_password_source(name, account)
             if password is not None:
@@ -125,7 +133,9 @@ class ProxyBackend(Backend):
     def attach(self, nursery: trio.Nursery) -> None:
         """Give the backend a nursery for background syncs and the prefetch loop."""
         self._nursery = nursery
-        if self.passwords:
+        if self.oauth.accounts:
+            nursery.start_soon(self.oauth.run)
+        if self.passwords or self.oauth.accounts:
             nursery.start_soon(self._prefetch_loop)
 
     def _account(self, cache_id: str) -> _Account:
@@ -138,6 +148,10 @@ class ProxyBackend(Backend):
 
     async def login(self, user: str, password: str, peer: str) -> Maildrop:
         route = resolve(user, self.settings)
+        if isinstance(password, BearerToken):
+            return await self._bearer_login(route, password)
+        if route.cache_id in self.oauth:
+            return await self._oauth_login(route, password)
         if self._fresh_prefetch(route, password):
             return await self._cached_session(route, password, "")
         started = time.monotonic()
@@ -261,7 +275,7 @@ class ProxyBackend(Backend):
                 "synced %r: %d new (%d bytes), %d deleted upstream",
                 route.cache_id, result.fetched, result.fetched_bytes, result.deleted_upstream,
             )
-            if password is not None and self.settings.offline.enabled:
+            if password is not None and not isinstance(password, BearerToken) and self.settings.offline.enabled:
                 await trio.to_thread.run_sync(
                     self._remember_password, route.cache_id, state, password, limiter=kdf_limiter()
                 )
@@ -369,8 +383,9 @@ class ProxyBackend(Backend):
 
     # -- background prefetch ---------------------------------------------------------------------
 
-    async def sync_account(self, name: str, password: str, progress=None) -> SyncResult:
-        """One sync pass for a configured account (prefetch loop and ``pop3proxy sync``)."""
+    async def sync_account(self, name: str, password: str | None, progress=None) -> SyncResult:
+        """One sync pass for a configured account (prefetch loop and ``pop3proxy sync``); an OAuth2
+        account (`password` None) logs in with its token."""
         route = resolve(name, self.settings)
         account = self._account(route.cache_id)
         if account.session_active or account.sync_lock.locked():
@@ -378,10 +393,11 @@ class ProxyBackend(Backend):
         await account.acquire(session=False)
         try:
             async with account.sync_lock:
+                secret = await self.upstream_secret(route, password)
                 async with await connect(route.endpoint) as client:
-                    await client.login(route.remote_user, password)
-                    result = await self._sync(route, client, password, progress)
-            if not result.remaining:
+                    await client.login(route.remote_user, secret)
+                    result = await self._sync(route, client, secret, progress)
+            if not result.remaining and password is not None:
                 self._prefetched[route.cache_id] = time.monotonic()
                 log.info("prefetch of %r complete: logins with its configured password are served from "
                          "the cache until the next interval", route.cache_id)
@@ -391,11 +407,14 @@ class ProxyBackend(Backend):
 
     async def _prefetch_loop(self) -> None:
         while True:
-            for name, password in self.passwords.items():
+            accounts = {**{name: None for name in self.oauth.accounts}, **self.passwords}
+            for name, password in accounts.items():
                 try:
                     await self.sync_account(name, password)
                 except MailboxBusy:
                     pass
+                except (NeedsAuthorisation, TokenUnavailable) as exc:
+                    log.warning("prefetch of %r skipped: no OAuth2 token: %s", name, exc)
                 except UpstreamError as exc:
                     log.warning("prefetch of %r failed: %s", name, exc)
                 except (OSError, StateError) as exc:

@@ -13,6 +13,9 @@ Fixtures:
   server, so tests never see each other's mail. Everything else (host, port, tls_port, ca, ca_file,
   client_context(), add_user(), maildir(), deliver(), messages(), log_text()) is the server's.
 
+``Dovecot(oauth2={...})`` makes an OAuth2-only server instead (passdb oauth2 with those settings,
+SASL XOAUTH2 and OAUTHBEARER); helpers.oauth_server starts one next to a real authorization server.
+
 Dovecot is installed with ``.ci/install-dovecot.sh``; when the binary is missing the fixtures fail
 with a message saying so. The server must be started as root: it creates the mail user and lets
 Dovecot drop privileges to it.
@@ -131,7 +134,7 @@ ssl_cert = <{root}/cert.pem
 ssl_key = <{root}/key.pem
 ssl_min_protocol = TLSv1.2
 
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 disable_plaintext_auth = no
 auth_verbose = yes
 auth_failure_delay = {auth_failure_delay}
@@ -149,10 +152,7 @@ default_process_limit = 2000
 default_client_limit = 8000
 mail_max_userip_connections = 100
 
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN {root}/passwd
-}}
+{passdb}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/mail/%u
@@ -178,6 +178,19 @@ service pop3-login {{
 }}
 """
 
+_PASSWD_PASSDB = """\
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {root}/passwd
+}}"""
+
+_OAUTH2_PASSDB = """\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {conf}
+}}"""
+
 
 class Dovecot:
     """One Dovecot POP3 server, run in the foreground as a child process.
@@ -198,7 +211,11 @@ class Dovecot:
         attempts: int = 5,
         pool_size: int = 40,
         stop_timeout: float = 2.0,
+        oauth2: dict[str, str] | None = None,
     ) -> None:
+        # With `oauth2` (settings of Dovecot's oauth2 passdb, e.g. introspection_url), logins are
+        # OAuth2-only: SASL XOAUTH2 and OAUTHBEARER checked by the authorization server.
+        self.oauth2 = oauth2
         self.auth_failure_delay = auth_failure_delay
         self.pick_port = pick_port
         self.start_timeout = start_timeout
@@ -295,7 +312,18 @@ class Dovecot:
 
     def _write_config(self) -> None:
         assert self.root is not None and self._mail_user is not None
+        if self.oauth2 is None:
+            mechanisms = "plain login"
+            passdb = _PASSWD_PASSDB.format(root=self.root)
+        else:
+            mechanisms = "xoauth2 oauthbearer"
+            conf = self.root / "oauth2.conf.ext"
+            conf.write_text("".join(f"{key} = {value}\n" for key, value in self.oauth2.items()))
+            conf.chmod(0o644)
+            passdb = _OAUTH2_PASSDB.format(conf=conf)
         text = _CONFIG.format(
+            mechanisms=mechanisms,
+            passdb=passdb,
             root=self.root,
             instance=self.root.name,
             host=HOST,

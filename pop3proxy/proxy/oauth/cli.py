@@ -1,0 +1,49 @@
+"""``pop3proxy oauth login ACCOUNT`` and ``pop3proxy oauth status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pop3proxy.config import OAuth2Settings, Settings
+from pop3proxy.proxy.oauth import flows, login
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def oauth_accounts(settings: Settings) -> dict[str, OAuth2Settings]:
+    return {name: account.oauth2 for name, account in settings.accounts.items() if account.oauth2 is not None}
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def oauth_command(settings: Settings, args: argparse.Namespace) -> int:
+    accounts = oauth_accounts(settings)
+    root = settings.cache.root
+    if args.oauth_action == "status":
+        rows = login.status(root, accounts)
+        print(json.dumps(rows, indent=1) if args.json else login.format_status(rows))
+        return 0
+    oauth = accounts.get(args.account)
+    if oauth is None:
+        print(f"pop3proxy: {args.account!r} is not an [accounts] entry with an oauth2 table", file=sys.stderr)
+        return EXIT_USAGE
+    flow = args.flow
+    if flow is None:
+        if oauth.grant == "client_credentials":
+            flow = "client_credentials"
+        else:
+            flow = "device" if oauth.endpoint("device_url") else "code"
+    try:
+        login.login(root, args.account, oauth, flow, _print, port=args.port, timeout=args.timeout)
+    except flows.OAuthFailure as exc:
+        print(f"pop3proxy: oauth login {args.account}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, ValueError) as exc:
+        print(f"pop3proxy: oauth login {args.account}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
