@@ -1,0 +1,201 @@
+"""The architecture is checked, not just drawn.
+
+- every import-linter contract in pyproject.toml is kept, and an upward import breaks it;
+- no import cycle between modules, counting imports inside functions;
+- no module over 500 lines;
+- the core reaches the built-in filters only through entry points, and nobody outside a filter's
+  package imports its private modules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "pop3proxy"
+FILTERS = ROOT / "filters"
+MAX_LINES = 500
+
+CONTRACT_LINE = re.compile(r"^(?P<name>.+?) (?P<status>KEPT|BROKEN)$", re.MULTILINE)
+
+
+def contract_names() -> list[str]:
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return [contract["name"] for contract in config["tool"]["importlinter"]["contracts"]]
+
+
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` over the project in *cwd* (its pyproject.toml, its pop3proxy/), no cache."""
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())",
+         "--no-cache"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def graph() -> grimp.ImportGraph:
+    # grimp reads every import statement, including those inside functions; imports guarded by
+    # ``if TYPE_CHECKING:`` never run, so they cannot form a cycle at run time.
+    return grimp.build_graph("pop3proxy", exclude_type_checking_imports=True, cache_dir=None)
+
+
+def test_every_import_contract_is_kept():
+    names = contract_names()
+    assert names, "pyproject.toml declares no import-linter contract"
+    result = lint_imports(ROOT)
+    output = result.stdout + result.stderr
+    statuses = {m["name"]: m["status"] for m in CONTRACT_LINE.finditer(output)}
+    assert result.returncode == 0, output
+    assert statuses == {name: "KEPT" for name in names}, output
+
+
+def copy_project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", project / "pyproject.toml")
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(FILTERS, project / "filters", ignore=ignore)
+    # pop3proxy/filters is a symlink to ../filters in a checkout; copied as a link it points at the copy.
+    shutil.copytree(PACKAGE, project / "pop3proxy", symlinks=True, ignore=ignore)
+    return project
+
+
+def add_function_import(module: Path, statement: str) -> None:
+    """Append a function whose body imports upward (function-level imports count)."""
+    text = module.read_text()
+    module.write_text(text + f"\n\ndef _upward_import_for_the_test():\n    {statement}\n")
+
+
+def test_an_upward_import_breaks_the_layers_contract(tmp_path):
+    project = copy_project(tmp_path)
+    add_function_import(project / "pop3proxy" / "pop3" / "commands.py", "from pop3proxy import app")
+    add_function_import(project / "pop3proxy" / "store" / "maildir.py", "from pop3proxy.net import pop3_server")
+    result = lint_imports(project)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Layers: imports only go down BROKEN" in output, output
+    assert "pop3proxy.pop3.commands -> pop3proxy.app" in output, output
+    assert "pop3proxy.store.maildir -> pop3proxy.net.pop3_server" in output, output
+
+
+def test_trio_in_the_sans_io_core_breaks_its_contract(tmp_path):
+    project = copy_project(tmp_path)
+    add_function_import(project / "pop3proxy" / "pop3" / "framing.py", "import trio")
+    result = lint_imports(project)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "The POP3 core is sans-IO: no trio, os, socket or ssl BROKEN" in output, output
+    assert "pop3proxy.pop3.framing -> trio" in output, output
+
+
+def strongly_connected_components(nodes: set[str], edges: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iterative (no recursion limit); components of one node without a self-loop
+    are left out."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    components: list[list[str]] = []
+    counter = 0
+    for start in sorted(nodes):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(edges.get(start, ()))))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges.get(child, ())))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1 or node in edges.get(node, ()):
+                        components.append(sorted(component))
+    return components
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert sorted(strongly_connected_components(set(edges), edges)) == [["a", "b", "c"], ["e"]]
+
+
+def test_no_import_cycle_between_modules():
+    g = graph()
+    nodes = set(g.modules)
+    edges = {module: g.find_modules_directly_imported_by(module) & nodes for module in nodes}
+    cycles = strongly_connected_components(nodes, edges)
+    report = "\n".join(" <-> ".join(cycle) for cycle in cycles)
+    print(report)
+    assert cycles == [], f"import cycles (counting imports inside functions):\n{report}"
+
+
+def test_no_module_over_500_lines():
+    too_long = {}
+    for folder in (PACKAGE, FILTERS):
+        for path in folder.rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LINES:
+                too_long[str(path.relative_to(ROOT))] = lines
+    assert too_long == {}, f"modules over {MAX_LINES} lines: {too_long}"
+
+
+def test_the_core_reaches_builtin_filters_only_through_entry_points():
+    g = graph()
+    core = {m for m in g.modules if not (m == "pop3proxy.filters" or m.startswith("pop3proxy.filters."))}
+    filters = set(g.modules) - core
+    assert "pop3proxy.filters.spam" in filters
+    offending = sorted(
+        f"{importer} -> {imported}"
+        for importer in core
+        for imported in g.find_modules_directly_imported_by(importer) & filters
+    )
+    assert offending == [], offending
+
+
+def test_no_private_filter_module_is_imported_from_outside_its_package():
+    g = graph()
+    offending = []
+    for module in g.modules:
+        parts = module.split(".")
+        private = [i for i, part in enumerate(parts) if part.startswith("_") and not part.startswith("__")]
+        if not private:
+            continue
+        package = ".".join(parts[: private[0]])
+        for importer in g.find_modules_that_directly_import(module):
+            if importer != package and not importer.startswith(package + "."):
+                offending.append(f"{importer} -> {module}")
+    assert offending == [], offending
+    assert g.find_modules_that_directly_import("pop3proxy.filters._bayes"), "the check saw no importer at all"
