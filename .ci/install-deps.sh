@@ -13,6 +13,8 @@ command -v fetchmail >/dev/null || missing+=(fetchmail)
 command -v mutt >/dev/null || missing+=(mutt)
 command -v swaks >/dev/null || missing+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# the packaging test installs the wheel in a fresh venv
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -68,7 +68,10 @@ def wheel(tmp_path_factory) -> Path:
 def venv(wheel: Path, tmp_path_factory) -> Path:
     """A fresh venv (no system site packages) with the wheel installed, its dependencies from the index."""
     root = tmp_path_factory.mktemp("venv") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=120, env=clean_env())
+    made = subprocess.run([sys.executable, "-m", "venv", str(root)], capture_output=True, text=True, timeout=120,
+                          env=clean_env())
+    if made.returncode != 0:
+        pytest.fail(f"python3 -m venv failed (apt-get install python3-venv; see .ci/install-deps.sh):\n{made.stderr}")
     pip_or_fail([str(root / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
                 "installing the wheel in a fresh venv", timeout=600)
     return root
