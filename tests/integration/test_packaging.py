@@ -43,7 +43,9 @@ def clean_env() -> dict[str, str]:
 
 def pip_or_fail(args: list[str], what: str, timeout: float) -> subprocess.CompletedProcess:
     try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT)
+        result = subprocess.run(
+            args, check=False, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{what}: pip did not finish in {timeout:.0f} s (is the package index reachable?)")
     if result.returncode != 0:
@@ -57,8 +59,11 @@ def pip_or_fail(args: list[str], what: str, timeout: float) -> subprocess.Comple
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    pip_or_fail([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
-                "building the wheel", timeout=300)
+    pip_or_fail(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        "building the wheel",
+        timeout=300,
+    )
     wheels = list(out.glob("pop3proxy-*.whl"))
     assert len(wheels) == 1, sorted(p.name for p in out.iterdir())
     return wheels[0]
@@ -68,12 +73,21 @@ def wheel(tmp_path_factory) -> Path:
 def venv(wheel: Path, tmp_path_factory) -> Path:
     """A fresh venv (no system site packages) with the wheel installed, its dependencies from the index."""
     root = tmp_path_factory.mktemp("venv") / "venv"
-    made = subprocess.run([sys.executable, "-m", "venv", str(root)], capture_output=True, text=True, timeout=120,
-                          env=clean_env())
+    made = subprocess.run(
+        [sys.executable, "-m", "venv", str(root)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
     if made.returncode != 0:
         pytest.fail(f"python3 -m venv failed (apt-get install python3-venv; see .ci/install-deps.sh):\n{made.stderr}")
-    pip_or_fail([str(root / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
-                "installing the wheel in a fresh venv", timeout=600)
+    pip_or_fail(
+        [str(root / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        "installing the wheel in a fresh venv",
+        timeout=600,
+    )
     return root
 
 
@@ -103,8 +117,9 @@ def test_fresh_venv_imports_the_installed_package_only(venv: Path, tmp_path):
         "print(pop3proxy.__file__); print(importlib.util.find_spec('filters')); "
         "print(int(sys.prefix != sys.base_prefix))"
     )
-    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, env=clean_env(),
-                            cwd=tmp_path)
+    result = subprocess.run(
+        [python, "-c", probe], check=False, capture_output=True, text=True, timeout=60, env=clean_env(), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     location, filters_spec, in_venv = result.stdout.split("\n")[:3]
     assert Path(location).resolve().is_relative_to(venv.resolve()), location
@@ -121,8 +136,14 @@ def read_lines(stream, lines: queue.Queue) -> None:
 def test_installed_demo_serves_sample_mail_with_its_filters(venv: Path, tmp_path):
     workdir = tmp_path / "empty"
     workdir.mkdir()
-    proc = subprocess.Popen([str(venv / "bin" / "pop3proxy"), "demo", "--port", "0"], cwd=workdir,
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(venv / "bin" / "pop3proxy"), "demo", "--port", "0"],
+        cwd=workdir,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
