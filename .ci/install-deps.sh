@@ -16,6 +16,8 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 # The OAuth2 authorization server of the tests (oidc-provider) runs on node.
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+# the packaging test installs the wheel in a fresh venv
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import ssl
-import time
 
 import pytest
 import trio
 import trustme
-from helpers.common import HOST, write_config
+from helpers.common import HOST, wait_for, write_config
 
 from pop3proxy.app import run_service
 from pop3proxy.config import Settings
@@ -72,6 +71,19 @@ class Client:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def connect_when_admitted(port: int, timeout: float = 10) -> Client:
+    """A session once the server admits one: a refusal ("too many sessions") is retried until *timeout*."""
+    with trio.fail_after(timeout):
+        while True:
+            client = Client(await trio.open_tcp_stream(HOST, port))
+            greeting = await client.line()
+            if greeting.startswith(b"+OK"):
+                return client
+            assert b"too many sessions" in greeting, greeting
+            await client.aclose()
+            await trio.sleep(0.02)  # poll interval of the condition above
 
 
 @pytest.fixture
@@ -182,8 +194,8 @@ async def test_sessions_per_address_are_capped(nursery, mail_root):
     other = await Client.connect(ports.plain, local="127.0.0.3")
     await other.aclose()
     await first.aclose()
-    await trio.sleep(0.1)
-    fourth = await Client.connect(ports.plain)
+    # The server frees the first slot when it sees the close; until then a new session is refused.
+    fourth = await connect_when_admitted(ports.plain)
     await fourth.aclose()
     await second.aclose()
 
@@ -225,17 +237,24 @@ async def test_slow_reader_does_not_block_others(nursery, mail_root):
     slow = await Client.connect(ports.plain)
     assert (await slow.login()).startswith(b"+OK")
     await slow.send(b"RETR 2\r\n" * 20)  # and never read: the socket buffers fill up
-    await trio.sleep(0.2)
+    assert (await slow.line()).startswith(b"+OK")  # the server is sending: it will block on this session
     quick = await Client.connect(ports.plain)
     with trio.fail_after(3):
         assert (await quick.login(b"bob")).startswith(b"+OK")
         assert await quick.command(b"RETR 1") == b"+OK 28 octets"
         assert (await quick.multiline())[-1] == b"hi bob"
     await quick.aclose()
-    # The stuck session is dropped after the idle timeout, releasing alice's mailbox.
-    await trio.sleep(1.5)
-    again = await Client.connect(ports.plain)
-    assert (await again.login()).startswith(b"+OK")
+    # The stuck session is dropped after the idle timeout (1 s), releasing alice's mailbox: a login,
+    # refused while the mailbox is in use, succeeds within a bound of 10 s.
+    with trio.fail_after(10):
+        while True:
+            again = await Client.connect(ports.plain)
+            reply = await again.login()
+            if reply.startswith(b"+OK"):
+                break
+            assert b"IN-USE" in reply, reply
+            await again.aclose()
+            await trio.sleep(0.05)  # poll interval of the condition above
     await again.aclose()
     await slow.aclose()
 
@@ -374,9 +393,7 @@ def test_sighup_reloads_certificate_without_dropping_sessions(tmp_path, mail_roo
     old.pass_(PASSWORD)
     issue("second")
     server.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "certificate reloaded" not in server.output() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: "certificate reloaded" in server.output(), timeout=10)
     new = poplib.POP3_SSL(HOST, server.tls_port, context=ctx, timeout=10)
     assert unit_of_peer_cert(new) == "second"
     new.quit()

@@ -23,6 +23,7 @@ import trio
 from helpers.common import HOST, require_tool, wait_for
 from helpers.smtp_fixtures import (  # noqa: F401  (fixtures)
     BOB,
+    FAST,
     PROVIDER_PASSWORD,
     PROVIDER_USER,
     SENDER,
@@ -266,8 +267,9 @@ async def test_unreachable_with_password_source_queues_then_delivers_once(tmp_pa
         await eventually(lambda: queued(settings) and queued(settings)[0].attempts >= 1)
         assert provider.received() == []
         await trio.to_thread.run_sync(provider.start)
-        await eventually(lambda: provider.received())
-        await trio.sleep(1.5)  # several retry periods: a duplicate would show up now
+        await eventually(lambda: provider.received() and not queued(settings))  # delivered and dequeued
+        # Proving that no duplicate follows: bound of three of the tests' longest retry periods.
+        await trio.sleep(3 * FAST.longest)
     assert [m.data for m in provider.received()] == [data]
     assert provider.received()[0].sender == SENDER and provider.received()[0].recipients == (BOB,)
     assert queued(settings) == []
@@ -324,8 +326,9 @@ async def test_half_written_queue_entry_is_never_sent(tmp_path, provider, server
     old = time.time() - 2 * 86400
     os.utime(crashed, (old, old))
     async with running_relay(settings):
-        await eventually(lambda: provider.received())
-        await trio.sleep(0.5)
+        await eventually(lambda: provider.received() and not queue.entries())  # delivered and dequeued
+        # Proving that the half-written entry is never sent: bound of one of the tests' longest retry periods.
+        await trio.sleep(FAST.longest)
     assert [m.data for m in provider.received()] == [message("complete")]
     assert queue.entries() == [] and queue.get(entry.id) is None
     assert not crashed.exists()  # swept at start
@@ -430,8 +433,8 @@ def test_kill_9_after_queueing_then_restart_delivers_exactly_once(tmp_path, prov
     provider.start()
     second = server_process(config).start()
     smtp_port(second)
-    wait_for(lambda: provider.received(), timeout=20)
-    time.sleep(1.0)  # a duplicate would arrive now
+    wait_for(lambda: provider.received() and not queued(settings), timeout=20)  # delivered and dequeued
+    time.sleep(1.0)  # proving that no duplicate follows: bound 1 s (nothing is queued any more)
     second.stop()
     assert [m.data for m in provider.received()] == [data]
     assert queued(settings) == []
