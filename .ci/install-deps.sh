@@ -13,6 +13,7 @@ command -v fetchmail >/dev/null || missing+=(fetchmail)
 command -v mutt >/dev/null || missing+=(mutt)
 command -v swaks >/dev/null || missing+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v chromium >/dev/null || missing+=(chromium)  # the web console's browser test (driven by Playwright)
 if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
