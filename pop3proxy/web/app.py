@@ -39,7 +39,11 @@ MAX_FORM = 4096  # octets of a form body; every form here is a few short fields
 
 
 class Forbidden(Exception):
-    pass
+    status = 403
+
+
+class TooLarge(Forbidden):
+    status = 413
 
 
 def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secure: bool,
@@ -70,7 +74,7 @@ def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secur
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_FORM:
-                raise Forbidden("form too large")
+                raise TooLarge(f"the form is larger than {MAX_FORM} octets")
         from urllib.parse import parse_qsl
 
         return dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=16))
@@ -96,8 +100,8 @@ def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secur
                 return await handler(request, session, fields)
             except Forbidden as exc:
                 if api:
-                    return JSONResponse({"error": str(exc)}, status_code=403)
-                return page(request, session, "error.html", 403, message=str(exc))
+                    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+                return page(request, session, "error.html", exc.status, message=str(exc))
 
         return endpoint
 

@@ -203,3 +203,62 @@ def test_a_hostile_message_is_escaped(console):
             assert "<script>alert" not in page and "<img src=x" not in page
             assert "&lt;img src=x onerror=alert(2)&gt;" in page  # shown as text
         assert "javascript:alert(4)" not in c.get(f"/held/alice/{key}").text  # HTML body not shown
+
+
+def test_sessions_are_bounded_oldest_signed_out_first():
+    clock = [0.0]
+    sessions = Sessions(lifetime=60, limit=3, clock=lambda: clock[0])
+    tokens = [sessions.create(f"u{i}", False) for i in range(3)]
+    assert all(sessions.get(t) for t in tokens)  # at the limit: all kept
+    newest = sessions.create("u3", False)
+    assert sessions.get(tokens[0]) is None and sessions.get(tokens[1]) and sessions.get(newest)
+
+
+def test_form_body_limit(console):
+    from pop3proxy.web.app import MAX_FORM
+
+    app, keys, _, root = console
+    with client(app) as c:
+        sign_in(c, "alice")
+        token = csrf_of(c.get("/").text)
+        base = f"csrf={token}&label=ham&pad="
+        at_limit = base + "x" * (MAX_FORM - len(base))
+        headers = {"content-type": "application/x-www-form-urlencoded"}
+        reply = c.post(f"/train/alice/held/{keys['alice']}", content=at_limit, headers=headers)
+        assert reply.status_code == 200 and "learnt 0 spam and 1 ham" in reply.text
+        reply = c.post(f"/train/alice/held/{keys['alice']}", content=at_limit + "x", headers=headers)
+        assert reply.status_code == 413
+        assert c.get("/api/status").json()["trained"] == {"spam": 0, "ham": 1}
+
+
+def test_pages_forbid_scripts(console):
+    with client(console[0]) as c:
+        policy = c.get("/login").headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src" not in policy
+
+
+def test_plots_and_mail_list_read_at_most_the_newest_messages(console, monkeypatch):
+    from pop3proxy.web import data
+
+    app, _, _, root = console
+    with open_store(root, "alice") as box:
+        for i in range(4):
+            box.add(b"From: x@example.org\r\nSubject: m%d\r\nX-Spam-Score: %d.0\r\n\r\nbody\r\n" % (i, i))
+    monkeypatch.setattr(data, "MAX_SCANNED", 3)
+    with client(app) as c:
+        sign_in(c, "alice")
+        assert sum(c.get("/api/plots/alice").json()["received"]) == 3
+        assert len(c.get("/api/mail/alice").json()) == 3
+    monkeypatch.setattr(data, "MAX_SCANNED", 4)
+    with client(app) as c:
+        sign_in(c, "alice")
+        assert sum(c.get("/api/plots/alice").json()["received"]) == 4
+        assert sorted(c.get("/api/plots/alice").json()["scores"]["counts"])[-4:] == [1, 1, 1, 1]
+
+
+def test_message_text_is_cut_at_the_limit(monkeypatch):
+    from pop3proxy.web import data
+
+    monkeypatch.setattr(data, "MAX_TEXT", 10)
+    raw = b"Subject: s\r\nContent-Type: text/plain\r\n\r\n" + b"0123456789ABC\r\n"
+    assert data.message_view(raw)["text"] == "0123456789"
