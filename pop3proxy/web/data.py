@@ -96,7 +96,7 @@ def _headers(raw: bytes) -> email.message.Message:
 def _text(value: object) -> str:
     try:
         return str(value or "")
-    except Exception:  # a header the email package cannot decode: shown raw
+    except Exception:  # noqa: BLE001  a header the email package cannot decode (hostile input): shown raw
         return repr(value)
 
 

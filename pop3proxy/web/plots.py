@@ -13,8 +13,10 @@ def bar_chart(title: str, labels: list[str], series: list[tuple[str, str, list[f
     slot = (WIDTH - 2 * PAD) / max(1, len(labels))
     bar = max(1.0, slot * 0.8 / max(1, len(series)))
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" '
-        f'height="{HEIGHT}" role="img" aria-label="{escape(title)}" font-family="sans-serif" font-size="10">',
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" '
+            f'height="{HEIGHT}" role="img" aria-label="{escape(title)}" font-family="sans-serif" font-size="10">'
+        ),
         f"<title>{escape(title)}</title>",
         f'<text x="{PAD}" y="16" font-size="13">{escape(title)}</text>',
         f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - PAD}" y2="{HEIGHT - PAD}" stroke="#666"/>',

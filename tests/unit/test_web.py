@@ -97,7 +97,6 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_sign_out_ends_it(console):
 
 
 def test_cookie_is_secure_with_tls(console, tmp_path):
-    app, *_ = console
     settings_app = build_app(Settings(listen={"port": 0}, local={"users_file": tmp_path / "users"},
                                       cache={"root": tmp_path / "cache"}),
                              LocalBackend(tmp_path / "users", tmp_path / "cache"), Throttle(), secure=True)
@@ -217,7 +216,7 @@ def test_sessions_are_bounded_oldest_signed_out_first():
 def test_form_body_limit(console):
     from pop3proxy.web.app import MAX_FORM
 
-    app, keys, _, root = console
+    app, keys, _, _ = console
     with client(app) as c:
         sign_in(c, "alice")
         token = csrf_of(c.get("/").text)
