@@ -184,6 +184,13 @@ def test_demo_serves_sample_mail_and_stops_on_sigterm():
         assert b"label.pdf.exe" in messages[3] and b"This program cannot be run" not in messages[3]
         assert b"TVqQ" not in messages[3]  # the base64 of the program's first bytes
         client.quit()
+        # the web console is served too, at the URL printed
+        url = re.search(r"Web console: (http://\S+/)", text)
+        assert url, text
+        import urllib.request
+
+        with urllib.request.urlopen(url.group(1), timeout=10) as reply:  # redirected to the sign-in page
+            assert reply.url.endswith("/login") and "Sign in" in reply.read().decode()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err
