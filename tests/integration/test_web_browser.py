@@ -3,6 +3,7 @@ Chromium (Debian's `chromium`, through Playwright). Screenshots go to the test's
 
 from __future__ import annotations
 
+import poplib
 import re
 from pathlib import Path
 
@@ -150,3 +151,25 @@ def test_hostile_message_shows_as_text_and_runs_no_script(console, dovecot, brow
     assert page.title() != "pwned"
     assert "win</a>" not in page.content() and "onerror" not in page.locator("main").inner_html().replace("&", "")
     assert dialogs == []
+
+
+def test_failed_console_sign_ins_count_for_pop3_too(server_process, tmp_path, dovecot):
+    """One throttle for both doors: after max_failures wrong passwords on the console, POP3 refuses
+    the right password with [LOGIN-DELAY] without asking the provider."""
+    import httpx
+
+    made = Proxy(server_process, tmp_path, dovecot)
+    made.start(web={"host": "127.0.0.1", "port": 0}, throttle={"max_failures": 3, "base_delay": 0, "max_delay": 0})
+    try:
+        line = wait_for(lambda: next((l for l in made.process.log if "listening for the web console" in l), None))
+        port = int(re.search(r"port (\d+)", line).group(1))
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url) as web:
+            for _ in range(3):
+                token = re.search(r'name="csrf" value="([^"]+)"', web.get("/login").text).group(1)
+                reply = web.post("/login", data={"user": dovecot.user, "password": "wrong", "csrf": token})
+                assert reply.status_code == 401
+        with pytest.raises(poplib.error_proto, match="LOGIN-DELAY"):
+            made.client(dovecot.user, dovecot.password)
+    finally:
+        made.stop()
