@@ -173,3 +173,30 @@ def test_failed_console_sign_ins_count_for_pop3_too(server_process, tmp_path, do
             made.client(dovecot.user, dovecot.password)
     finally:
         made.stop()
+
+
+def test_console_speaks_https_with_the_listen_certificate(server_process, tmp_path, dovecot, server_cert):
+    """With a [listen] certificate the console is HTTPS only, and its session cookie is Secure."""
+    import ssl
+
+    import httpx
+
+    certfile, keyfile, ca_file = server_cert
+    made = Proxy(server_process, tmp_path, dovecot)
+    made.start(listen={"host": "127.0.0.1", "port": 0, "certfile": str(certfile), "keyfile": str(keyfile)},
+               web={"host": "127.0.0.1", "port": 0})
+    try:
+        line = wait_for(lambda: next((l for l in made.process.log if "listening for the web console" in l), None))
+        port = int(re.search(r"port (\d+)", line).group(1))
+        context = ssl.create_default_context(cafile=str(ca_file))
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=context) as web:
+            token = re.search(r'name="csrf" value="([^"]+)"', web.get("/login").text).group(1)
+            reply = web.post("/login", data={"user": dovecot.user, "password": dovecot.password, "csrf": token})
+            assert reply.status_code == 303
+            cookie = reply.headers["set-cookie"].lower()
+            assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+            assert web.get("/api/status").json()["user"] == dovecot.user
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on the same port
+            httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
+    finally:
+        made.stop()
