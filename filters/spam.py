@@ -190,6 +190,16 @@ class SpamFilter:
             if not path.exists():
                 log.warning("spam: %s does not exist: only GTUBE is detected until pop3proxy train fills it", path)
 
+    def learn(self, message: bytes, label: Literal["spam", "ham"]) -> None:
+        """Teach the built-in classifier one message (the web console's "spam" / "not spam" buttons)."""
+        if self.bayes is None:
+            raise ValueError(f"the {self.config.backend} backend is trained with its own tools, not here")
+        self.bayes.train_messages(**{label: [message]})
+
+    def trained(self) -> tuple[int, int] | None:
+        """(spam, ham) messages the built-in classifier has learnt; None for the spamd/rspamd backends."""
+        return self.bayes.counts() if self.bayes is not None else None
+
     def threshold(self, user: str) -> float:
         return self.config.per_user.get(user, self.config.required_score)
 

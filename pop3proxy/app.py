@@ -27,6 +27,7 @@ class Ports:
     tls: int | None
     smtp: int | None = None
     metrics: int | None = None
+    web: int | None = None
     state: ServerState | None = None
 
 
@@ -120,6 +121,12 @@ async def run_service(
                 from pop3proxy.ops.metrics_http import serve_metrics
 
                 ports.metrics = await nursery.start(serve_metrics, settings)
+            if settings.web.port is not None:
+                from pop3proxy.web import serve_web
+
+                ports.web = await nursery.start(
+                    partial(serve_web, settings, backend, state.config.throttle)  # POP3's throttle
+                )
             task_status.started(ports)
     finally:
         with trio.CancelScope(shield=True):

@@ -72,7 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="pop3proxy-demo-") as tmp:
 
         def ready(ports) -> None:
-            print(demo.try_it_lines(args.host, ports.plain), flush=True)
+            print(demo.try_it_lines(args.host, ports.plain, ports.web), flush=True)
 
         _run(lambda: demo.run_demo(Path(tmp), args.host, args.port, ready))
     print("pop3proxy demo stopped.", flush=True)

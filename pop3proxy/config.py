@@ -218,6 +218,14 @@ class MetricsSettings(_Section):
     port: int | None = Field(None, ge=0, le=65535, description="Port of GET /metrics; unset disables it.")
 
 
+class WebSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the web console binds to.")
+    port: int | None = Field(None, ge=0, le=65535, description="Web console port (HTTPS when listen.certfile is set); unset disables it.")
+    admins: list[str] = Field(default_factory=list, description="Users who may see and act on every account in the console.")
+    session_lifetime: float = Field(3600.0, gt=0, description="Seconds a console sign-in stays valid.")
+    max_sessions: int = Field(1000, ge=1, description="Console sessions kept at once; the oldest is signed out beyond it.")
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     format: Literal["text", "json"] = Field("text", description="Log line format.")
@@ -244,6 +252,7 @@ class Settings(BaseSettings):
     throttle: ThrottleSettings = Field(default_factory=ThrottleSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
     filters: list[dict[str, Any]] = Field(default_factory=list, description="The filter pipeline, in order.")
 
     @field_validator("filters")

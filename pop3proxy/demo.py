@@ -114,7 +114,11 @@ Content-Transfer-Encoding: base64
     return [welcome, invoice, spam, parcel]
 
 
-def try_it_lines(host: str, port: int) -> str:
+def try_it_lines(host: str, port: int, web_port: int | None = None) -> str:
+    web = []
+    if web_port is not None:
+        shown = f"[{host}]" if ":" in host else host
+        web = [f"Web console: http://{shown}:{web_port}/  (sign in as {DEMO_USER} / {DEMO_PASSWORD})"]
     return "\n".join(
         [
             f"pop3proxy demo: the proxy listens on {host} port {port}, in front of a built-in provider",
@@ -127,6 +131,7 @@ def try_it_lines(host: str, port: int) -> str:
             f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/4       # its .exe attachment replaced by a note",
             f"  python3 -c \"import poplib; p = poplib.POP3('{host}', {port}); p.user('{DEMO_USER}'); "
             f"p.pass_('{DEMO_PASSWORD}'); print(p.stat()); print(b'\\n'.join(p.retr(1)[1]).decode()); p.quit()\"",
+            *web,
             "Press Ctrl-C to stop.",
         ]
     )
@@ -179,6 +184,7 @@ async def run_demo(workdir: Path, host: str, port: int, on_ready) -> None:
                 upstream={"host": "127.0.0.1", "port": provider_ports.plain, "tls": "none"},
                 cache={"root": workdir / "cache"},
                 filters=DEMO_FILTERS(workdir),
+                web={"host": host, "port": 0, "admins": [DEMO_USER]},
             )
             ports = await nursery.start(run_service, proxy)
             on_ready(ports)

@@ -145,6 +145,24 @@ def test_serve_port_in_use_is_a_clear_error(tmp_path):
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_serve_web_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        users = tmp_path / "users"
+        run_cli("adduser", "u", "--users-file", str(users), "--password-stdin", stdin="p\n")
+        path = write_config(
+            tmp_path / "c.toml",
+            {"listen": {"host": HOST, "port": 0}, "local": {"users_file": users}, "cache": {"root": tmp_path},
+             "web": {"host": HOST, "port": busy.getsockname()[1]}},
+        )
+        result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 1
+    assert "cannot start the web console" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_demo_serves_sample_mail_and_stops_on_sigterm():
     proc = subprocess.Popen(
         [sys.executable, "-m", "pop3proxy", "demo", "--port", "0"],
@@ -184,6 +202,13 @@ def test_demo_serves_sample_mail_and_stops_on_sigterm():
         assert b"label.pdf.exe" in messages[3] and b"This program cannot be run" not in messages[3]
         assert b"TVqQ" not in messages[3]  # the base64 of the program's first bytes
         client.quit()
+        # the web console is served too, at the URL printed
+        url = re.search(r"Web console: (http://\S+/)", text)
+        assert url, text
+        import urllib.request
+
+        with urllib.request.urlopen(url.group(1), timeout=10) as reply:  # redirected to the sign-in page
+            assert reply.url.endswith("/login") and "Sign in" in reply.read().decode()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err

@@ -1,0 +1,58 @@
+"""The web console: held mail, spam training, sync status and plots (off unless ``web.port`` is set).
+
+An ASGI application (Starlette) served inside the trio process by Hypercorn's trio worker, over HTTPS
+when ``listen.certfile`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from pop3proxy.config import Settings
+from pop3proxy.errors import StartupError
+from pop3proxy.net.maildrop import Backend
+from pop3proxy.net.throttle import Throttle
+
+log = logging.getLogger("pop3proxy")
+
+__all__ = ["serve_web"]
+
+
+async def serve_web(
+    settings: Settings,
+    backend: Backend,
+    throttle: Throttle,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the console until cancelled; ``task_status.started`` reports the bound port."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from pop3proxy.web.app import build_app
+
+    web, listen = settings.web, settings.listen
+    config = Config()
+    host = f"[{web.host}]" if ":" in web.host else web.host
+    config.bind = [f"{host}:{web.port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("pop3proxy.web.server")
+    config.include_server_header = False
+    if listen.certfile is not None:
+        config.certfile = str(listen.certfile)
+        config.keyfile = str(listen.keyfile or listen.certfile)
+    app = build_app(settings, backend, throttle, secure=listen.certfile is not None)
+
+    class Status:
+        def started(self, binds: list[str]) -> None:
+            url = binds[0]
+            port = int(url.rsplit(":", 1)[1])
+            log.info("listening for the web console on %s port %d (%s)", web.host, port, url)
+            task_status.started(port)
+
+    try:
+        await serve(app, config, task_status=Status())
+    except OSError as exc:
+        raise StartupError(f"cannot start the web console on {web.host}: {exc.strerror or exc}") from None
