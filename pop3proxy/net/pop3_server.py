@@ -251,6 +251,7 @@ class _Connection:
                 f = None
             if f is not None:
                 try:
+                    self.out.append(action.status)
                     await self.flush()
                     await self._sendfile(f, action.size)
                 finally:
@@ -265,11 +266,12 @@ class _Connection:
             else:
                 f, chunk = await trio.to_thread.run_sync(first_read)
         except (OSError, KeyError) as exc:
-            # The file vanished under us (another tool deleted it). The +OK is queued already, so the
-            # only honest answer is to end the multi-line reply empty and log it.
+            # The file vanished or cannot be read (removed by hand, EMFILE, EIO): nothing was promised
+            # yet, so the client gets a temporary error and marks nothing.
             log.error("cannot read message %s of %r: %s", action.key, self.session.user, exc)
-            self.out.append(stuffer.finish())
+            self.out.append(action.error)
             return
+        self.out.append(action.status)
         try:
             total = 0
             while chunk:

@@ -65,7 +65,8 @@ class Send:
 
 @dataclass(frozen=True)
 class SendMessage:
-    """Stream the message ``key`` dot-stuffed, then the terminating ``.`` line.
+    """Open the message ``key``; if it opens, send ``status`` and stream it dot-stuffed, then the
+    terminating ``.`` line; if it cannot be opened, send ``error`` instead (nothing was promised yet).
 
     ``top_lines`` is ``None`` for RETR and the TOP line count otherwise.
     """
@@ -73,6 +74,8 @@ class SendMessage:
     key: str
     top_lines: int | None = None
     size: int | None = None  # the octets the store said it holds: reading may stop there
+    status: bytes = b"+OK\r\n"
+    error: bytes = b"-ERR [SYS/TEMP] the message cannot be read now\r\n"
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Close:
 Action = Union[Send, SendMessage, Authenticate, StartTLS, Update, Close]
 
 IMPLEMENTATION = "pop3proxy"
+_UNREADABLE = replies.err("the message cannot be read now, try again later", "SYS/TEMP")
 MAX_BAD_COMMANDS = 20
 
 # Which commands each state accepts; anything else in that state is answered, not obeyed.
@@ -454,7 +458,7 @@ class Session:
             return self._bad(found)
         number, info = found
         self.messages_served += 1
-        return [Send(replies.ok(f"{info.size} octets")), SendMessage(info.key, size=info.size)]
+        return [SendMessage(info.key, size=info.size, status=replies.ok(f"{info.size} octets"), error=_UNREADABLE)]
 
     def _cmd_top(self, command: Command) -> list[Action]:
         found = self._message(command.args[0])
@@ -464,7 +468,11 @@ class Session:
         lines = command.args[1]
         if not (lines.isascii() and lines.isdigit() and len(lines) <= 10):
             return self._bad(replies.err(f"invalid line count {lines[:20]}"))
-        return [Send(replies.ok("top of message follows")), SendMessage(info.key, int(lines), size=info.size)]
+        return [
+            SendMessage(
+                info.key, int(lines), size=info.size, status=replies.ok("top of message follows"), error=_UNREADABLE
+            )
+        ]
 
     def _cmd_dele(self, command: Command) -> list[Action]:
         found = self._message(command.args[0])

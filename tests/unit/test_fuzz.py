@@ -158,6 +158,9 @@ class SessionMachine(RuleBasedStateMachine):
                     action = queue.pop(0)
                     if isinstance(action, s.Send):
                         sent += action.data
+                    elif isinstance(action, s.SendMessage):
+                        sent += action.status  # what a driver sends once the message opens
+                        other.append(action)
                     elif isinstance(action, s.Authenticate):
                         if action.password == "good":
                             queue[:0] = self.session.login_succeeded(action.user, self.messages)
