@@ -29,6 +29,9 @@ class Command:
             raise LocalProtocolError(f"invalid command keyword {self.keyword!r}")
 
 
+_CONTROL = re.compile(rb"[\x01-\x08\x0a-\x1f]")
+
+
 def parse_command(line: bytes) -> Command:
     """Parse one command line (without terminator); `RemoteProtocolError` if invalid."""
     line = bytes(line)
@@ -36,6 +39,8 @@ def parse_command(line: bytes) -> Command:
         raise _client_error("Empty command line")
     if b"\0" in line:
         raise _client_error("NUL octet in command line")
+    if _CONTROL.search(line):  # a lone CR and the like: never echoed back into a reply line
+        raise _client_error("Control character in command line")
     keyword, _, rest = line.partition(b" ")
     if not _KEYWORD.fullmatch(keyword):
         raise _client_error("Invalid command keyword")

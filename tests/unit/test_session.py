@@ -355,3 +355,10 @@ def test_uids_outside_rfc1939_limits_are_served_as_stable_digests(uid):
     assert out.split(b"\r\n")[-2] == b"+OK 1 " + listed
     assert 1 <= len(listed) <= 70 and all(0x21 <= c <= 0x7E for c in listed)
     assert listed == s.wire_uid(uid).encode()
+
+
+@pytest.mark.parametrize("line", [b"AUTH A\rB", b"RETR 3\ruser", b"USER a\x01b", b"FOO a\rb"])
+def test_a_lone_cr_or_control_is_a_client_error_never_an_internal_one(line):
+    session = s.Session()
+    out, _ = drive(session, line + b"\r\n")
+    assert out.startswith(b"-ERR ") and out.count(b"\r") == 1, out
