@@ -139,6 +139,11 @@ _ARITY: dict[str, tuple[int, int]] = {
 }
 
 
+class _Ordinary(bytes):
+    """An -ERR for a well-formed command that simply cannot be done (no such message, already
+    deleted): it does not count towards ``max_bad_commands``, which is for garbage."""
+
+
 class _Pending(enum.Enum):
     NOTHING = 0
     LOGIN = 1
@@ -277,6 +282,10 @@ class Session:
             return self._bad(replies.err(f"wrong number of arguments for {keyword}"))
         return _HANDLERS[keyword](self, command)
 
+    def _refuse(self, reply: bytes) -> list[Action]:
+        """A message-number error: an ordinary -ERR (a long session may see many), unless garbage."""
+        return [Send(bytes(reply))] if isinstance(reply, _Ordinary) else self._bad(reply)
+
     def _bad(self, reply: bytes) -> list[Action]:
         self.bad_commands += 1
         return self._maybe_close([Send(reply)])
@@ -412,9 +421,9 @@ class Session:
         if number is None:
             return replies.err(f"invalid message number {arg[:20]!s}")
         if not 1 <= number <= len(self._messages):
-            return replies.err(f"no such message, only {len(self._messages)} messages in maildrop")
+            return _Ordinary(replies.err(f"no such message, only {len(self._messages)} messages in maildrop"))
         if number in self._deleted:
-            return replies.err(f"message {number} already deleted")
+            return _Ordinary(replies.err(f"message {number} already deleted"))
         return number, self._messages[number - 1]
 
     def _cmd_stat(self, command: Command) -> list[Action]:
@@ -433,7 +442,7 @@ class Session:
         if command.args:
             found = self._message(command.args[0])
             if isinstance(found, bytes):
-                return self._bad(found)
+                return self._refuse(found)
             number, info = found
             return [Send(replies.ok(f"{number} {info.size}"))]
         count, octets = self._totals()
@@ -445,7 +454,7 @@ class Session:
         if command.args:
             found = self._message(command.args[0])
             if isinstance(found, bytes):
-                return self._bad(found)
+                return self._refuse(found)
             number, info = found
             return [Send(replies.ok(f"{number} {wire_uid(info.uid)}"))]
         deleted = self._deleted
@@ -455,7 +464,7 @@ class Session:
     def _cmd_retr(self, command: Command) -> list[Action]:
         found = self._message(command.args[0])
         if isinstance(found, bytes):
-            return self._bad(found)
+            return self._refuse(found)
         number, info = found
         self.messages_served += 1
         return [SendMessage(info.key, size=info.size, status=replies.ok(f"{info.size} octets"), error=_UNREADABLE)]
@@ -463,7 +472,7 @@ class Session:
     def _cmd_top(self, command: Command) -> list[Action]:
         found = self._message(command.args[0])
         if isinstance(found, bytes):
-            return self._bad(found)
+            return self._refuse(found)
         number, info = found
         lines = command.args[1]
         if not (lines.isascii() and lines.isdigit() and len(lines) <= 10):
@@ -477,7 +486,7 @@ class Session:
     def _cmd_dele(self, command: Command) -> list[Action]:
         found = self._message(command.args[0])
         if isinstance(found, bytes):
-            return self._bad(found)
+            return self._refuse(found)
         number, _ = found
         self._deleted.add(number)
         return [Send(replies.ok(f"message {number} deleted"))]

@@ -362,3 +362,19 @@ def test_a_lone_cr_or_control_is_a_client_error_never_an_internal_one(line):
     session = s.Session()
     out, _ = drive(session, line + b"\r\n")
     assert out.startswith(b"-ERR ") and out.count(b"\r") == 1, out
+
+
+def test_ordinary_errors_do_not_close_a_long_session():
+    session = logged_in()
+    _, _ = drive(session, b"DELE 1\r\n")
+    out, actions = drive(session, b"RETR 1\r\nRETR 99\r\nTOP 1 0\r\nLIST 1\r\nUIDL 99\r\nDELE 1\r\n" * 20)
+    assert out.count(b"-ERR") == 120 and b"too many errors" not in out
+    assert not any(isinstance(a, s.Close) for a in actions)
+    out, _ = drive(session, b"NOOP\r\n")
+    assert out == b"+OK\r\n"
+
+
+def test_garbage_still_closes_the_session():
+    session = logged_in()
+    out, actions = drive(session, b"RETR x\r\n" * s.MAX_BAD_COMMANDS)
+    assert b"too many errors" in out and isinstance(actions[-1], s.Close)
