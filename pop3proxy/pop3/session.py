@@ -2,12 +2,12 @@
 
 RFC 1939 states (AUTHORIZATION → TRANSACTION → UPDATE), RFC 2449 CAPA, RFC 2595 STLS and RFC 5034
 AUTH PLAIN. The machine consumes received bytes and hands back *actions* for the I/O driver
-(``pop3proxy.server``) to carry out: send these bytes, stream this message, check these credentials,
+(``pop3proxy.net.pop3_server``) to carry out: send these bytes, stream this message, check these credentials,
 start TLS, apply these deletions, close. Where an action needs an answer (credentials, TLS, deletions)
 the driver reports it back through ``login_succeeded``/``login_failed``, ``tls_started`` or
 ``update_done`` before it asks for more.
 
-Like ``protocol``, this module imports neither trio nor os.
+Like the rest of ``pop3``, this module imports neither trio nor os; the actions are in ``actions``.
 """
 
 from __future__ import annotations
@@ -17,29 +17,29 @@ import binascii
 import enum
 import hashlib
 import re
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence, Union
+from typing import Sequence
 
 from pop3proxy.pop3 import replies, sasl
+from pop3proxy.pop3.actions import (
+    Action,
+    Authenticate,
+    Close,
+    MessageInfo,
+    Send,
+    SendMessage,
+    StartTLS,
+    State,
+    Update,
+)
 from pop3proxy.pop3.commands import MAX_AUTH_LINE, MAX_COMMAND_LINE, Command, parse_command, parse_number
 from pop3proxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from pop3proxy.pop3.framing import NEED_DATA, Line, LineReader, LineTooLong
-
-
-class MessageInfo(Protocol):
-    """What the session needs to know of a message (``store.MessageInfo`` fits)."""
-
-    @property
-    def key(self) -> str: ...
-    @property
-    def uid(self) -> str: ...
-    @property
-    def size(self) -> int: ...
 
 __all__ = [
     "Action",
     "Authenticate",
     "Close",
+    "MessageInfo",
     "SendMessage",
     "Send",
     "Session",
@@ -47,64 +47,6 @@ __all__ = [
     "State",
     "Update",
 ]
-
-
-class State(enum.Enum):
-    AUTHORIZATION = "AUTHORIZATION"
-    TRANSACTION = "TRANSACTION"
-    UPDATE = "UPDATE"
-    CLOSED = "CLOSED"
-
-
-@dataclass(frozen=True)
-class Send:
-    """Send these bytes to the client."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class SendMessage:
-    """Open the message ``key``; if it opens, send ``status`` and stream it dot-stuffed, then the
-    terminating ``.`` line; if it cannot be opened, send ``error`` instead (nothing was promised yet).
-
-    ``top_lines`` is ``None`` for RETR and the TOP line count otherwise.
-    """
-
-    key: str
-    top_lines: int | None = None
-    size: int | None = None  # the octets the store said it holds: reading may stop there
-    status: bytes = b"+OK\r\n"
-    error: bytes = b"-ERR [SYS/TEMP] the message cannot be read now\r\n"
-
-
-@dataclass(frozen=True)
-class Authenticate:
-    """Check these credentials; answer with ``login_succeeded`` or ``login_failed``."""
-
-    user: str
-    password: str = field(repr=False)
-    mechanism: str  # "USER", "PLAIN", "XOAUTH2" or "OAUTHBEARER" (password is then a sasl.BearerToken)
-
-
-@dataclass(frozen=True)
-class StartTLS:
-    """The ``+OK`` has been queued; flush it, discard buffered plaintext, handshake, call ``tls_started``."""
-
-
-@dataclass(frozen=True)
-class Update:
-    """QUIT in TRANSACTION: delete these keys, then call ``update_done``."""
-
-    deleted: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close the connection (after flushing what was sent)."""
-
-
-Action = Union[Send, SendMessage, Authenticate, StartTLS, Update, Close]
 
 IMPLEMENTATION = "pop3proxy"
 _UNREADABLE = replies.err("the message cannot be read now, try again later", "SYS/TEMP")

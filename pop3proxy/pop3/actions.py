@@ -1,0 +1,75 @@
+"""What the sans-IO session asks its driver to do (actions), and the states it moves through."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+
+class MessageInfo(Protocol):
+    """What the session needs to know of a message (``store.MessageInfo`` fits)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def uid(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+
+class State(enum.Enum):
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+    CLOSED = "CLOSED"
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send these bytes to the client."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendMessage:
+    """Open the message ``key``; if it opens, send ``status`` and stream it dot-stuffed, then the
+    terminating ``.`` line; if it cannot be opened, send ``error`` instead (nothing was promised yet).
+
+    ``top_lines`` is ``None`` for RETR and the TOP line count otherwise.
+    """
+
+    key: str
+    top_lines: int | None = None
+    size: int | None = None  # the octets the store said it holds: reading may stop there
+    status: bytes = b"+OK\r\n"
+    error: bytes = b"-ERR [SYS/TEMP] the message cannot be read now\r\n"
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    """Check these credentials; answer with ``login_succeeded`` or ``login_failed``."""
+
+    user: str
+    password: str = field(repr=False)
+    mechanism: str  # "USER", "PLAIN", "XOAUTH2" or "OAUTHBEARER" (password is then a sasl.BearerToken)
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """The ``+OK`` has been queued; flush it, discard buffered plaintext, handshake, call ``tls_started``."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """QUIT in TRANSACTION: delete these keys, then call ``update_done``."""
+
+    deleted: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection (after flushing what was sent)."""
+
+
+Action = Union[Send, SendMessage, Authenticate, StartTLS, Update, Close]
