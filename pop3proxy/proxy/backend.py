@@ -19,6 +19,7 @@ from pop3proxy.filtering.pipeline import Pipeline, build_pipeline
 from pop3proxy.net.endpoint import (
     UpstreamAuthError,
     UpstreamError,
+    UpstreamTLSError,
     UpstreamUnavailable,
 )
 from pop3proxy.net.maildrop import Backend, Maildrop
@@ -324,6 +325,12 @@ class ProxyBackend(OAuthLogins, Backend):
             log.error("cannot drop the offline password of %r: %s", route.cache_id, exc)
 
     async def _offline_login(self, route: Route, password: str, reason: UpstreamUnavailable) -> Maildrop:
+        if isinstance(reason, UpstreamTLSError):
+            # Not "unreachable": someone answered but could not prove to be the provider (or refused
+            # TLS). Serving the cache here would let an attacker in the middle force offline mode.
+            log.error("provider %s:%d failed TLS for %r, refusing the login (not going offline): %s",
+                      route.endpoint.host, route.endpoint.port, route.cache_id, reason)
+            raise LoginError("the mail provider's TLS could not be trusted, try again later", "SYS/TEMP")
         log.warning("provider %s:%d unreachable for %r: %s", route.endpoint.host, route.endpoint.port,
                     route.cache_id, reason)
         if not self.settings.offline.enabled:

@@ -109,8 +109,9 @@ class SubmissionError(Exception):
 class SubmissionUnavailable(SubmissionError):
     """The provider could not be reached or the connection failed (not: it said no)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, tls_failure: bool = False) -> None:
         super().__init__(451, reason)
+        self.tls_failure = tls_failure  # the peer could not prove to be the provider: not "unreachable"
 
 
 class SubmissionAuthError(SubmissionError):
@@ -144,7 +145,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _unavailable(endpoint: SubmissionEndpoint, exc: BaseException) -> SubmissionUnavailable:
-    return SubmissionUnavailable(f"{endpoint.where}: {_reason(exc)}")
+    return SubmissionUnavailable(f"{endpoint.where}: {_reason(exc)}", tls_failure=isinstance(exc, ssl.SSLError))
 
 
 def _open(endpoint: SubmissionEndpoint) -> smtplib.SMTP:

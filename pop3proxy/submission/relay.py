@@ -127,7 +127,9 @@ class Relay:
 
     async def _offline(self, name, password, route, peer, reason: SubmissionUnavailable, fields) -> AuthVerdict:
         # scrypt is memory-hungry: share the POP3 side's limit
-        verdict = await trio.to_thread.run_sync(self._check_offline, name, password, route, limiter=kdf_limiter())
+        verdict = await trio.to_thread.run_sync(
+            self._check_offline, name, password, route, reason.tls_failure, limiter=kdf_limiter()
+        )
         if verdict is True:
             log.warning(
                 "smtp login %r from %s accepted offline: provider unreachable: %s", name, peer, reason.text,
@@ -149,12 +151,20 @@ class Relay:
         metrics.smtp_login("unavailable")
         return AuthVerdict("454 4.7.0 The mail provider cannot be reached to check the password; try again later")
 
-    def _check_offline(self, name: str, password: str, route: SubmissionRoute) -> bool | None:
-        """True/False when the password can be checked without the provider, None when it cannot."""
+    def _check_offline(
+        self, name: str, password: str, route: SubmissionRoute, tls_failure: bool = False
+    ) -> bool | None:
+        """True/False when the password can be checked without the provider, None when it cannot.
+
+        After a TLS failure the offline hash is not used: someone answered who could not prove to be
+        the provider, and an attacker in the middle must not be able to force offline logins."""
         stored = self.passwords.get(name)
         if stored is not None:
             return hmac.compare_digest(stored.encode("utf-8"), password.encode("utf-8"))
         if not self.settings.offline.enabled:
+            return None
+        if tls_failure:
+            log.error("smtp login of %r: the provider's TLS could not be trusted, no offline check", name)
             return None
         from pop3proxy.proxy.backend import OFFLINE_HASH
         from pop3proxy.proxy.credentials import verify_password

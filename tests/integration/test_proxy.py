@@ -218,6 +218,22 @@ def test_untrusted_provider_certificate_is_refused_not_downgraded(proxy, dovecot
     assert "certificate" in proxy.output().lower()
 
 
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+def test_a_certificate_failure_is_an_error_not_offline_mode(proxy, dovecot, tls):
+    """An attacker in the middle must not be able to force offline mode with a bad certificate."""
+    dovecot.deliver(dovecot.user, sample(1))
+    proxy.start()
+    proxy.client(dovecot.user, dovecot.password).quit()  # an offline copy and hash exist now
+    port = dovecot.tls_port if tls == "implicit" else dovecot.port
+    proxy.start(upstream={"ca_file": "", "tls": tls, "port": port})  # the system store does not trust it
+    client = poplib.POP3(HOST, proxy.process.port, timeout=10)
+    client.user(dovecot.user)
+    with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+        client.pass_(dovecot.password)
+    client.quit()
+    assert "failed TLS" in proxy.output() and "serving cached mail" not in proxy.output()
+
+
 def test_routing_forms_and_allow_list(proxy, dovecot):
     dovecot.deliver(dovecot.user, sample(3))
     proxy.start(routes={"example.test": {"host": HOST, "port": dovecot.port, "tls": "starttls", "ca_file": str(dovecot.ca_file)}})

@@ -251,6 +251,26 @@ async def test_unreachable_provider_checks_the_offline_hash_but_cannot_queue(tmp
     assert queued(settings) == []
 
 
+async def test_a_certificate_failure_never_checks_the_offline_hash(tmp_path, provider, server_cert):
+    from pop3proxy.proxy.backend import OFFLINE_HASH
+    from pop3proxy.proxy.credentials import hash_password
+    from pop3proxy.store.paths import user_dir
+    from pop3proxy.store.state import UserState
+
+    settings = load_settings(
+        relay_config(tmp_path, provider, server_cert, upstream={"ca_file": ""}, pop3={"ca_file": ""})
+    )
+    directory = user_dir(settings.cache.root, PROVIDER_USER)
+    directory.mkdir(parents=True)
+    with UserState(directory / "state.db") as state:  # what POP3 offline mode remembered
+        state.set_meta(OFFLINE_HASH, hash_password(PROVIDER_PASSWORD))
+    async with running_relay(settings) as port:
+        send = partial(submit, port, server_cert[2], message("in the middle"))
+        auth, _ = await trio.to_thread.run_sync(send)
+    assert auth[0] == 454  # not accepted offline: the peer could not prove to be the provider
+    assert provider.received() == [] and provider.auth_attempts == []
+
+
 async def test_unreachable_with_password_source_queues_then_delivers_once(tmp_path, provider, server_cert, caplog):
     caplog.set_level(logging.DEBUG)
     settings = load_settings(relay_config(tmp_path, provider, server_cert, password_source=True))
