@@ -165,7 +165,7 @@ class ProxyBackend(OAuthLogins, Backend):
         except UpstreamAuthError as exc:
             await client.aclose()
             if exc.code == "AUTH":
-                await self._forget_offline_password(route)
+                await self._forget_offline_password(route, password)
             log.info("provider refused the login of %r: %s", route.cache_id, exc)
             raise LoginError(_AUTH_TEXT.get(exc.code, "login refused by the mail provider"), exc.code) from None
         except UpstreamUnavailable as exc:
@@ -311,16 +311,24 @@ class ProxyBackend(OAuthLogins, Backend):
 
     # -- offline ---------------------------------------------------------------------------------
 
-    async def _forget_offline_password(self, route: Route) -> None:
+    async def _forget_offline_password(self, route: Route, password: str) -> None:
+        """The provider refused ``password``: drop the offline hash only if it is that password (the
+        user changed it upstream). A guess by anyone else leaves the real user's offline copy alone."""
         path = user_dir(self.root, route.cache_id) / "state.db"
 
-        def forget() -> None:
-            if path.exists():
-                with UserState(path) as state:
-                    state.set_meta(OFFLINE_HASH, None)
+        def forget() -> bool:
+            if not path.exists():
+                return False
+            with UserState(path) as state:
+                stored = state.get_meta(OFFLINE_HASH)
+                if stored is None or not verify_password(password, stored):
+                    return False
+                state.set_meta(OFFLINE_HASH, None)
+                return True
 
         try:
-            await trio.to_thread.run_sync(forget)
+            if await trio.to_thread.run_sync(forget, limiter=kdf_limiter()):
+                log.info("dropped the offline password of %r: the provider no longer accepts it", route.cache_id)
         except (OSError, StateError) as exc:
             log.error("cannot drop the offline password of %r: %s", route.cache_id, exc)
 

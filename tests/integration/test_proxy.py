@@ -185,6 +185,7 @@ def test_offline_login_serves_cache(proxy, dovecot):
 
 
 def test_rejected_password_drops_offline_hash(proxy, dovecot):
+    """Only the password the hash matches, refused by the provider (changed upstream), drops the hash."""
     proxy.start()
     proxy.client(dovecot.user, dovecot.password).quit()
     state_db = user_dir(proxy.root, dovecot.user) / "state.db"
@@ -193,7 +194,15 @@ def test_rejected_password_drops_offline_hash(proxy, dovecot):
     client = poplib.POP3(HOST, proxy.process.port, timeout=10)
     client.user(dovecot.user)
     with pytest.raises(poplib.error_proto):
-        client.pass_("wrong")
+        client.pass_("wrong")  # anyone's guess: the real user's offline copy stays usable
+    client.quit()
+    with UserState(state_db) as state:
+        assert state.get_meta("offline_hash")
+    dovecot.add_user(dovecot.user, "changed upstream")
+    client = poplib.POP3(HOST, proxy.process.port, timeout=10)
+    client.user(dovecot.user)
+    with pytest.raises(poplib.error_proto):
+        client.pass_(dovecot.password)  # the old password, which the hash matches
     client.quit()
     with UserState(state_db) as state:
         assert state.get_meta("offline_hash") is None
