@@ -91,15 +91,18 @@ async def run_service(
     state = ServerState(build_server_config(settings), backend)
     listen = settings.listen
     plain, tls = [], []
+    port = listen.port
     try:
         if listen.port is not None:
             plain = await open_listeners(listen.host, listen.port)
         if listen.tls_port is not None:
+            port = listen.tls_port
             tls = await open_listeners(listen.host, listen.tls_port)
     except OSError as exc:
         for listener in plain + tls:
             await listener.aclose()
-        raise StartupError(f"cannot listen on {listen.host}: {exc.strerror or exc}") from None
+        reason = (exc.strerror or str(exc)).lower()
+        raise StartupError(f"cannot listen on {listen.host}:{port}: {reason}") from None
     ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
     if ports.plain is not None:
         stls = " (STLS available)" if state.config.ssl_context else ""

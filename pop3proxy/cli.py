@@ -47,9 +47,19 @@ def _run(main: Callable[[], object]) -> None:
     try:
         trio.run(main)
     except StartupError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except BaseExceptionGroup as group:  # a listener started inside the service's nursery
+        startup, rest = group.split(StartupError)
+        if startup is None or rest is not None:
+            raise
+        raise CliError(str(_first_leaf(startup)), EXIT_USAGE) from None
     except KeyboardInterrupt:
         pass
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -226,3 +226,30 @@ def test_example_config_loads():
     assert settings.upstream.host == "pop.example.com"
     assert settings.routes["example.org"].host == "pop.example.org"
     assert settings.accounts["alice"].remote_user == "alice@example.com"
+
+
+@pytest.mark.parametrize("which", ["listen", "metrics"])
+def test_a_busy_port_is_a_one_line_error_and_exit_2(tmp_path, which):
+    import socket
+
+    from pop3proxy.proxy.credentials import set_password
+
+    users = tmp_path / "users"
+    set_password(users, "alice", "pw")
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        sections = {"listen": {"host": HOST, "port": 0}, "local": {"users_file": users},
+                    "cache": {"root": tmp_path / "cache"}}
+        if which == "listen":
+            sections["listen"]["port"] = port
+        else:
+            sections["metrics"] = {"host": HOST, "port": port}
+        config = write_config(tmp_path / "busy.toml", sections)
+        result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
+    assert "internal error" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("pop3proxy: cannot listen") and str(port) in last and "in use" in last.lower(), last
