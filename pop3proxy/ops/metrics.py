@@ -46,6 +46,12 @@ SYNC_BYTES = Counter("pop3proxy_sync_bytes", "Octets fetched from providers into
 FILTER_VERDICTS = Counter(
     "pop3proxy_filter_verdicts", "Filter outcomes by filter and verdict.", ["filter", "verdict"], registry=REGISTRY
 )
+BACKGROUND_ERRORS = Counter(
+    "pop3proxy_background_errors",
+    "Unexpected errors caught in background work (sync, prefetch, login), by task; the service goes on.",
+    ["task"],
+    registry=REGISTRY,
+)
 FILTER_ERRORS = Counter("pop3proxy_filter_errors", "Filter failures by filter.", ["filter"], registry=REGISTRY)
 SMTP_LOGINS = Counter(
     "pop3proxy_smtp_logins", "SMTP AUTH attempts by result (ok, offline, failed, unavailable).", ["result"],
@@ -137,3 +143,7 @@ def oauth2_state(account: str, needs_authorisation: bool) -> None:
 
 def oauth2_refresh(result: str) -> None:
     OAUTH2_REFRESHES.labels(result=result if result in ("ok", "transient", "invalid_grant") else "other").inc()
+
+
+def background_error(task: str) -> None:
+    BACKGROUND_ERRORS.labels(_token(task)).inc()

@@ -196,33 +196,50 @@ class ProxyBackend(OAuthLogins, Backend):
         except MailboxBusy:
             await client.aclose()
             raise LoginError("mailbox is in use by another session", "IN-USE") from None
-        try:
-            mailbox, state = await self._open_local(route, account)
-        except (OSError, StateError) as exc:
+        except BaseException:
             await client.aclose()
-            await account.release(session=True)
-            log.error("cannot open the cache of %r: %s", route.cache_id, exc)
-            raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
-        done = trio.Event()
-        outcome: dict[str, object] = {}
-        assert self._nursery is not None, "ProxyBackend.attach() was not called"
-        await account.acquire(session=False)  # the sync's own hold on the lock
-        self._nursery.start_soon(self._background_sync, route, account, client, password, done, outcome)
-        with trio.move_on_after(self.settings.sync.login_budget):
-            await done.wait()
-        error = outcome.get("store_error")
-        if error is not None:
-            await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
-            await account.release(session=True)
-            raise LoginError("cannot store new mail, try again later", "SYS/TEMP")
-        messages = await self._snapshot(mailbox, state)
-        result = outcome.get("result")
-        banner = f"{len(messages)} messages"
-        if not done.is_set():
-            banner += " (more mail is still downloading; it will show at your next login)"
-        elif not isinstance(result, SyncResult) or result.remaining:  # no result: the sync broke off
-            banner += " (some new mail could not be fetched yet)"
-        return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
+            raise
+        files: tuple[Mailbox, UserState] | None = None
+        handed_over = False  # the client belongs to the background sync once it is started
+        try:
+            try:
+                files = await self._open_local(route, account)
+            except (OSError, StateError) as exc:
+                log.error("cannot open the cache of %r: %s", route.cache_id, exc)
+                raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
+            mailbox, state = files
+            done = trio.Event()
+            outcome: dict[str, object] = {}
+            assert self._nursery is not None, "ProxyBackend.attach() was not called"
+            await account.acquire(session=False)  # the sync's own hold on the lock
+            self._nursery.start_soon(self._background_sync, route, account, client, password, done, outcome)
+            handed_over = True
+            with trio.move_on_after(self.settings.sync.login_budget):
+                await done.wait()
+            if outcome.get("store_error") is not None:
+                raise LoginError("cannot store new mail, try again later", "SYS/TEMP")
+            messages = await self._snapshot(mailbox, state)
+            result = outcome.get("result")
+            banner = f"{len(messages)} messages"
+            if not done.is_set():
+                banner += " (more mail is still downloading; it will show at your next login)"
+            elif not isinstance(result, SyncResult) or result.remaining:  # no result: the sync broke off
+                banner += " (some new mail could not be fetched yet)"
+            return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
+        except BaseException as exc:
+            # Whatever went wrong between taking the lock and handing out the session, the lock is
+            # released: the user must not stay "in use" until a restart.
+            with trio.CancelScope(shield=True):
+                if not handed_over:
+                    await client.aclose()
+                if files is not None:
+                    await trio.to_thread.run_sync(lambda: (files[0].close(), files[1].close()))
+                await account.release(session=True)
+            if isinstance(exc, Exception) and not isinstance(exc, LoginError):
+                log.exception("login of %r failed: internal error", route.cache_id)
+                metrics.background_error("login")
+                raise LoginError("internal error, try again later", "SYS/TEMP") from None
+            raise
 
     async def _snapshot(self, mailbox: Mailbox, state: UserState):
         def snapshot():
@@ -243,6 +260,9 @@ class ProxyBackend(OAuthLogins, Backend):
         except StateError as exc:
             outcome["store_error"] = exc
             log.error("sync of %r failed: %s", route.cache_id, exc)
+        except Exception:  # a bug must stop this sync only, never the service's other tasks
+            log.exception("sync of %r failed: internal error", route.cache_id)
+            metrics.background_error("sync")
         finally:
             with trio.CancelScope(shield=True):
                 await client.aclose()
@@ -434,4 +454,7 @@ class ProxyBackend(OAuthLogins, Backend):
                     log.warning("prefetch of %r failed: %s", name, exc)
                 except (OSError, StateError) as exc:
                     log.error("prefetch of %r failed writing the cache: %s", name, exc)
+                except Exception:  # one account's bug must not stop the loop, nor the service
+                    log.exception("prefetch of %r failed: internal error", name)
+                    metrics.background_error("prefetch")
             await trio.sleep(self.settings.sync.interval)
