@@ -9,6 +9,7 @@ import pytest
 import trustme
 from helpers.common import ServerProcess
 from helpers.dovecot import dovecot, dovecot_server  # noqa: F401  (fixtures)
+from helpers.proxy import Proxy
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,14 @@ def server_process() -> Iterator[type[ServerProcess]]:
     for proc in made:
         proc.stop()
 from helpers.oauth_server import oauth_dovecot, oidc_server, short_oidc  # noqa: F401,E402  (fixtures)
+
+
+@pytest.fixture
+def proxy(server_process, tmp_path, dovecot):
+    """A pop3proxy process in front of the test's Dovecot (helpers.proxy.Proxy); no password in its log."""
+    made = Proxy(server_process, tmp_path, dovecot)
+    yield made
+    log = made.output()
+    made.stop()
+    # No password ever reaches the log.
+    assert log and dovecot.password not in log

@@ -10,7 +10,10 @@ from pop3proxy.pop3.errors import LocalProtocolError
 from pop3proxy.pop3.replies import _client_error
 
 MAX_COMMAND_LINE: Final = 255  # octets including CRLF (RFC 2449)
-MAX_AUTH_LINE: Final = 8192  # a SASL response line (RFC 5034)
+MAX_AUTH_LINE: Final = 16384  # a credential line: PASS, AUTH with an initial response, a SASL response
+# Commands whose line may be longer than MAX_COMMAND_LINE (up to MAX_AUTH_LINE): long passwords and
+# OAuth2 bearer tokens (2,500+ octets) in an AUTH initial response, as Dovecot accepts them.
+CREDENTIAL_COMMANDS: Final = frozenset({b"PASS", b"AUTH"})
 
 
 _KEYWORD = re.compile(rb"[A-Za-z0-9]{1,40}")

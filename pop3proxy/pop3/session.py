@@ -31,7 +31,14 @@ from pop3proxy.pop3.actions import (
     State,
     Update,
 )
-from pop3proxy.pop3.commands import MAX_AUTH_LINE, MAX_COMMAND_LINE, Command, parse_command, parse_number
+from pop3proxy.pop3.commands import (
+    CREDENTIAL_COMMANDS,
+    MAX_AUTH_LINE,
+    MAX_COMMAND_LINE,
+    Command,
+    parse_command,
+    parse_number,
+)
 from pop3proxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from pop3proxy.pop3.framing import NEED_DATA, Line, LineReader, LineTooLong
 
@@ -150,7 +157,8 @@ class Session:
         if self.state in (State.UPDATE, State.CLOSED):
             return None
         sasl = self._pending is _Pending.SASL
-        event = self._reader.next_event(MAX_AUTH_LINE if sasl else MAX_COMMAND_LINE)
+        credentials = sasl or self.state is State.AUTHORIZATION
+        event = self._reader.next_event(MAX_AUTH_LINE if credentials else MAX_COMMAND_LINE)
         if event is NEED_DATA:
             return None
         if isinstance(event, LineTooLong):
@@ -159,6 +167,10 @@ class Session:
                 return self._bad(replies.err("authentication line too long", "AUTH"))
             return self._bad(replies.err("command line too long"))
         assert isinstance(event, Line)
+        if not sasl and len(event.data) + 2 > MAX_COMMAND_LINE:
+            # Only credentials may be long; every other command keeps RFC 2449's 255 octets.
+            if event.data.split(b" ", 1)[0].upper() not in CREDENTIAL_COMMANDS:
+                return self._bad(replies.err("command line too long"))
         if sasl:
             self._pending = _Pending.NOTHING
             return self._sasl_response(event.data)

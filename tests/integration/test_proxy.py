@@ -12,22 +12,12 @@ from helpers.common import (
     require_tool,
     wait_for,
 )
-from helpers.proxy import Proxy, cached, closed_port, retr_all, sample
+from helpers.proxy import cached, closed_port, retr_all, sample
 
 from pop3proxy.store.paths import user_dir
 from pop3proxy.store.state import UserState
 
 pytestmark = pytest.mark.dovecot
-
-
-@pytest.fixture
-def proxy(server_process, tmp_path, dovecot):
-    made = Proxy(server_process, tmp_path, dovecot)
-    yield made
-    log = made.output()
-    made.stop()
-    # No password ever reaches the log.
-    assert log and dovecot.password not in log
 
 
 @pytest.mark.parametrize("backend", ["maildir", "mbox"])

@@ -378,3 +378,12 @@ def test_garbage_still_closes_the_session():
     session = logged_in()
     out, actions = drive(session, b"RETR x\r\n" * s.MAX_BAD_COMMANDS)
     assert b"too many errors" in out and isinstance(actions[-1], s.Close)
+
+
+def test_credential_lines_may_be_long_other_commands_not():
+    session = s.Session()
+    out, actions = drive(session, b"USER u\r\nPASS " + b"p" * 300 + b"\r\n")
+    assert isinstance(actions[-1], s.Authenticate) and actions[-1].password == "p" * 300
+    session = s.Session()
+    out, actions = drive(session, b"NOOP " + b"x" * 260 + b"\r\n")
+    assert out == b"-ERR command line too long\r\n"
