@@ -57,6 +57,8 @@ def build_server_config(settings: Settings) -> ServerConfig:
     throttle = settings.throttle
     return ServerConfig(
         idle_timeout=listen.idle_timeout,
+        login_timeout=listen.login_timeout,
+        max_unauthenticated=listen.max_unauthenticated,
         tls_handshake_timeout=listen.tls_handshake_timeout,
         max_sessions=listen.max_sessions,
         max_sessions_per_address=listen.max_sessions_per_address,

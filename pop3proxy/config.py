@@ -49,6 +49,12 @@ class ListenSettings(_Section):
     )
     idle_timeout: float = Field(600.0, gt=0, description="Seconds a client may stay silent (RFC 1939 asks for at least 10 minutes).")
     max_sessions: int = Field(1000, ge=1, description="Concurrent client sessions; further clients get -ERR [SYS/TEMP].")
+    login_timeout: float = Field(
+        60.0, gt=0, description="Seconds from the greeting to a successful login, however active the client is."
+    )
+    max_unauthenticated: int = Field(
+        200, ge=1, description="Connections not logged in yet; a new one closes the oldest idle one beyond this."
+    )
     tls_handshake_timeout: float = Field(30.0, gt=0, description="Seconds a client has to finish a TLS handshake.")
     tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = Field(
         "1.2", description="Lowest TLS version offered to clients; 1.0/1.1 only for legacy clients (logged as a warning)."

@@ -35,6 +35,8 @@ RECEIVE_SIZE = 64 * 1024
 @dataclass
 class ServerConfig:
     idle_timeout: float = 600.0
+    login_timeout: float = 60.0  # absolute: from the greeting to a successful login
+    max_unauthenticated: int = 200  # connections not logged in yet; a new one evicts the oldest idle one
     tls_handshake_timeout: float = 30.0
     max_sessions: int = 1000
     max_sessions_per_address: int = 50
@@ -53,7 +55,19 @@ class ServerState:
     backend: Backend
     sessions: int = 0
     per_address: dict[str, int] = field(default_factory=dict)
-    stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0})
+    stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0, "evicted": 0})
+    # Connections still in AUTHORIZATION, oldest first (dicts keep insertion order).
+    unauthenticated: dict["_Connection", None] = field(default_factory=dict)
+
+    def admit(self, conn: "_Connection") -> None:
+        """Count a new pre-login connection; at the cap, evict the oldest one waiting for input, so
+        that idle or trickling connections can never keep a real user from logging in."""
+        if len(self.unauthenticated) >= self.config.max_unauthenticated:
+            for victim in self.unauthenticated:
+                if victim.evict():
+                    self.stats["evicted"] += 1
+                    break
+        self.unauthenticated[conn] = None
 
 
 def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
@@ -98,6 +112,9 @@ class _Connection:
             bearer_auth=getattr(state.backend, "accepts_bearer", False),
         )
         self.out: list[bytes] = []
+        self.login_deadline = trio.current_time() + self.config.login_timeout
+        self._wait_scope: trio.CancelScope | None = None  # set while waiting for input
+        self.evicted = False
         self.maildrop: Maildrop | None = None
         self.upstream: str | None = None  # the provider this session's login went to (logs)
         self.bytes_sent = 0
@@ -113,10 +130,24 @@ class _Connection:
             await self.stream.send_all(data)
         self.bytes_sent += len(data)
 
+    def evict(self) -> bool:
+        """Close this pre-login connection to make room (only while it waits for input)."""
+        if self._wait_scope is None or self.evicted:
+            return False
+        self.evicted = True
+        self._wait_scope.cancel()
+        return True
+
+    def _authorizing(self) -> bool:
+        return self.session.state is s.State.AUTHORIZATION
+
     async def run(self) -> None:
         self.out.append(self.session.greeting())
+        self.state.admit(self)
         try:
             while True:
+                if not self._authorizing():
+                    self.state.unauthenticated.pop(self, None)
                 actions = self.session.next_actions()
                 if actions is None:
                     if not await self._receive():
@@ -125,6 +156,7 @@ class _Connection:
                 if await self._perform(actions):
                     return
         finally:
+            self.state.unauthenticated.pop(self, None)
             if self.maildrop is not None:
                 maildrop, self.maildrop = self.maildrop, None
                 with trio.CancelScope(shield=True):
@@ -133,14 +165,27 @@ class _Connection:
     async def _receive(self) -> bool:
         """Flush replies, then wait for input. False when the client is gone or idle too long."""
         await self.flush()
-        with trio.move_on_after(self.config.idle_timeout):
+        deadline = trio.current_time() + self.config.idle_timeout
+        authorizing = self._authorizing()
+        if authorizing:  # each byte resets the idle timer, but not the deadline to log in
+            deadline = min(deadline, self.login_deadline)
+        with trio.CancelScope(deadline=deadline) as self._wait_scope:
             data = await self.stream.receive_some(RECEIVE_SIZE)
+            self._wait_scope = None
             if not data:
                 return False
             self.session.receive_data(data)
             return True
-        self.out.append(p.err("idle timeout, closing connection"))
-        await self.flush()
+        self._wait_scope = None
+        if self.evicted:
+            text = "too many connections waiting to log in, closing connection"
+            self.out.append(p.err(text, "SYS/TEMP"))
+        elif authorizing and trio.current_time() >= self.login_deadline:
+            self.out.append(p.err("login timeout, closing connection"))
+        else:
+            self.out.append(p.err("idle timeout, closing connection"))
+        with trio.move_on_after(5):
+            await self.flush()
         return False
 
     async def _perform(self, actions: Iterable[s.Action]) -> bool:
