@@ -59,6 +59,7 @@ def build_server_config(settings: Settings) -> ServerConfig:
         idle_timeout=listen.idle_timeout,
         login_timeout=listen.login_timeout,
         max_unauthenticated=listen.max_unauthenticated,
+        max_output=listen.output_buffer,
         tls_handshake_timeout=listen.tls_handshake_timeout,
         max_sessions=listen.max_sessions,
         max_sessions_per_address=listen.max_sessions_per_address,

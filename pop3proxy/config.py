@@ -55,6 +55,9 @@ class ListenSettings(_Section):
     max_unauthenticated: int = Field(
         200, ge=1, description="Connections not logged in yet; a new one closes the oldest idle one beyond this."
     )
+    output_buffer: int = Field(
+        1 << 20, ge=4096, description="Octets of replies one session holds before it waits for the client to read them."
+    )
     tls_handshake_timeout: float = Field(30.0, gt=0, description="Seconds a client has to finish a TLS handshake.")
     tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = Field(
         "1.2", description="Lowest TLS version offered to clients; 1.0/1.1 only for legacy clients (logged as a warning)."

@@ -37,6 +37,7 @@ class ServerConfig:
     idle_timeout: float = 600.0
     login_timeout: float = 60.0  # absolute: from the greeting to a successful login
     max_unauthenticated: int = 200  # connections not logged in yet; a new one evicts the oldest idle one
+    max_output: int = 1 << 20  # octets of replies a session holds before it sends them (back-pressure)
     tls_handshake_timeout: float = 30.0
     max_sessions: int = 1000
     max_sessions_per_address: int = 50
@@ -112,6 +113,7 @@ class _Connection:
             bearer_auth=getattr(state.backend, "accepts_bearer", False),
         )
         self.out: list[bytes] = []
+        self.out_bytes = 0  # octets in self.out
         self.login_deadline = trio.current_time() + self.config.login_timeout
         self._wait_scope: trio.CancelScope | None = None  # set while waiting for input
         self.evicted = False
@@ -119,10 +121,15 @@ class _Connection:
         self.upstream: str | None = None  # the provider this session's login went to (logs)
         self.bytes_sent = 0
 
+    def _queue(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_bytes += len(data)
+
     async def flush(self) -> None:
         if self.out:
             data = b"".join(self.out)
             self.out.clear()
+            self.out_bytes = 0
             await self._send(data)
 
     async def _send(self, data: bytes) -> None:
@@ -142,7 +149,7 @@ class _Connection:
         return self.session.state is s.State.AUTHORIZATION
 
     async def run(self) -> None:
-        self.out.append(self.session.greeting())
+        self._queue(self.session.greeting())
         self.state.admit(self)
         try:
             while True:
@@ -155,6 +162,10 @@ class _Connection:
                     continue
                 if await self._perform(actions):
                     return
+                if self.out_bytes >= self.config.max_output:
+                    # Replies to pipelined commands are sent before more commands are handled: the
+                    # buffer stays bounded and a client that does not read stops being read from.
+                    await self.flush()
         finally:
             self.state.unauthenticated.pop(self, None)
             if self.maildrop is not None:
@@ -179,11 +190,11 @@ class _Connection:
         self._wait_scope = None
         if self.evicted:
             text = "too many connections waiting to log in, closing connection"
-            self.out.append(p.err(text, "SYS/TEMP"))
+            self._queue(p.err(text, "SYS/TEMP"))
         elif authorizing and trio.current_time() >= self.login_deadline:
-            self.out.append(p.err("login timeout, closing connection"))
+            self._queue(p.err("login timeout, closing connection"))
         else:
-            self.out.append(p.err("idle timeout, closing connection"))
+            self._queue(p.err("idle timeout, closing connection"))
         with trio.move_on_after(5):
             await self.flush()
         return False
@@ -194,7 +205,7 @@ class _Connection:
         while queue:
             action = queue.pop(0)
             if isinstance(action, s.Send):
-                self.out.append(action.data)
+                self._queue(action.data)
             elif isinstance(action, s.SendMessage):
                 await self._send_message(action)
             elif isinstance(action, s.Authenticate):
@@ -296,12 +307,12 @@ class _Connection:
                 f = None
             if f is not None:
                 try:
-                    self.out.append(action.status)
+                    self._queue(action.status)
                     await self.flush()
                     await self._sendfile(f, action.size)
                 finally:
                     f.close()
-                self.out.append(b".\r\n")
+                self._queue(b".\r\n")
                 return
         try:
             if action.size is not None and action.size <= INLINE_READ:
@@ -314,19 +325,19 @@ class _Connection:
             # The file vanished or cannot be read (removed by hand, EMFILE, EIO): nothing was promised
             # yet, so the client gets a temporary error and marks nothing.
             log.error("cannot read message %s of %r: %s", action.key, self.session.user, exc)
-            self.out.append(action.error)
+            self._queue(action.error)
             return
-        self.out.append(action.status)
+        self._queue(action.status)
         try:
             total = 0
             while chunk:
                 total += len(chunk)
-                self.out.append(stuffer.feed(chunk))
+                self._queue(stuffer.feed(chunk))
                 if stuffer.done or (action.size is not None and total >= action.size):
                     break  # no further read (and thread hop) just to learn that the file ended
                 await self.flush()
                 chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
-            self.out.append(stuffer.finish())
+            self._queue(stuffer.finish())
         finally:
             f.close()
 
