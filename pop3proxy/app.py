@@ -66,7 +66,13 @@ def build_server_config(settings: Settings) -> ServerConfig:
         max_bad_commands=listen.max_bad_commands,
         allow_plaintext_auth=listen.allow_plaintext_auth,
         ssl_context=build_ssl_context(settings),
-        throttle=Throttle(throttle.max_failures, throttle.window, throttle.base_delay, throttle.max_delay),
+        throttle=Throttle(
+            throttle.max_failures,
+            throttle.window,
+            throttle.base_delay,
+            throttle.max_delay,
+            address_failures=throttle.address_failures,
+        ),
     )
 
 

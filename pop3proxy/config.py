@@ -199,7 +199,8 @@ class LocalSettings(_Section):
 
 
 class ThrottleSettings(_Section):
-    max_failures: int = Field(5, ge=1, description="Failed logins (per client address, and per user name) before further attempts are refused without asking the provider.")
+    max_failures: int = Field(5, ge=1, description="Failed logins of one account from one client address before further attempts of that pair are refused without asking the provider; past it, attempts on the account from anywhere are delayed by max_delay.")
+    address_failures: int = Field(20, ge=1, description="Failed logins from one client address, across accounts, before every login from it is refused.")
     window: float = Field(900.0, gt=0, description="Seconds over which failed logins are counted.")
     base_delay: float = Field(0.5, ge=0, description="Delay before answering a failed login; doubles with each further failure.")
     max_delay: float = Field(8.0, ge=0, description="Longest delay before answering a failed login.")

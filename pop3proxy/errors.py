@@ -14,7 +14,10 @@ class StartupError(Exception):
 class LoginError(Exception):
     """A login that did not succeed; ``code`` is the RFC 3206 response code for the client."""
 
-    def __init__(self, text: str, code: str | None = "AUTH") -> None:
+    def __init__(self, text: str, code: str | None = "AUTH", *, guess: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.code = code
+        # A password was tried even though the answer is not [AUTH] (the provider took it and did not
+        # answer in time): the throttle counts it like a refused one.
+        self.guess = guess

@@ -37,6 +37,11 @@ class Backend:
     async def login(self, user: str, password: str, peer: str) -> Maildrop:
         raise NotImplementedError
 
+    def account_key(self, user: str) -> str:
+        """The account a login name means, for throttling: name variants that reach one account give
+        one key. By default the name itself, case folded."""
+        return user.lower()
+
     def attach(self, nursery: trio.Nursery) -> None:
         """Called once before serving, with a nursery for background work that outlives a session."""
 

@@ -224,19 +224,22 @@ class _Connection:
         await self.flush()
         throttle = self.config.throttle
         address = self.peer[0]
-        if throttle.blocked(address, action.user):
+        account = self.state.backend.account_key(action.user)  # name variants of one account count as one
+        if throttle.blocked(address, account):
             log.warning("login of %r from %s refused: too many failed logins", action.user, address)
             return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
-        try:
-            maildrop = await self.state.backend.login(action.user, action.password, address)
-        except LoginError as exc:
-            log.info("login failed for %r from %s: %s", action.user, address, exc.text,
-                     extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
-            metrics.login("failed")
-            if exc.code == "AUTH":
-                await trio.sleep(throttle.failed(address, action.user))
-            return self.session.login_failed(exc.text, exc.code)
-        throttle.succeeded(address, action.user)
+        with throttle.attempt(address, account):
+            await trio.sleep(throttle.account_delay(account))  # an account being guessed at: slowed, not refused
+            try:
+                maildrop = await self.state.backend.login(action.user, action.password, address)
+            except LoginError as exc:
+                log.info("login failed for %r from %s: %s", action.user, address, exc.text,
+                         extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
+                metrics.login("failed")
+                if exc.code == "AUTH" or exc.guess:
+                    await trio.sleep(throttle.failed(address, account))
+                return self.session.login_failed(exc.text, exc.code)
+        throttle.succeeded(address, account)
         self.maildrop = maildrop
         self.upstream = getattr(maildrop, "upstream", None)
         log.info("login %r from %s: %d messages", action.user, self.peer[0], len(maildrop.messages),

@@ -1,18 +1,31 @@
-"""Failed-login throttling, per client address and per user name.
+"""Failed-login throttling without collateral damage.
 
-Each failed login (the provider or the users file said no) is remembered for ``window`` seconds. The
-answer to a failure is delayed, doubling from ``base_delay`` up to ``max_delay``; once ``max_failures``
-are counted for the address or for the name, further logins are refused at once with
-``-ERR [LOGIN-DELAY]`` — without asking the provider, so the proxy cannot be used to guess passwords or
-to get a user's account locked at the provider. A successful login clears the name's failures.
+Failures are counted on the *resolved account* (the provider and the remote user a login name
+means, so that name variants reaching one account count as one) and remembered for ``window``
+seconds, under three keys:
 
-Pure bookkeeping with an injectable clock; memory is bounded (oldest keys are dropped first).
+- the pair (client address, account): ``max_failures`` failures or attempts in flight refuse further
+  attempts of that pair at once with ``-ERR [LOGIN-DELAY]``, without asking the provider. A success
+  clears the pair. Other users behind the same address (a household or office behind one NAT) are
+  not affected;
+- the client address across accounts: ``address_failures`` (a higher threshold) refuse every login
+  from that address, so one address cannot try many accounts;
+- the account across addresses: never refuses (strangers must not be able to lock the real user
+  out), but past ``max_failures`` every attempt on that account is delayed by ``max_delay`` before
+  the provider is asked, which slows a distributed guess to a trickle.
+
+Attempts in flight count like failures for the refusals (twenty concurrent guesses from one address
+get five through, not twenty-one). The answer to a failure is delayed, doubling from ``base_delay``
+up to ``max_delay``. Pure bookkeeping with an injectable clock; memory is bounded (the oldest keys are
+dropped first).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 MAX_KEYS = 100_000
@@ -26,13 +39,16 @@ class Throttle:
         base_delay: float = 0.5,
         max_delay: float = 8.0,
         clock: Callable[[], float] = time.monotonic,
+        address_failures: int | None = None,
     ) -> None:
         self.max_failures = max_failures
+        self.address_failures = address_failures if address_failures is not None else 4 * max_failures
         self.window = window
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.clock = clock
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._in_flight: Counter[str] = Counter()
 
     def _recent(self, key: str) -> int:
         stamps = self._failures.get(key)
@@ -47,25 +63,51 @@ class Throttle:
         return len(stamps)
 
     @staticmethod
-    def _keys(address: str, user: str) -> tuple[str, str]:
-        return f"addr:{address}", f"user:{user.lower()}"
+    def _keys(address: str, account: str) -> tuple[str, str, str]:
+        account = account.lower()
+        return f"pair:{address}\0{account}", f"addr:{address}", f"acct:{account}"
 
-    def blocked(self, address: str, user: str) -> bool:
+    def blocked(self, address: str, account: str) -> bool:
         """True when this login must be refused without asking anyone."""
-        return any(self._recent(key) >= self.max_failures for key in self._keys(address, user))
+        pair, addr, _ = self._keys(address, account)
+        return (
+            self._recent(pair) + self._in_flight[pair] >= self.max_failures
+            or self._recent(addr) + self._in_flight[addr] >= self.address_failures
+        )
 
-    def failed(self, address: str, user: str) -> float:
+    def account_delay(self, account: str) -> float:
+        """Seconds to wait before asking the provider about this account (it is being guessed at)."""
+        return self.max_delay if self._recent(self._keys("", account)[2]) >= self.max_failures else 0.0
+
+    @contextmanager
+    def attempt(self, address: str, account: str) -> Iterator[None]:
+        """Count a login in flight while the provider is asked."""
+        pair, addr, _ = self._keys(address, account)
+        self._in_flight[pair] += 1
+        self._in_flight[addr] += 1
+        try:
+            yield
+        finally:
+            for key in (pair, addr):
+                self._in_flight[key] -= 1
+                if not self._in_flight[key]:
+                    del self._in_flight[key]
+
+    def failed(self, address: str, account: str) -> float:
         """Record a failure; returns the delay to wait before answering it."""
         now = self.clock()
-        count = 0
-        for key in self._keys(address, user):
+        pair_count = 0
+        for key in self._keys(address, account):
             stamps = self._failures.setdefault(key, deque())
             self._failures.move_to_end(key)
             stamps.append(now)
-            count = max(count, self._recent(key))
+            if key.startswith("pair:"):
+                pair_count = self._recent(key)
         while len(self._failures) > MAX_KEYS:
             self._failures.popitem(last=False)
-        return min(self.max_delay, self.base_delay * (2 ** max(0, count - 1)))
+        return min(self.max_delay, self.base_delay * (2 ** max(0, pair_count - 1)))
 
-    def succeeded(self, address: str, user: str) -> None:
-        self._failures.pop(self._keys(address, user)[1], None)
+    def succeeded(self, address: str, account: str) -> None:
+        pair, _, acct = self._keys(address, account)
+        self._failures.pop(pair, None)
+        self._failures.pop(acct, None)

@@ -147,6 +147,14 @@ class ProxyBackend(OAuthLogins, Backend):
 
     # -- login -----------------------------------------------------------------------------------
 
+    def account_key(self, user: str) -> str:
+        """The provider account a login name reaches (provider and remote user, case folded)."""
+        try:
+            route = resolve(user, self.settings)
+        except LoginError:
+            return user.lower()
+        return f"{route.endpoint.host.lower()}:{route.endpoint.port}/{route.remote_user.lower()}"
+
     async def login(self, user: str, password: str, peer: str) -> Maildrop:
         route = resolve(user, self.settings)
         if isinstance(password, BearerToken):
@@ -170,7 +178,11 @@ class ProxyBackend(OAuthLogins, Backend):
             raise LoginError(_AUTH_TEXT.get(exc.code, "login refused by the mail provider"), exc.code) from None
         except UpstreamUnavailable as exc:
             await client.aclose()
-            return await self._offline_login(route, password, exc)
+            try:
+                return await self._offline_login(route, password, exc)
+            except LoginError as error:
+                error.guess = True  # the provider had the password and did not answer: a guess all the same
+                raise
         except BaseException:
             await client.aclose()
             raise

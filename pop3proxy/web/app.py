@@ -133,19 +133,23 @@ def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secur
         address = request.client.host if request.client else "?"
         if not user or not password:
             return await login_page(request, "give your user name and password", 400)
-        if throttle.blocked(address, user):
+        account = backend.account_key(user)  # the same keys as POP3 logins: one throttle for both doors
+        if throttle.blocked(address, account):
             log.warning("console sign-in of %r from %s refused: too many failed logins", user, address)
             return await login_page(request, "too many failed logins, try again later", 429)
-        try:
-            maildrop = await backend.login(user, password, address)
-        except LoginError as exc:
-            log.info("console sign-in failed for %r from %s: %s", user, address, exc.text)
-            if exc.code == "AUTH":
-                await trio.sleep(throttle.failed(address, user))
-                return await login_page(request, "invalid user name or password", 401)
-            return await login_page(request, f"cannot sign in now: {exc.text}", 503)
+        with throttle.attempt(address, account):
+            await trio.sleep(throttle.account_delay(account))
+            try:
+                maildrop = await backend.login(user, password, address)
+            except LoginError as exc:
+                log.info("console sign-in failed for %r from %s: %s", user, address, exc.text)
+                if exc.code == "AUTH" or exc.guess:
+                    await trio.sleep(throttle.failed(address, account))
+                if exc.code == "AUTH":
+                    return await login_page(request, "invalid user name or password", 401)
+                return await login_page(request, f"cannot sign in now: {exc.text}", 503)
         await maildrop.close()  # the console reads the store itself; the mailbox lock is given back
-        throttle.succeeded(address, user)
+        throttle.succeeded(address, account)
         log.info("console sign-in of %r from %s", user, address)
         response = RedirectResponse("/", status_code=303)
         cookie(response, COOKIE, sessions.create(user, user in admins), int(web.session_lifetime))

@@ -233,6 +233,23 @@ def test_a_certificate_failure_is_an_error_not_offline_mode(proxy, dovecot, tls)
     assert "failed TLS" in proxy.output() and "serving cached mail" not in proxy.output()
 
 
+def test_name_variants_of_one_provider_account_share_one_throttle(proxy, dovecot):
+    # The address threshold is out of the way: only the account (pair) can block here.
+    proxy.start(throttle={"max_failures": 3, "address_failures": 100, "base_delay": 0, "max_delay": 0})
+    port = dovecot.tls_port
+    for name in (f"{dovecot.user}#127.0.0.1:{port}", f"{dovecot.user}#127.0.0.1:000{port}", dovecot.user.upper()):
+        client = poplib.POP3(HOST, proxy.process.port, timeout=10)
+        client.user(name)
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            client.pass_("wrong")
+        client.quit()
+    client = poplib.POP3(HOST, proxy.process.port, timeout=10)
+    client.user(dovecot.user)
+    with pytest.raises(poplib.error_proto, match=r"\[LOGIN-DELAY\]"):
+        client.pass_(dovecot.password)
+    client.quit()
+
+
 def test_routing_forms_and_allow_list(proxy, dovecot):
     dovecot.deliver(dovecot.user, sample(3))
     proxy.start(routes={"example.test": {"host": HOST, "port": dovecot.port, "tls": "starttls", "ca_file": str(dovecot.ca_file)}})

@@ -158,21 +158,43 @@ async def test_plaintext_auth_refused_until_tls_when_configured(nursery, mail_ro
     await secure.aclose()
 
 
-async def test_failed_logins_are_throttled_per_address_and_per_user(nursery, mail_root):
-    ports = await start(nursery, mail_root, throttle={"max_failures": 3})
+async def test_failed_logins_are_throttled_per_pair_without_collateral_damage(nursery, mail_root):
+    ports = await start(nursery, mail_root, throttle={"max_failures": 3, "address_failures": 5})
     client = await Client.connect(ports.plain)
     for _ in range(3):
         assert (await client.login(password=b"wrong")).startswith(b"-ERR [AUTH]")
-    # Now even the right password is refused, without checking it.
+    # Now even the right password is refused for this pair, without checking it.
     assert (await client.login()).startswith(b"-ERR [LOGIN-DELAY]")
-    # The same address is blocked for other users too ...
+    # Another user behind the same address (a household, an office behind NAT) is not locked out ...
+    assert (await client.login(b"bob")).startswith(b"+OK")
+    await client.aclose()
+    # ... nor is the same user from another address: strangers cannot lock the real user out.
+    other = await Client.connect(ports.plain, local="127.0.0.2")
+    assert (await other.login()).startswith(b"+OK")
+    await other.aclose()
+    # An address that fails across users reaches the higher address threshold: every login refused.
+    client = await Client.connect(ports.plain)
+    for _ in range(2):
+        assert (await client.login(b"bob", b"wrong")).startswith(b"-ERR [AUTH]")
     assert (await client.login(b"bob")).startswith(b"-ERR [LOGIN-DELAY]")
     await client.aclose()
-    # ... and the same user from another address.
-    other = await Client.connect(ports.plain, local="127.0.0.2")
-    assert (await other.login()).startswith(b"-ERR [LOGIN-DELAY]")
-    assert (await other.login(b"bob")).startswith(b"+OK")
-    await other.aclose()
+
+
+async def test_concurrent_guesses_count_while_in_flight_and_name_variants_are_one_account(nursery, mail_root):
+    ports = await start(nursery, mail_root, throttle={"max_failures": 5, "address_failures": 100})
+
+    async def guess(name: bytes, results: list[bytes]) -> None:
+        client = await Client.connect(ports.plain)
+        results.append(await client.login(name, b"wrong"))
+        await client.aclose()
+
+    results: list[bytes] = []
+    async with trio.open_nursery() as guesses:
+        for i in range(20):  # name variants of one account, all at once
+            guesses.start_soon(guess, b"alice" if i % 2 else b"ALICE", results)
+    refused_by_password = [r for r in results if r.startswith(b"-ERR [AUTH]")]
+    assert len(results) == 20 and len(refused_by_password) <= 5, results
+    assert all(r.startswith((b"-ERR [AUTH]", b"-ERR [LOGIN-DELAY]")) for r in results)
 
 
 async def test_failed_login_answers_are_delayed(nursery, mail_root):
