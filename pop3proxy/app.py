@@ -10,7 +10,7 @@ from functools import partial
 import trio
 
 from pop3proxy.config import Settings
-from pop3proxy.errors import StartupError
+from pop3proxy.errors import ListenError, StartupError
 from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
 from pop3proxy.net.maildrop import Backend
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
@@ -111,7 +111,7 @@ async def run_service(
         for listener in plain + tls:
             await listener.aclose()
         reason = (exc.strerror or str(exc)).lower()
-        raise StartupError(f"cannot listen on {listen.host}:{port}: {reason}") from None
+        raise ListenError(f"cannot listen on {listen.host}:{port}: {reason}") from None
     ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
     if ports.plain is not None:
         stls = " (STLS available)" if state.config.ssl_context else ""

@@ -42,17 +42,18 @@ def _settings(args: argparse.Namespace, **overrides) -> Settings:
 def _run(main: Callable[[], object]) -> None:
     import trio
 
-    from pop3proxy.errors import StartupError
+    from pop3proxy.errors import ListenError, StartupError
 
     try:
         trio.run(main)
     except StartupError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
+        raise CliError(str(exc), EXIT_USAGE if isinstance(exc, ListenError) else EXIT_FAILURE) from None
     except BaseExceptionGroup as group:  # a listener started inside the service's nursery
         startup, rest = group.split(StartupError)
         if startup is None or rest is not None:
             raise
-        raise CliError(str(_first_leaf(startup)), EXIT_USAGE) from None
+        first = _first_leaf(startup)
+        raise CliError(str(first), EXIT_USAGE if isinstance(first, ListenError) else EXIT_FAILURE) from None
     except KeyboardInterrupt:
         pass
 

@@ -11,6 +11,11 @@ class StartupError(Exception):
     """The service cannot start; the message says why, for the person running it."""
 
 
+class ListenError(StartupError):
+    """A listening socket cannot be opened (the port is in use, not allowed): the configuration's
+    fault, so the command exits 2 like any other usage error."""
+
+
 class LoginError(Exception):
     """A login that did not succeed; ``code`` is the RFC 3206 response code for the client."""
 

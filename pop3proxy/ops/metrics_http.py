@@ -199,9 +199,9 @@ async def serve_metrics(settings, *, task_status: trio.TaskStatus[int] = trio.TA
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        from pop3proxy.errors import StartupError
+        from pop3proxy.errors import ListenError
 
-        raise StartupError(f"cannot listen for metrics on {host} port {port}: {exc.strerror or exc}") from None
+        raise ListenError(f"cannot listen for metrics on {host}:{port}: {(exc.strerror or str(exc)).lower()}") from None
     bound = listeners[0].socket.getsockname()[1]
     log.info("listening for metrics on %s port %d", host, bound)
     async with trio.open_nursery() as nursery:

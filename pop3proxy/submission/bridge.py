@@ -299,7 +299,7 @@ async def run_smtp(
     a function returning the current one (asked at every new connection, so certificates reloaded by the
     POP3 side apply here too); by default one is made from ``[listen] certfile/keyfile``.
     """
-    from pop3proxy.errors import StartupError
+    from pop3proxy.errors import ListenError, StartupError
     from pop3proxy.net.tls import make_server_ssl_context
 
     smtp = settings.smtp
@@ -327,7 +327,9 @@ async def run_smtp(
     try:
         sock = _bind(smtp.host, smtp.port)
     except OSError as exc:
-        raise StartupError(f"cannot listen for SMTP on {smtp.host} port {smtp.port}: {exc.strerror or exc}") from None
+        raise ListenError(
+            f"cannot listen for SMTP on {smtp.host}:{smtp.port}: {(exc.strerror or str(exc)).lower()}"
+        ) from None
     port = sock.getsockname()[1]
     bridge = _Bridge(trio.lowlevel.current_trio_token())
     handler = _Handler(bridge, relay)

@@ -11,7 +11,7 @@ import logging
 import trio
 
 from pop3proxy.config import Settings
-from pop3proxy.errors import StartupError
+from pop3proxy.errors import ListenError
 from pop3proxy.net.maildrop import Backend
 from pop3proxy.net.throttle import Throttle
 
@@ -55,4 +55,6 @@ async def serve_web(
     try:
         await serve(app, config, task_status=Status())
     except OSError as exc:
-        raise StartupError(f"cannot start the web console on {web.host}: {exc.strerror or exc}") from None
+        raise ListenError(
+            f"cannot listen for the web console on {web.host}:{web.port}: {(exc.strerror or str(exc)).lower()}"
+        ) from None

@@ -141,7 +141,7 @@ def test_serve_port_in_use_is_a_clear_error(tmp_path):
             {"listen": {"host": HOST, "port": busy.getsockname()[1]}, "local": {"users_file": users}, "cache": {"root": tmp_path}},
         )
         result = run_cli("serve", "--config", str(path))
-    assert result.returncode == 1
+    assert result.returncode == 2  # the configuration's fault, like any usage error
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -159,8 +159,8 @@ def test_serve_web_port_in_use_is_a_clear_error(tmp_path):
              "web": {"host": HOST, "port": busy.getsockname()[1]}},
         )
         result = run_cli("serve", "--config", str(path))
-    assert result.returncode == 1
-    assert "cannot start the web console" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert "cannot listen for the web console" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_demo_serves_sample_mail_and_stops_on_sigterm():
