@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
+from pop3proxy.store.fsutil import replace_file
 from pop3proxy.store.paths import decode_user
 
 log = logging.getLogger("pop3proxy.store.state")
@@ -100,18 +100,17 @@ class UserState:
 
     def _compact_journal(self) -> None:
         """Rewrite the journal as one line per row and setting (atomically)."""
-        tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
+
+        def lines() -> Iterator[bytes]:
             for uid, key, status, size, fetched, upstream in self._db.execute(
                 "SELECT uid, key, status, size, fetched_at, upstream FROM messages WHERE status != 'fetching'"
             ):
-                out.write(json.dumps({"u": uid, "k": key, "s": status, "z": size, "t": fetched, "up": upstream},
-                                     separators=(",", ":")) + "\n")
+                yield (json.dumps({"u": uid, "k": key, "s": status, "z": size, "t": fetched, "up": upstream},
+                                  separators=(",", ":")) + "\n").encode("utf-8")
             for name, value in self._db.execute("SELECT name, value FROM meta"):
-                out.write(json.dumps({"m": name, "v": value}, separators=(",", ":")) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(self.journal_path)
+                yield (json.dumps({"m": name, "v": value}, separators=(",", ":")) + "\n").encode("utf-8")
+
+        replace_file(self.journal_path, lines())
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
