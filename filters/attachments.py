@@ -66,7 +66,6 @@ import io
 import os
 import re
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +74,7 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pop3proxy.filtering import FilterContext, FilterOutcome
+from pop3proxy.store.fsutil import replace_file
 from pop3proxy.filters import _mime
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
@@ -436,25 +436,7 @@ def _apply(data: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
 
 
 def _write_atomic(path: Path, content: bytes) -> None:
-    """Write a content-addressed file: temporary file, fsync, rename, fsync the directory."""
+    """Write a content-addressed file durably (mode 0600), unless the same content is kept already."""
     if path.exists() and path.stat().st_size == len(content):
         return  # the same content is kept already
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, content)

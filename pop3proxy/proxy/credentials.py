@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 import trio
+
+from pop3proxy.store.fsutil import replace_file
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -84,13 +85,7 @@ def set_password(path: Path, name: str, password: str) -> None:
     users = read_users(path) if path.exists() else {}
     users[name] = hash_password(password)
     body = "".join(f"{user}:{stored}\n" for user, stored in users.items())
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, body.encode("utf-8"))
 
 
 _KDF_LIMITER: trio.CapacityLimiter | None = None

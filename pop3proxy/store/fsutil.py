@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
+from typing import Iterable
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -17,13 +19,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_new_file(path: Path, data: bytes, durable: bool = True) -> None:
-    """Create `path` (which must not exist) with `data`, mode 0600; fsync'ed unless `durable` is False."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        view = memoryview(data)
+def _write_all(fd: int, data: bytes | Iterable[bytes]) -> None:
+    for chunk in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+        view = memoryview(chunk)
         while view:
             view = view[os.write(fd, view) :]
+
+
+def write_new_file(
+    path: Path, data: bytes | Iterable[bytes], durable: bool = True, mode: int = FILE_MODE
+) -> None:
+    """Create `path` (which must not exist) with `data` (bytes or an iterable of chunks), mode 0600;
+    fsync'ed unless `durable` is False. A failure removes the partial file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        _write_all(fd, data)
         if durable:
             os.fsync(fd)
     except BaseException:
@@ -35,3 +45,17 @@ def write_new_file(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, data: bytes | Iterable[bytes], mode: int = FILE_MODE) -> None:
+    """Replace `path` with `data` durably: write a temporary file in the same directory, fsync it,
+    rename it over `path`, fsync the directory. A reader sees the old or the new file, never a part;
+    a failure leaves the old file and no temporary one. The new file has `mode` (0600 by default)."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
+    write_new_file(tmp, data, mode=mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from email.header import decode_header, make_header
@@ -34,7 +33,7 @@ from pop3proxy.filtering.headers import split_header
 from pop3proxy.store import open_store
 from pop3proxy.store.base import Mailbox, MessageInfo
 from pop3proxy.store.crlf import normalise
-from pop3proxy.store.fsutil import DIR_MODE, FILE_MODE, fsync_dir
+from pop3proxy.store.fsutil import DIR_MODE, fsync_dir, replace_file
 from pop3proxy.store.locks import lock_mailbox
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.paths import decode_user, user_dir, user_label
@@ -76,25 +75,6 @@ def _digest(data: bytes) -> str:
 
 def _uid_tag(uid: str) -> str:
     return hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:_TAG_LENGTH]
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a reader sees the old or the new file, never a part."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def _header_text(raw: bytes) -> str:
@@ -180,7 +160,7 @@ class HeldStore:
 
     def _write_meta(self, key: str, meta: dict[str, Any]) -> None:
         path = self._meta / f"{_uid_tag(str(meta.get('uid', '')))}.{key}.json"
-        _write_atomically(path, json.dumps(meta, ensure_ascii=True, sort_keys=True).encode("ascii"))
+        replace_file(path, json.dumps(meta, ensure_ascii=True, sort_keys=True).encode("ascii"))
 
     @staticmethod
     def _file_digest(mailbox: Mailbox, key: str) -> str:

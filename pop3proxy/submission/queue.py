@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pop3proxy.store.fsutil import fsync_dir as fsync_dir
+from pop3proxy.store.fsutil import replace_file, write_new_file
 
 __all__ = ["Entry", "EntryBusy", "OutQueue", "RetryPolicy", "valid_id"]
 
 DIR_MODE = 0o700
-FILE_MODE = 0o600
 MESSAGE = "message"
 META = "meta.json"
 _ID = re.compile(r"[0-9]{14}-[0-9a-f]{8}")
@@ -93,18 +93,6 @@ class Entry:
         raw = json.loads(data.decode("utf-8"))
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in raw.items() if k in names})
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (which must not exist) holding ``data``, fsync'ed, mode 0600."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OutQueue:
@@ -160,8 +148,8 @@ class OutQueue:
             mail_options=list(mail_options),
         )
         try:
-            _write_file(staging / MESSAGE, data)
-            _write_file(staging / META, entry.to_json())
+            write_new_file(staging / MESSAGE, data)
+            write_new_file(staging / META, entry.to_json())
             fsync_dir(staging)
             os.rename(staging, self.directory / entry_id)
             fsync_dir(self.directory)
@@ -176,14 +164,7 @@ class OutQueue:
         path = self.directory / entry.id
         if not (path / META).exists():
             raise KeyError(entry.id)
-        staging = path / (META + ".tmp")
-        try:
-            staging.unlink()
-        except FileNotFoundError:
-            pass
-        _write_file(staging, entry.to_json())
-        os.rename(staging, path / META)
-        fsync_dir(path)
+        replace_file(path / META, entry.to_json())
 
     def remove(self, entry_id: str) -> None:
         """Remove an entry (call it while holding its claim). Missing entries are ignored."""
