@@ -28,6 +28,7 @@ Synchronous code; callers run it in worker threads. A lock serialises calls from
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
