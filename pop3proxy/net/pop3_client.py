@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import logging
 import operator
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
@@ -24,6 +25,7 @@ from pop3proxy.net.endpoint import (
     UpstreamTLSError,
     UpstreamUnavailable,
     _auth_code,
+    _causes,
     _describe,
 )
 from pop3proxy.pop3.client import (
@@ -59,6 +61,10 @@ def _message_number(number: int) -> int:
     if number < 1:
         raise ValueError("message numbers start at 1")
     return number
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    return any(isinstance(cause, ssl.SSLError) for cause in _causes(exc))
 
 
 async def connect(endpoint: Endpoint) -> UpstreamClient:
@@ -187,8 +193,9 @@ class UpstreamClient:
             raise self._unavailable(f"timed out {doing} (after {self.endpoint.timeout:g} s)") from None
         except _IO_ERRORS as exc:
             reason, verify_failed = _describe(exc)
-            if verify_failed:
-                raise self._tls_error(reason, verify_failed=True) from None
+            if verify_failed or _is_tls_failure(exc):
+                # Not "unreachable": someone in the middle can cause it, so no offline fallback.
+                raise self._tls_error(f"{reason} {doing}", verify_failed=verify_failed) from None
             raise self._unavailable(f"{reason} {doing}") from None
 
     async def _send(self, line: bytes) -> None:

@@ -19,6 +19,7 @@ from pop3proxy.filtering.pipeline import Pipeline, build_pipeline
 from pop3proxy.net.endpoint import (
     UpstreamAuthError,
     UpstreamError,
+    UpstreamTLSError,
     UpstreamUnavailable,
 )
 from pop3proxy.net.maildrop import Backend, Maildrop
@@ -310,6 +311,13 @@ class ProxyBackend(Backend):
             log.error("cannot drop the offline password of %r: %s", route.cache_id, exc)
 
     async def _offline_login(self, route: Route, password: str, reason: UpstreamUnavailable) -> Maildrop:
+        if isinstance(reason, UpstreamTLSError):
+            # A forged certificate, a stripped STLS or a broken handshake is what someone in the
+            # middle can cause at will: never a reason to serve offline (DESIGN: TLS never falls back).
+            log.error("provider %s:%d for %r cannot be trusted, login refused%s: %s",
+                      route.endpoint.host, route.endpoint.port, route.cache_id,
+                      " (possible interception)" if reason.tls_verify_failed else "", reason)
+            raise LoginError("the mail provider's TLS cannot be trusted, try again later", "SYS/TEMP")
         log.warning("provider %s:%d unreachable for %r: %s", route.endpoint.host, route.endpoint.port,
                     route.cache_id, reason)
         if not self.settings.offline.enabled:
