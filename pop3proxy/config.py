@@ -113,6 +113,7 @@ class CacheSettings(_Section):
 class SyncSettings(_Section):
     login_budget: float = Field(20.0, gt=0, description="Seconds a login may spend fetching new mail before answering.")
     interval: float = Field(300.0, gt=0, description="Background prefetch period for accounts with a password source.")
+    deadline: float = Field(600.0, gt=0, description="Seconds a whole sync pass may take before it is stopped (a trickling provider).")
 
 
 class OfflineSettings(_Section):

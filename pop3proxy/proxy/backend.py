@@ -245,19 +245,25 @@ class ProxyBackend(Backend):
             return mailbox, state
 
         mailbox, state = await trio.to_thread.run_sync(open_files)
+        deadline = self.settings.sync.deadline
         try:
-            result = await sync_mailbox(
-                client,
-                mailbox,
-                state,
-                user=route.cache_id,
-                pipeline=self.pipeline,
-                policy=self.settings.upstream.delete,
-                delete_after_days=self.settings.upstream.delete_after_days,
-                progress=progress,
-                hold=hold_callback(self.root, route.cache_id),
-                quarantine_dir=user_dir(self.root, route.cache_id) / "quarantine",
-            )
+            with trio.move_on_after(deadline) as scope:
+                result = await sync_mailbox(
+                    client,
+                    mailbox,
+                    state,
+                    user=route.cache_id,
+                    pipeline=self.pipeline,
+                    policy=self.settings.upstream.delete,
+                    delete_after_days=self.settings.upstream.delete_after_days,
+                    progress=progress,
+                    hold=hold_callback(self.root, route.cache_id),
+                    quarantine_dir=user_dir(self.root, route.cache_id) / "quarantine",
+                )
+            if scope.cancelled_caught:
+                # What was stored is kept; claims cut short are settled by recover() on the next pass.
+                reason = f"sync deadline of {deadline:g} s reached (sync.deadline)"
+                raise UpstreamUnavailable(f"{route.endpoint.where}: {reason}", reason)
             log.info(
                 "synced %r: %d new (%d bytes), %d deleted upstream",
                 route.cache_id, result.fetched, result.fetched_bytes, result.deleted_upstream,

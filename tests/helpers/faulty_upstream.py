@@ -48,6 +48,7 @@ class Behaviour:
     auth_error_text: str = "invalid credentials"  # "{password}" becomes what the client sent
     close_on_connect: bool = False  # close before the greeting
     drop_mid_retr: bool = False  # send half the message, then close
+    trickle_retr: float | None = None  # send RETR's answer one byte per this many seconds
     stall_on: str | None = None  # GREETING or a keyword: never answer it
     garbage_on: str | None = None  # GREETING or a keyword: answer it with `garbage`
     garbage: str = "* what? {args}"  # "{args}" becomes the command's arguments
@@ -240,6 +241,12 @@ class _Connection:
         if self.b.drop_mid_retr and keyword == "RETR":
             await self.send(ok("message follows") + body[: len(body) // 2])
             await self.stream.aclose()
+            return
+        delay = self.b.trickle_retr
+        if delay is not None and keyword == "RETR":
+            for byte in ok("message follows") + body + stuffer.finish():
+                await self.send(bytes([byte]))
+                await trio.sleep(delay)  # the fault itself: a provider this slow
             return
         await self.send(ok("message follows") + body + stuffer.finish())
 

@@ -261,15 +261,15 @@ class FaultyProxy:
         self.process: ServerProcess | None = None
         self.logs: list[str] = []
 
-    async def start(self, **upstream) -> "FaultyProxy":
-        """(Re)start the proxy; `upstream` overrides [upstream] settings."""
+    async def start(self, sync: dict | None = None, **upstream) -> "FaultyProxy":
+        """(Re)start the proxy; `upstream` overrides [upstream] settings, `sync` [sync] ones."""
         await self.stop()
         settings = {"host": HOST, "port": self.port, "tls": "none", "timeout": FAULTY_TIMEOUT, **upstream}
         config = write_config(self.tmp_path / "proxy.toml", {
             "listen": {"host": HOST, "port": 0},
             "upstream": settings,
             "cache": {"root": self.root},
-            "sync": {"login_budget": FAULTY_BUDGET},
+            "sync": {"login_budget": FAULTY_BUDGET, **(sync or {})},
             "log": {"level": "debug"},
         })
         self.process = await trio.to_thread.run_sync(self.factory(config).start)
@@ -565,3 +565,21 @@ def test_full_disk_loses_nothing_and_recovers(tiny_disk, dovecot_proxy, dovecot)
     client.quit()
     upstream, cache = provider_messages(dovecot, dovecot.user), cached(proxy, dovecot.user)
     assert check_final("after_fetch", originals, upstream, cache) == []
+
+
+async def test_trickling_provider_is_stopped_by_the_sync_deadline(faulty):
+    # One byte every 50 ms never trips upstream.timeout, yet the message would take about 10 s: the
+    # whole-sync deadline (1 s here) ends the sync, frees the account and says why in the log.
+    server, proxy = faulty
+    server.messages["u3"] = message(3) + b"x" * 150 + b"\r\n"
+    server.behaviour.trickle_retr = 0.05
+    await proxy.start(sync={"deadline": 1})
+    session = await proxy.session("alice", PASSWORD)
+    assert "still downloading" in session.reply or "could not" in session.reply
+    started = time.monotonic()
+    while "sync deadline" not in proxy.output():
+        assert time.monotonic() - started < 5, "the sync was not stopped by its deadline"
+        await trio.sleep(0.05)  # polling for the log line, not synchronising on time
+    server.behaviour.trickle_retr = None
+    session = await proxy.session("alice", PASSWORD)
+    assert session.messages == [message(1), message(2), message(3) + b"x" * 150 + b"\r\n"]
