@@ -208,6 +208,9 @@ class ProxyBackend(Backend):
             banner += " (more mail is still downloading; it will show at your next login)"
         elif not isinstance(result, SyncResult) or result.remaining:  # no result: the sync broke off
             banner += " (some new mail could not be fetched yet)"
+        if isinstance(result, SyncResult) and result.refused:
+            banner += (f" ({result.refused} message{'s' if result.refused != 1 else ''} refused by the provider,"
+                       " skipped; retried later)")
         return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
 
     async def _snapshot(self, mailbox: Mailbox, state: UserState):
@@ -274,7 +277,7 @@ class ProxyBackend(Backend):
                 )
             summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
                                   "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
-                                  "held": result.held})
+                                  "held": result.held, "refused": result.refused})
             await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
             await trio.to_thread.run_sync(state.set_meta, "user", route.cache_id)  # for `pop3proxy status`
             return result

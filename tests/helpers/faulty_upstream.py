@@ -48,6 +48,7 @@ class Behaviour:
     auth_error_text: str = "invalid credentials"  # "{password}" becomes what the client sent
     close_on_connect: bool = False  # close before the greeting
     drop_mid_retr: bool = False  # send half the message, then close
+    refuse_retr: set[str] = field(default_factory=set)  # unique ids whose RETR gets -ERR
     trickle_retr: float | None = None  # send RETR's answer one byte per this many seconds
     stall_on: str | None = None  # GREETING or a keyword: never answer it
     garbage_on: str | None = None  # GREETING or a keyword: answer it with `garbage`
@@ -218,6 +219,8 @@ class _Connection:
             number = self.message(args)
             if number is None:
                 await self.send(err("no such message"))
+            elif keyword == "RETR" and self.mailbox[number - 1][0] in self.b.refuse_retr:
+                await self.send(err("message is damaged, cannot read it"))
             elif keyword == "DELE":
                 self.deleted.add(number)
                 await self.send(ok("marked"))

@@ -15,12 +15,14 @@ The proxy is always a real ``pop3proxy serve`` process and the clients are popli
 
 from __future__ import annotations
 
+import json
 import os
 import poplib
 import random
 import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -583,3 +585,32 @@ async def test_trickling_provider_is_stopped_by_the_sync_deadline(faulty):
     server.behaviour.trickle_retr = None
     session = await proxy.session("alice", PASSWORD)
     assert session.messages == [message(1), message(2), message(3) + b"x" * 150 + b"\r\n"]
+
+
+async def test_a_refused_message_is_skipped_and_retried_later(faulty):
+    server, proxy = faulty
+    server.messages["u3"] = message(3)
+    server.messages["u4"] = message(4)
+    server.behaviour.refuse_retr = {"u3"}
+    session = await proxy.session("alice", PASSWORD)
+    assert session.messages == [message(1), message(2), message(4)]  # u4 after it still arrives
+    assert "1 message refused by the provider" in session.reply, session.reply
+    retrs = server.commands.count("RETR")
+    # Backing off: the next pass does not ask again at once.
+    session = await proxy.session("alice", PASSWORD)
+    assert server.commands.count("RETR") == retrs
+    assert "refused by the provider" in session.reply
+    status = subprocess.run(
+        [sys.executable, "-m", "pop3proxy", "status", "--config", str(proxy.tmp_path / "proxy.toml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "refused" in status.stdout and "u3" not in status.stderr, status.stdout + status.stderr
+    # Once the back-off is over the message is asked for again, and fetched when the provider gives it.
+    server.behaviour.refuse_retr = set()
+    with UserState(user_dir(proxy.root, "alice") / "state.db") as state:
+        refused = json.loads(state.get_meta("refused_messages"))
+        refused["u3"]["next"] = 0
+        state.set_meta("refused_messages", json.dumps(refused))
+    session = await proxy.session("alice", PASSWORD)
+    assert sorted(session.messages) == sorted([message(1), message(2), message(3), message(4)])
+    assert "refused" not in session.reply
