@@ -102,6 +102,8 @@ class Endpoint:
     timeout: float = 30.0
     auth: tuple[str, ...] = ("plain", "user", "apop")
     server_hostname: str | None = None
+    max_message_size: int = 256 * 1024 * 1024  # octets of one RETR answer
+    max_listing: int = 1_000_000  # entries of a LIST or UIDL answer
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -163,6 +165,11 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         cause = current.__cause__ or current.__context__
         if cause is not None:
             todo.append(cause)
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    """True when TLS itself failed (not the connection under it): something an attacker can cause."""
+    return any(isinstance(cause, ssl.SSLError) for cause in _causes(exc))
 
 
 def _describe(exc: BaseException) -> tuple[str, bool]:

@@ -11,7 +11,6 @@ import hashlib
 import inspect
 import logging
 import operator
-import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
@@ -25,8 +24,8 @@ from pop3proxy.net.endpoint import (
     UpstreamTLSError,
     UpstreamUnavailable,
     _auth_code,
-    _causes,
     _describe,
+    _is_tls_failure,
 )
 from pop3proxy.pop3.client import (
     ClientConnection,
@@ -46,6 +45,8 @@ _T = TypeVar("_T")
 
 RECEIVE_SIZE = 256 * 1024  # octets asked for per read
 SINK_CHUNK = 64 * 1024  # message data is handed to a sink in pieces of at least this size
+LISTING_OCTETS = 64 * 1024  # the most a CAPA (or any other small multi-line answer) may send
+LISTING_LINE = 84  # octets per LIST/UIDL entry at most: number, space, a 70-octet id, CRLF
 HEADER_DIGEST_PREFIX = "hd-"
 Sink = Callable[[bytes], object | Awaitable[object]]
 
@@ -61,10 +62,6 @@ def _message_number(number: int) -> int:
     if number < 1:
         raise ValueError("message numbers start at 1")
     return number
-
-
-def _is_tls_failure(exc: BaseException) -> bool:
-    return any(isinstance(cause, ssl.SSLError) for cause in _causes(exc))
 
 
 async def connect(endpoint: Endpoint) -> UpstreamClient:
@@ -229,7 +226,7 @@ class UpstreamClient:
             raise self._unavailable("reply out of step with its command")
         return event
 
-    async def _request(self, command: str, *args: str | int, sink: Sink | None = None) -> Status:
+    async def _request(self, command: str, *args: str | int, sink: Sink | None = None, limit: int = 0) -> Status:
         """Send one command and read its reply; a multi-line body is handed to `sink`.
 
         Any failure in between (including cancellation and a sink's exception) leaves the
@@ -246,15 +243,16 @@ class UpstreamClient:
             if self._conn.pending:  # the positive status line of a multi-line reply
                 if sink is None:
                     raise self._unavailable(f"unexpected multi-line reply to {command}")
-                await self._drain(sink)
+                await self._drain(sink, command, limit or LISTING_OCTETS)
             finished = True
             return reply
         finally:
             if not finished and self._broken is None:
                 self._broken = f"{command} did not complete"
 
-    async def _drain(self, sink: Sink) -> int:
-        """Hand a multi-line body to `sink` in pieces of SINK_CHUNK octets or more."""
+    async def _drain(self, sink: Sink, command: str, limit: int) -> int:
+        """Hand a multi-line body to `sink` in pieces of SINK_CHUNK octets or more; at most `limit`
+        octets, so an endless line or reply from the provider ends the session, not the memory."""
         total = 0
         parts: list[bytes] = []
         size = 0
@@ -266,6 +264,8 @@ class UpstreamClient:
                 raise self._unavailable("reply out of step with its command")
             parts.append(event.data)
             size += len(event.data)
+            if total + size > limit:
+                raise self._unavailable(f"the provider's answer to {command} exceeds {limit} octets")
             if size >= SINK_CHUNK:
                 total += size
                 await _call(sink, b"".join(parts))
@@ -388,9 +388,10 @@ class UpstreamClient:
     async def uidl(self) -> dict[int, str] | None:
         """{message number: unique id}, or None when the provider does not support UIDL."""
         body = bytearray()
-        reply = await self._request("UIDL", sink=body.extend)
+        reply = await self._request("UIDL", sink=body.extend, limit=self.endpoint.max_listing * LISTING_LINE)
         if not reply.ok:
             return None
+        self._check_entries("UIDL", bytes(body))
         return self._parse(parse_uidl_listing, bytes(body))
 
     def _parse(self, parser: Callable[[bytes], _T], body: bytes) -> _T:
@@ -399,9 +400,14 @@ class UpstreamClient:
         except RemoteProtocolError as exc:
             raise self._unavailable(str(exc)) from None
 
+    def _check_entries(self, command: str, body: bytes) -> None:
+        if (entries := body.count(b"\n")) > (most := self.endpoint.max_listing):
+            raise self._unavailable(f"{command} lists {entries} entries, over upstream.max_listing ({most})")
+
     async def _listing(self, command: str) -> bytes:
         body = bytearray()
-        reply = await self._request(command, sink=body.extend)
+        reply = await self._request(command, sink=body.extend, limit=self.endpoint.max_listing * LISTING_LINE)
+        self._check_entries(command, bytes(body))
         if not reply.ok:
             raise self._command_error(command, reply)
         return bytes(body)
@@ -422,7 +428,7 @@ class UpstreamClient:
             size += len(chunk)
             await _call(sink, chunk)
 
-        reply = await self._request("RETR", number, sink=counted)
+        reply = await self._request("RETR", number, sink=counted, limit=self.endpoint.max_message_size)
         if not reply.ok:
             raise self._command_error("RETR", reply)
         return size
@@ -440,7 +446,7 @@ class UpstreamClient:
         if lines < 0:
             raise ValueError("TOP needs a line count of 0 or more")
         parts: list[bytes] = []
-        reply = await self._request("TOP", number, lines, sink=parts.append)
+        reply = await self._request("TOP", number, lines, sink=parts.append, limit=self.endpoint.max_message_size)
         if not reply.ok:
             raise self._command_error("TOP", reply)
         return b"".join(parts)

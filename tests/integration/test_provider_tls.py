@@ -5,7 +5,6 @@ from __future__ import annotations
 import poplib
 
 import pytest
-
 from helpers.common import HOST
 from helpers.proxy import Proxy, closed_port, retr_all, sample
 

@@ -614,3 +614,24 @@ async def test_a_refused_message_is_skipped_and_retried_later(faulty):
     session = await proxy.session("alice", PASSWORD)
     assert sorted(session.messages) == sorted([message(1), message(2), message(3), message(4)])
     assert "refused" not in session.reply
+
+
+async def test_provider_answers_are_bounded(faulty):
+    # At the limits everything is fetched; one entry or one octet more fails that sync cleanly.
+    server, proxy = faulty
+    big = message(3, size=4000)
+    server.messages["u3"] = big
+    await proxy.start(max_listing=3, max_message_size=len(big))
+    session = await proxy.session("alice", PASSWORD)
+    assert session.messages == [message(1), message(2), big]
+    server.messages["u4"] = message(4)  # 4 entries in LIST/UIDL, max_listing is 3
+    session = await proxy.session("alice", PASSWORD)
+    assert "could not" in session.reply and session.messages == [message(1), message(2), big]
+    assert "upstream.max_listing (3)" in proxy.output()
+    await proxy.start(max_listing=4, max_message_size=len(big) - 1)
+    server.messages["u5"] = message(5, size=4000)  # as big as `big`: one octet over the limit
+    server.messages.pop("u4")
+    session = await proxy.session("alice", PASSWORD)
+    assert "could not" in session.reply and session.messages == [message(1), message(2), big]
+    assert f"exceeds {len(big) - 1} octets" in proxy.output()
+    assert proxy.alive()
