@@ -49,6 +49,7 @@ class Behaviour:
     close_on_connect: bool = False  # close before the greeting
     drop_mid_retr: bool = False  # send half the message, then close
     refuse_retr: set[str] = field(default_factory=set)  # unique ids whose RETR gets -ERR
+    endless_on: str | None = None  # a keyword: answer "+OK", then one endless line until closed
     trickle_retr: float | None = None  # send RETR's answer one byte per this many seconds
     stall_on: str | None = None  # GREETING or a keyword: never answer it
     garbage_on: str | None = None  # GREETING or a keyword: answer it with `garbage`
@@ -122,6 +123,11 @@ class _Connection:
         """Stall or send garbage instead of the answer when told to; True when it did."""
         if self.b.stall_on == name:
             await trio.sleep_forever()
+        if self.b.endless_on == name:
+            await self.stream.send_all(ok("here it comes"))
+            chunk = b"x" * 65536
+            while True:
+                await self.stream.send_all(chunk)
         if self.b.garbage_on == name:
             await self.stream.send_all(self.b.garbage.format(args=args).encode() + b"\r\n")
             return True
