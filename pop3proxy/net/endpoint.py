@@ -46,6 +46,10 @@ class UpstreamUnavailable(UpstreamError):
         self.reason = reason
 
 
+class UpstreamTooLarge(UpstreamUnavailable):
+    """An answer from the provider went over a limit; the session is given up."""
+
+
 class UpstreamTLSError(UpstreamUnavailable):
     """TLS with the provider could not be trusted; the session was given up, never downgraded.
 

@@ -22,6 +22,7 @@ from pop3proxy.net.endpoint import (
     UpstreamAuthError,
     UpstreamCommandError,
     UpstreamTLSError,
+    UpstreamTooLarge,
     UpstreamUnavailable,
     _auth_code,
     _describe,
@@ -265,7 +266,8 @@ class UpstreamClient:
             parts.append(event.data)
             size += len(event.data)
             if total + size > limit:
-                raise self._unavailable(f"the provider's answer to {command} exceeds {limit} octets")
+                reason = self._unavailable(f"the provider's answer to {command} exceeds {limit} octets")
+                raise UpstreamTooLarge(str(reason), reason.reason)
             if size >= SINK_CHUNK:
                 total += size
                 await _call(sink, b"".join(parts))

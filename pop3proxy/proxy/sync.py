@@ -25,7 +25,7 @@ import trio
 
 from pop3proxy.filtering.api import FilterContext, FilterResult
 from pop3proxy.filtering.pipeline import Pipeline
-from pop3proxy.net.endpoint import UpstreamCommandError
+from pop3proxy.net.endpoint import UpstreamCommandError, UpstreamTooLarge
 from pop3proxy.net.pop3_client import UpstreamClient
 from pop3proxy.ops import metrics
 from pop3proxy.store.base import Mailbox
@@ -198,7 +198,7 @@ async def sync_mailbox(
                 seen_in_pass.add(uid)
                 try:
                     data = await client.retr_bytes(number)
-                except UpstreamCommandError as exc:
+                except (UpstreamCommandError, UpstreamTooLarge) as exc:
                     entry = refused.get(uid, {})
                     tries = int(entry.get("tries", 0)) + 1
                     delay = min(RETRY_FIRST * 2 ** (tries - 1), RETRY_MAX)
@@ -206,6 +206,8 @@ async def sync_mailbox(
                     result.remaining -= 1
                     log.warning("provider refused message %s of %r (try %d), skipped; retried in %g s: %s",
                                 uid, user, tries, delay, exc)
+                    if isinstance(exc, UpstreamTooLarge):
+                        raise  # the session is out of step; later passes skip this message meanwhile
                     continue
                 refused.pop(uid, None)
                 context = FilterContext(user=user, uid=uid, quarantine_dir=quarantine_dir)

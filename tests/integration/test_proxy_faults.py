@@ -628,10 +628,15 @@ async def test_provider_answers_are_bounded(faulty):
     session = await proxy.session("alice", PASSWORD)
     assert "could not" in session.reply and session.messages == [message(1), message(2), big]
     assert "upstream.max_listing (3)" in proxy.output()
-    await proxy.start(max_listing=4, max_message_size=len(big) - 1)
+    await proxy.start(max_listing=5, max_message_size=len(big) - 1)
     server.messages["u5"] = message(5, size=4000)  # as big as `big`: one octet over the limit
     server.messages.pop("u4")
     session = await proxy.session("alice", PASSWORD)
     assert "could not" in session.reply and session.messages == [message(1), message(2), big]
     assert f"exceeds {len(big) - 1} octets" in proxy.output()
+    # The oversized message is skipped (backing off) and no longer blocks the mail after it.
+    server.messages["u6"] = message(6)
+    session = await proxy.session("alice", PASSWORD)
+    assert session.messages == [message(1), message(2), big, message(6)]
+    assert "1 message refused by the provider" in session.reply
     assert proxy.alive()
