@@ -86,6 +86,8 @@ class UpstreamSettings(_Section):
     delete: Literal["mirror", "after_fetch", "never"] = Field("mirror", description="What happens upstream to mail the client deletes.")
     delete_after_days: int | None = Field(None, ge=0, description="Also delete upstream copies older than this many days once cached.")
     timeout: float = Field(30.0, gt=0, description="Connect and read timeout for the provider, in seconds.")
+    max_message_size: int = Field(256 * 1024 * 1024, ge=1024, description="Largest message fetched from the provider, octets; a larger one fails that sync.")
+    max_listing: int = Field(1_000_000, ge=1, description="Most entries accepted in the provider's LIST or UIDL answer; more fail that sync.")
 
     def effective_port(self) -> int:
         if self.port is not None:
@@ -188,6 +190,7 @@ class CacheSettings(_Section):
 class SyncSettings(_Section):
     login_budget: float = Field(20.0, gt=0, description="Seconds a login may spend fetching new mail before answering.")
     interval: float = Field(300.0, gt=0, description="Background prefetch period for accounts with a password source.")
+    deadline: float = Field(600.0, gt=0, description="Seconds a whole sync pass may take before it is stopped (a trickling provider).")
 
 
 class OfflineSettings(_Section):

@@ -46,6 +46,10 @@ class UpstreamUnavailable(UpstreamError):
         self.reason = reason
 
 
+class UpstreamTooLarge(UpstreamUnavailable):
+    """An answer from the provider went over a limit; the session is given up."""
+
+
 class UpstreamTLSError(UpstreamUnavailable):
     """TLS with the provider could not be trusted; the session was given up, never downgraded.
 
@@ -102,6 +106,8 @@ class Endpoint:
     timeout: float = 30.0
     auth: tuple[str, ...] = ("plain", "user", "apop")
     server_hostname: str | None = None
+    max_message_size: int = 256 * 1024 * 1024  # octets of one RETR answer
+    max_listing: int = 1_000_000  # entries of a LIST or UIDL answer
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -163,6 +169,11 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         cause = current.__cause__ or current.__context__
         if cause is not None:
             todo.append(cause)
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    """True when TLS itself failed (not the connection under it): something an attacker can cause."""
+    return any(isinstance(cause, ssl.SSLError) for cause in _causes(exc))
 
 
 def _describe(exc: BaseException) -> tuple[str, bool]:

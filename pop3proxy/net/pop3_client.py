@@ -23,9 +23,11 @@ from pop3proxy.net.endpoint import (
     UpstreamAuthError,
     UpstreamCommandError,
     UpstreamTLSError,
+    UpstreamTooLarge,
     UpstreamUnavailable,
     _auth_code,
     _describe,
+    _is_tls_failure,
 )
 from pop3proxy.pop3.client import (
     ClientConnection,
@@ -46,6 +48,8 @@ _T = TypeVar("_T")
 
 RECEIVE_SIZE = 256 * 1024  # octets asked for per read
 SINK_CHUNK = 64 * 1024  # message data is handed to a sink in pieces of at least this size
+LISTING_OCTETS = 64 * 1024  # the most a CAPA (or any other small multi-line answer) may send
+LISTING_LINE = 84  # octets per LIST/UIDL entry at most: number, space, a 70-octet id, CRLF
 HEADER_DIGEST_PREFIX = "hd-"
 Sink = Callable[[bytes], object | Awaitable[object]]
 
@@ -189,8 +193,9 @@ class UpstreamClient(BearerLoginMixin):
             raise self._unavailable(f"timed out {doing} (after {self.endpoint.timeout:g} s)") from None
         except _IO_ERRORS as exc:
             reason, verify_failed = _describe(exc)
-            if verify_failed:
-                raise self._tls_error(reason, verify_failed=True) from None
+            if verify_failed or _is_tls_failure(exc):
+                # Not "unreachable": someone in the middle can cause it, so no offline fallback.
+                raise self._tls_error(f"{reason} {doing}", verify_failed=verify_failed) from None
             raise self._unavailable(f"{reason} {doing}") from None
 
     async def _send(self, line: bytes) -> None:
@@ -224,7 +229,9 @@ class UpstreamClient(BearerLoginMixin):
             raise self._unavailable("reply out of step with its command")
         return event
 
-    async def _request(self, command: str, *args: str | int, sink: Sink | None = None, sasl: bool = False) -> Status:
+    async def _request(
+        self, command: str, *args: str | int, sink: Sink | None = None, sasl: bool = False, limit: int = 0
+    ) -> Status:
         """Send one command and read its reply; a multi-line body is handed to `sink`.
 
         Any failure in between (including cancellation and a sink's exception) leaves the
@@ -241,15 +248,16 @@ class UpstreamClient(BearerLoginMixin):
             if self._conn.pending:  # the positive status line of a multi-line reply
                 if sink is None:
                     raise self._unavailable(f"unexpected multi-line reply to {command}")
-                await self._drain(sink)
+                await self._drain(sink, command, limit or LISTING_OCTETS)
             finished = True
             return reply
         finally:
             if not finished and self._broken is None:
                 self._broken = f"{command} did not complete"
 
-    async def _drain(self, sink: Sink) -> int:
-        """Hand a multi-line body to `sink` in pieces of SINK_CHUNK octets or more."""
+    async def _drain(self, sink: Sink, command: str, limit: int) -> int:
+        """Hand a multi-line body to `sink` in pieces of SINK_CHUNK octets or more; at most `limit`
+        octets, so an endless line or reply from the provider ends the session, not the memory."""
         total = 0
         parts: list[bytes] = []
         size = 0
@@ -261,6 +269,9 @@ class UpstreamClient(BearerLoginMixin):
                 raise self._unavailable("reply out of step with its command")
             parts.append(event.data)
             size += len(event.data)
+            if total + size > limit:
+                reason = self._unavailable(f"the provider's answer to {command} exceeds {limit} octets")
+                raise UpstreamTooLarge(str(reason), reason.reason)
             if size >= SINK_CHUNK:
                 total += size
                 await _call(sink, b"".join(parts))
@@ -385,9 +396,10 @@ class UpstreamClient(BearerLoginMixin):
     async def uidl(self) -> dict[int, str] | None:
         """{message number: unique id}, or None when the provider does not support UIDL."""
         body = bytearray()
-        reply = await self._request("UIDL", sink=body.extend)
+        reply = await self._request("UIDL", sink=body.extend, limit=self.endpoint.max_listing * LISTING_LINE)
         if not reply.ok:
             return None
+        self._check_entries("UIDL", bytes(body))
         return self._parse(parse_uidl_listing, bytes(body))
 
     def _parse(self, parser: Callable[[bytes], _T], body: bytes) -> _T:
@@ -396,9 +408,14 @@ class UpstreamClient(BearerLoginMixin):
         except RemoteProtocolError as exc:
             raise self._unavailable(str(exc)) from None
 
+    def _check_entries(self, command: str, body: bytes) -> None:
+        if (entries := body.count(b"\n")) > (most := self.endpoint.max_listing):
+            raise self._unavailable(f"{command} lists {entries} entries, over upstream.max_listing ({most})")
+
     async def _listing(self, command: str) -> bytes:
         body = bytearray()
-        reply = await self._request(command, sink=body.extend)
+        reply = await self._request(command, sink=body.extend, limit=self.endpoint.max_listing * LISTING_LINE)
+        self._check_entries(command, bytes(body))
         if not reply.ok:
             raise self._command_error(command, reply)
         return bytes(body)
@@ -419,7 +436,7 @@ class UpstreamClient(BearerLoginMixin):
             size += len(chunk)
             await _call(sink, chunk)
 
-        reply = await self._request("RETR", number, sink=counted)
+        reply = await self._request("RETR", number, sink=counted, limit=self.endpoint.max_message_size)
         if not reply.ok:
             raise self._command_error("RETR", reply)
         return size
@@ -437,7 +454,7 @@ class UpstreamClient(BearerLoginMixin):
         if lines < 0:
             raise ValueError("TOP needs a line count of 0 or more")
         parts: list[bytes] = []
-        reply = await self._request("TOP", number, lines, sink=parts.append)
+        reply = await self._request("TOP", number, lines, sink=parts.append, limit=self.endpoint.max_message_size)
         if not reply.ok:
             raise self._command_error("TOP", reply)
         return b"".join(parts)

@@ -173,6 +173,8 @@ def format_status(accounts: list[AccountStatus], settings, now: float | None = N
                     f": {sync.get('fetched', 0)} new ({human_size(int(sync.get('fetched_bytes', 0)))}),"
                     f" {sync.get('deleted_upstream', 0)} deleted upstream, {sync.get('held', 0)} held"
                 )
+                if sync.get("refused"):
+                    detail += f", {sync['refused']} refused by the provider (skipped, retried later)"
             lines.append(f"  last sync   {text}: {detail}")
         if status.directory is None:
             lines.append("  cached      nothing yet")

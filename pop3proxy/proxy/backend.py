@@ -237,6 +237,9 @@ class ProxyBackend(OAuthLogins, Backend):
                 banner += " (more mail is still downloading; it will show at your next login)"
             elif not isinstance(result, SyncResult) or result.remaining:  # no result: the sync broke off
                 banner += " (some new mail could not be fetched yet)"
+            if isinstance(result, SyncResult) and result.refused:
+                banner += (f" ({result.refused} message{'s' if result.refused != 1 else ''} refused by the provider,"
+                           " skipped; retried later)")
             return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
         except BaseException as exc:
             # Whatever went wrong between taking the lock and handing out the session, the lock is
@@ -291,19 +294,25 @@ class ProxyBackend(OAuthLogins, Backend):
             return mailbox, state
 
         mailbox, state = await trio.to_thread.run_sync(open_files)
+        deadline = self.settings.sync.deadline
         try:
-            result = await sync_mailbox(
-                client,
-                mailbox,
-                state,
-                user=route.cache_id,
-                pipeline=self.pipeline,
-                policy=self.settings.upstream.delete,
-                delete_after_days=self.settings.upstream.delete_after_days,
-                progress=progress,
-                hold=hold_callback(self.root, route.cache_id),
-                quarantine_dir=user_dir(self.root, route.cache_id) / "quarantine",
-            )
+            with trio.move_on_after(deadline) as scope:
+                result = await sync_mailbox(
+                    client,
+                    mailbox,
+                    state,
+                    user=route.cache_id,
+                    pipeline=self.pipeline,
+                    policy=self.settings.upstream.delete,
+                    delete_after_days=self.settings.upstream.delete_after_days,
+                    progress=progress,
+                    hold=hold_callback(self.root, route.cache_id),
+                    quarantine_dir=user_dir(self.root, route.cache_id) / "quarantine",
+                )
+            if scope.cancelled_caught:
+                # What was stored is kept; claims cut short are settled by recover() on the next pass.
+                reason = f"sync deadline of {deadline:g} s reached (sync.deadline)"
+                raise UpstreamUnavailable(f"{route.endpoint.where}: {reason}", reason)
             log.info(
                 "synced %r: %d new (%d bytes), %d deleted upstream",
                 route.cache_id, result.fetched, result.fetched_bytes, result.deleted_upstream,
@@ -314,7 +323,7 @@ class ProxyBackend(OAuthLogins, Backend):
                 )
             summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
                                   "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
-                                  "held": result.held})
+                                  "held": result.held, "refused": result.refused})
             await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
             await trio.to_thread.run_sync(state.set_meta, "user", route.cache_id)  # for `pop3proxy status`
             return result
@@ -366,11 +375,12 @@ class ProxyBackend(OAuthLogins, Backend):
 
     async def _offline_login(self, route: Route, password: str, reason: UpstreamUnavailable) -> Maildrop:
         if isinstance(reason, UpstreamTLSError):
-            # Not "unreachable": someone answered but could not prove to be the provider (or refused
-            # TLS). Serving the cache here would let an attacker in the middle force offline mode.
-            log.error("provider %s:%d failed TLS for %r, refusing the login (not going offline): %s",
-                      route.endpoint.host, route.endpoint.port, route.cache_id, reason)
-            raise LoginError("the mail provider's TLS could not be trusted, try again later", "SYS/TEMP")
+            # A forged certificate, a stripped STLS or a broken handshake is what someone in the
+            # middle can cause at will: never a reason to serve offline (DESIGN: TLS never falls back).
+            log.error("provider %s:%d for %r cannot be trusted, login refused%s: %s",
+                      route.endpoint.host, route.endpoint.port, route.cache_id,
+                      " (possible interception)" if reason.tls_verify_failed else "", reason)
+            raise LoginError("the mail provider's TLS cannot be trusted, try again later", "SYS/TEMP")
         log.warning("provider %s:%d unreachable for %r: %s", route.endpoint.host, route.endpoint.port,
                     route.cache_id, reason)
         if not self.settings.offline.enabled:

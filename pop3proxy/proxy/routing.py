@@ -35,6 +35,8 @@ def _endpoint(settings: Settings, host: str, port: int | None, tls: str, ca_file
         tls_min_version=up.tls_min_version,
         timeout=up.timeout,
         auth=tuple(up.auth),
+        max_message_size=up.max_message_size,
+        max_listing=up.max_listing,
     )
 
 

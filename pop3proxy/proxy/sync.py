@@ -14,6 +14,7 @@ The rules that protect mail, in the order this module applies them:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import trio
 
 from pop3proxy.filtering.api import FilterContext, FilterResult
 from pop3proxy.filtering.pipeline import Pipeline
+from pop3proxy.net.endpoint import UpstreamCommandError, UpstreamTooLarge
 from pop3proxy.net.pop3_client import UpstreamClient
 from pop3proxy.ops import metrics
 from pop3proxy.store.base import Mailbox
@@ -35,6 +37,9 @@ log = logging.getLogger("pop3proxy.proxy.sync")
 POLICIES = ("mirror", "after_fetch", "never")
 PIPELINE_DEPTH = 64  # fetched messages waiting to be stored
 STORE_BATCH = 32  # messages made durable with one flush
+REFUSED = "refused_messages"  # state meta, JSON: uid -> {"tries", "next", "reason"}
+RETRY_FIRST = 60.0  # seconds before a message the provider refused is asked for again; doubles per try
+RETRY_MAX = 6 * 3600.0
 
 
 @dataclass
@@ -44,6 +49,7 @@ class SyncResult:
     deleted_upstream: int = 0
     held: int = 0
     remaining: int = 0  # new upstream messages not fetched (budget, error)
+    refused: int = 0  # new upstream messages the provider refused to send (retried later, backing off)
     errors: list[str] = field(default_factory=list)
 
 
@@ -163,7 +169,15 @@ async def sync_mailbox(
         ):
             to_delete.append((number, uid))
 
-    new = [(number, uid) for number, uid in sorted(ids.items()) if uid not in rows]
+    # Messages the provider refused (-ERR to RETR) are skipped, and asked for again with back-off.
+    raw = await trio.to_thread.run_sync(state.get_meta, REFUSED)
+    try:
+        refused: dict[str, dict] = json.loads(raw) if raw else {}
+    except ValueError:
+        refused = {}
+    refused = {uid: entry for uid, entry in refused.items() if uid in present and uid not in rows}
+    new = [(number, uid) for number, uid in sorted(ids.items())
+           if uid not in rows and refused.get(uid, {}).get("next", 0) <= now]
     result.remaining = len(new)
     deleted_uids: list[str] = []
     for number, uid in to_delete:
@@ -182,7 +196,20 @@ async def sync_mailbox(
                 if uid in seen_in_pass:  # two upstream messages with one id (header digests of twins)
                     continue
                 seen_in_pass.add(uid)
-                data = await client.retr_bytes(number)
+                try:
+                    data = await client.retr_bytes(number)
+                except (UpstreamCommandError, UpstreamTooLarge) as exc:
+                    entry = refused.get(uid, {})
+                    tries = int(entry.get("tries", 0)) + 1
+                    delay = min(RETRY_FIRST * 2 ** (tries - 1), RETRY_MAX)
+                    refused[uid] = {"tries": tries, "next": time.time() + delay, "reason": str(exc)}
+                    result.remaining -= 1
+                    log.warning("provider refused message %s of %r (try %d), skipped; retried in %g s: %s",
+                                uid, user, tries, delay, exc)
+                    if isinstance(exc, UpstreamTooLarge):
+                        raise  # the session is out of step; later passes skip this message meanwhile
+                    continue
+                refused.pop(uid, None)
                 context = FilterContext(user=user, uid=uid, quarantine_dir=quarantine_dir)
                 await send.send((number, uid, await pipeline.run(data, context)))
 
@@ -239,6 +266,10 @@ async def sync_mailbox(
         if first is exc:
             raise
         raise first from None
+    finally:
+        result.refused = len(refused)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(state.set_meta, REFUSED, json.dumps(refused))
 
     if policy == "after_fetch":  # each of these is cached and fsync'ed by now
         for number, uid in stored:

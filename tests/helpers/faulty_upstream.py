@@ -48,6 +48,9 @@ class Behaviour:
     auth_error_text: str = "invalid credentials"  # "{password}" becomes what the client sent
     close_on_connect: bool = False  # close before the greeting
     drop_mid_retr: bool = False  # send half the message, then close
+    refuse_retr: set[str] = field(default_factory=set)  # unique ids whose RETR gets -ERR
+    endless_on: str | None = None  # a keyword: answer "+OK", then one endless line until closed
+    trickle_retr: float | None = None  # send RETR's answer one byte per this many seconds
     stall_on: str | None = None  # GREETING or a keyword: never answer it
     garbage_on: str | None = None  # GREETING or a keyword: answer it with `garbage`
     garbage: str = "* what? {args}"  # "{args}" becomes the command's arguments
@@ -120,6 +123,11 @@ class _Connection:
         """Stall or send garbage instead of the answer when told to; True when it did."""
         if self.b.stall_on == name:
             await trio.sleep_forever()
+        if self.b.endless_on == name:
+            await self.stream.send_all(ok("here it comes"))
+            chunk = b"x" * 65536
+            while True:
+                await self.stream.send_all(chunk)
         if self.b.garbage_on == name:
             await self.stream.send_all(self.b.garbage.format(args=args).encode() + b"\r\n")
             return True
@@ -217,6 +225,8 @@ class _Connection:
             number = self.message(args)
             if number is None:
                 await self.send(err("no such message"))
+            elif keyword == "RETR" and self.mailbox[number - 1][0] in self.b.refuse_retr:
+                await self.send(err("message is damaged, cannot read it"))
             elif keyword == "DELE":
                 self.deleted.add(number)
                 await self.send(ok("marked"))
@@ -240,6 +250,12 @@ class _Connection:
         if self.b.drop_mid_retr and keyword == "RETR":
             await self.send(ok("message follows") + body[: len(body) // 2])
             await self.stream.aclose()
+            return
+        delay = self.b.trickle_retr
+        if delay is not None and keyword == "RETR":
+            for byte in ok("message follows") + body + stuffer.finish():
+                await self.send(bytes([byte]))
+                await trio.sleep(delay)  # the fault itself: a provider this slow
             return
         await self.send(ok("message follows") + body + stuffer.finish())
 

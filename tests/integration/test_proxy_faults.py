@@ -16,12 +16,14 @@ The proxy is always a real ``pop3proxy serve`` process and the clients are popli
 
 from __future__ import annotations
 
+import json
 import os
 import poplib
 import random
 import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -276,15 +278,15 @@ class FaultyProxy:
         self.process: ServerProcess | None = None
         self.logs: list[str] = []
 
-    async def start(self, **upstream) -> "FaultyProxy":
-        """(Re)start the proxy; `upstream` overrides [upstream] settings."""
+    async def start(self, sync: dict | None = None, **upstream) -> "FaultyProxy":
+        """(Re)start the proxy; `upstream` overrides [upstream] settings, `sync` [sync] ones."""
         await self.stop()
         settings = {"host": HOST, "port": self.port, "tls": "none", "timeout": FAULTY_TIMEOUT, **upstream}
         config = write_config(self.tmp_path / "proxy.toml", {
             "listen": {"host": HOST, "port": 0},
             "upstream": settings,
             "cache": {"root": self.root},
-            "sync": {"login_budget": FAULTY_BUDGET},
+            "sync": {"login_budget": FAULTY_BUDGET, **(sync or {})},
             "log": {"level": "debug"},
         })
         self.process = await trio.to_thread.run_sync(self.factory(config).start)
@@ -449,14 +451,14 @@ async def test_provider_without_uidl_is_synced_by_header_digests(faulty):
     assert server.commands.count("RETR") == 3
 
 
-async def test_tls_refused_by_provider_goes_offline(faulty):
+async def test_failed_tls_handshake_is_an_error_not_offline(faulty):
     server, proxy = faulty
     assert (await proxy.session("alice", PASSWORD)).messages == [message(1), message(2)]
     server.messages["u3"] = message(3)
     await proxy.start(tls="implicit")  # the provider only speaks plain POP3
-    session = await proxy.session("alice", PASSWORD)
-    assert "offline" in session.reply
-    assert session.messages == [message(1), message(2)]
+    # Someone in the middle can break a handshake at will: no offline fallback, even with a cache.
+    reply, _ = await proxy.refused("alice", PASSWORD)
+    assert reply.startswith("-ERR [SYS/TEMP]") and "offline" not in reply
     reply, _ = await proxy.refused("bob", PASSWORD)
     assert reply.startswith("-ERR [SYS/TEMP]")
     assert "TLS" in proxy.output()
@@ -580,3 +582,76 @@ def test_full_disk_loses_nothing_and_recovers(tiny_disk, dovecot_proxy, dovecot)
     client.quit()
     upstream, cache = provider_messages(dovecot, dovecot.user), cached(proxy, dovecot.user)
     assert check_final("after_fetch", originals, upstream, cache) == []
+
+
+async def test_trickling_provider_is_stopped_by_the_sync_deadline(faulty):
+    # One byte every 50 ms never trips upstream.timeout, yet the message would take about 10 s: the
+    # whole-sync deadline (1 s here) ends the sync, frees the account and says why in the log.
+    server, proxy = faulty
+    server.messages["u3"] = message(3) + b"x" * 150 + b"\r\n"
+    server.behaviour.trickle_retr = 0.05
+    await proxy.start(sync={"deadline": 1})
+    session = await proxy.session("alice", PASSWORD)
+    assert "still downloading" in session.reply or "could not" in session.reply
+    started = time.monotonic()
+    while "sync deadline" not in proxy.output():
+        assert time.monotonic() - started < 5, "the sync was not stopped by its deadline"
+        await trio.sleep(0.05)  # polling for the log line, not synchronising on time
+    server.behaviour.trickle_retr = None
+    session = await proxy.session("alice", PASSWORD)
+    assert session.messages == [message(1), message(2), message(3) + b"x" * 150 + b"\r\n"]
+
+
+async def test_a_refused_message_is_skipped_and_retried_later(faulty):
+    server, proxy = faulty
+    server.messages["u3"] = message(3)
+    server.messages["u4"] = message(4)
+    server.behaviour.refuse_retr = {"u3"}
+    session = await proxy.session("alice", PASSWORD)
+    assert session.messages == [message(1), message(2), message(4)]  # u4 after it still arrives
+    assert "1 message refused by the provider" in session.reply, session.reply
+    retrs = server.commands.count("RETR")
+    # Backing off: the next pass does not ask again at once.
+    session = await proxy.session("alice", PASSWORD)
+    assert server.commands.count("RETR") == retrs
+    assert "refused by the provider" in session.reply
+    status = subprocess.run(
+        [sys.executable, "-m", "pop3proxy", "status", "--config", str(proxy.tmp_path / "proxy.toml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "refused" in status.stdout and "u3" not in status.stderr, status.stdout + status.stderr
+    # Once the back-off is over the message is asked for again, and fetched when the provider gives it.
+    server.behaviour.refuse_retr = set()
+    with UserState(user_dir(proxy.root, "alice") / "state.db") as state:
+        refused = json.loads(state.get_meta("refused_messages"))
+        refused["u3"]["next"] = 0
+        state.set_meta("refused_messages", json.dumps(refused))
+    session = await proxy.session("alice", PASSWORD)
+    assert sorted(session.messages) == sorted([message(1), message(2), message(3), message(4)])
+    assert "refused" not in session.reply
+
+
+async def test_provider_answers_are_bounded(faulty):
+    # At the limits everything is fetched; one entry or one octet more fails that sync cleanly.
+    server, proxy = faulty
+    big = message(3, size=4000)
+    server.messages["u3"] = big
+    await proxy.start(max_listing=3, max_message_size=len(big))
+    session = await proxy.session("alice", PASSWORD)
+    assert session.messages == [message(1), message(2), big]
+    server.messages["u4"] = message(4)  # 4 entries in LIST/UIDL, max_listing is 3
+    session = await proxy.session("alice", PASSWORD)
+    assert "could not" in session.reply and session.messages == [message(1), message(2), big]
+    assert "upstream.max_listing (3)" in proxy.output()
+    await proxy.start(max_listing=5, max_message_size=len(big) - 1)
+    server.messages["u5"] = message(5, size=4000)  # as big as `big`: one octet over the limit
+    server.messages.pop("u4")
+    session = await proxy.session("alice", PASSWORD)
+    assert "could not" in session.reply and session.messages == [message(1), message(2), big]
+    assert f"exceeds {len(big) - 1} octets" in proxy.output()
+    # The oversized message is skipped (backing off) and no longer blocks the mail after it.
+    server.messages["u6"] = message(6)
+    session = await proxy.session("alice", PASSWORD)
+    assert session.messages == [message(1), message(2), big, message(6)]
+    assert "1 message refused by the provider" in session.reply
+    assert proxy.alive()
