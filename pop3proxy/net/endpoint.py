@@ -13,16 +13,27 @@ from typing import Literal, TypeVar
 import trio
 
 from pop3proxy.config import UpstreamSettings
+from pop3proxy.net.tls import CLIENT_VERSIONS, client_context
 
 log = logging.getLogger("pop3proxy.upstream")
 
 _T = TypeVar("_T")
 
 
-_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_TLS_VERSIONS = CLIENT_VERSIONS
 _AUTH_METHODS = frozenset({"plain", "user", "apop"})
 # Response codes of a refused login that are passed on as they are (RFC 2449, 3206).
 _AUTH_CODES = ("IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM", "AUTH")
+
+
+# What a client is told when the provider refuses a login with one of these RFC 3206 codes.
+AUTH_TEXT = {
+    "AUTH": "invalid user name or password",
+    "IN-USE": "the mailbox is in use at the mail provider",
+    "LOGIN-DELAY": "the mail provider asks to wait before logging in again",
+    "SYS/TEMP": "the mail provider has a temporary problem, try again later",
+    "SYS/PERM": "the mail provider refuses this login permanently",
+}
 
 
 class UpstreamError(Exception):
@@ -148,11 +159,7 @@ class Endpoint:
         return self.server_hostname or self.host
 
     def ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ca_file or None)
-        context.minimum_version = _TLS_VERSIONS[self.tls_min_version]
-        context.check_hostname = True
-        context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return client_context(self.ca_file, self.tls_min_version)
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

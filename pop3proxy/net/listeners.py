@@ -34,3 +34,4 @@ async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
 
 def listener_port(listeners: Sequence[trio.SocketListener]) -> int:
     return listeners[0].socket.getsockname()[1]
+

@@ -6,7 +6,6 @@ messages with back-pressure and sendfile, QUIT updates), under the configured li
 from __future__ import annotations
 
 import io
-import ipaddress
 import logging
 import os
 import socket
@@ -19,6 +18,7 @@ import trio
 
 from pop3proxy import pop3 as p
 from pop3proxy.errors import LoginError
+from pop3proxy.net.addresses import is_loopback
 from pop3proxy.net.maildrop import Backend, Maildrop
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
@@ -87,13 +87,6 @@ def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
     return (str(address), 0)
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return host == ""  # unix sockets and in-memory test streams are local
-
-
 class _Connection:
     """Drives one ``Session`` over one stream."""
 
@@ -102,7 +95,7 @@ class _Connection:
         self.config = state.config
         self.stream = stream
         self.peer = _peer_of(stream)
-        loopback = _is_loopback(self.peer[0])
+        loopback = is_loopback(self.peer[0])
         plaintext = {"always": True, "never": False, "loopback": loopback}[self.config.allow_plaintext_auth]
         self.session = s.Session(
             stls_available=self.config.ssl_context is not None and not tls_active,

@@ -26,3 +26,16 @@ def make_server_ssl_context(certfile: Path, keyfile: Path | None = None, min_ver
         }[min_version]
     ctx.load_cert_chain(str(certfile), str(keyfile or certfile))
     return ctx
+
+
+CLIENT_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def client_context(ca_file: str | None = None, min_version: str = "1.2") -> ssl.SSLContext:
+    """A context for connecting to a provider (POP3 and SMTP alike): the certificate is always verified
+    against ``ca_file`` (the system store when empty) and the host name checked; TLS 1.2 at least."""
+    context = ssl.create_default_context(cafile=ca_file or None)
+    context.minimum_version = CLIENT_VERSIONS[min_version]
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context

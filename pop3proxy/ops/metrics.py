@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from contextlib import contextmanager
-from typing import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -110,15 +107,6 @@ def smtp_message(result: str) -> None:
 def upstream_latency(seconds: float) -> None:
     UPSTREAM_LATENCY.observe(max(0.0, seconds))
 
-
-@contextmanager
-def upstream_timer() -> Iterator[None]:
-    """``with metrics.upstream_timer(): ...`` observes the block's duration (also when it fails)."""
-    started = time.monotonic()
-    try:
-        yield
-    finally:
-        upstream_latency(time.monotonic() - started)
 
 
 def synced(messages: int, octets: int) -> None:

@@ -17,6 +17,7 @@ from pop3proxy.config import Settings
 from pop3proxy.errors import LoginError
 from pop3proxy.filtering.pipeline import Pipeline, build_pipeline
 from pop3proxy.net.endpoint import (
+    AUTH_TEXT,
     UpstreamAuthError,
     UpstreamError,
     UpstreamTLSError,
@@ -44,13 +45,6 @@ log = logging.getLogger("pop3proxy.proxy")
 
 OFFLINE_HASH = "offline_hash"
 LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
-_AUTH_TEXT = {
-    "AUTH": "invalid user name or password",
-    "IN-USE": "the mailbox is in use at the mail provider",
-    "LOGIN-DELAY": "the mail provider asks to wait before logging in again",
-    "SYS/TEMP": "the mail provider has a temporary problem, try again later",
-    "SYS/PERM": "the mail provider refuses this login permanently",
-}
 
 
 class ProxyMaildrop(StoreMaildrop):
@@ -175,7 +169,7 @@ class ProxyBackend(OAuthLogins, Backend):
             if exc.code == "AUTH":
                 await self._forget_offline_password(route, password)
             log.info("provider refused the login of %r: %s", route.cache_id, exc)
-            raise LoginError(_AUTH_TEXT.get(exc.code, "login refused by the mail provider"), exc.code) from None
+            raise LoginError(AUTH_TEXT.get(exc.code, "login refused by the mail provider"), exc.code) from None
         except UpstreamUnavailable as exc:
             await client.aclose()
             try:

@@ -43,13 +43,6 @@ def _unique_name(size: int) -> str:
     return f"{sec}.M{usec}P{os.getpid()}Q{n}.{_HOST},S={size},W={size}"
 
 
-def _named_crlf_size(uid: str) -> int | None:
-    """The size the name states, when it proves CRLF form (``,S=n,W=n`` with equal values)."""
-    size, vsize = _SIZE_FIELD.search(uid), _VSIZE_FIELD.search(uid)
-    if size and vsize and size[1] == vsize[1]:
-        return int(size[1])
-    return None
-
 
 def _is_stored_crlf(uid: str, file_size: int) -> bool:
     """True when the name proves the file is already in CRLF form (physical size equals CRLF size)."""

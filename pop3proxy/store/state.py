@@ -290,8 +290,6 @@ class UserState:
         sql = "SELECT key FROM messages WHERE status = 'cached' AND key IS NOT NULL"
         return {key for (key,) in self._run(sql + (" AND upstream = 1" if upstream_only else ""))}
 
-    def known_uids(self) -> set[str]:
-        return {uid for (uid,) in self._run("SELECT uid FROM messages")}
 
     def hidden_keys(self) -> set[str]:
         """Cache keys a session must not see: deleted (removal may be pending after a crash)."""

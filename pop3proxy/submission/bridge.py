@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import socket
 import ssl
@@ -15,6 +14,7 @@ import trio
 from aiosmtpd.smtp import SMTP, AuthResult, Session
 
 from pop3proxy.config import queue_dir
+from pop3proxy.net.addresses import is_loopback
 from pop3proxy.submission.delivery import QueueRunner
 from pop3proxy.submission.provider import EHLO_NAME
 from pop3proxy.submission.queue import RetryPolicy
@@ -69,14 +69,6 @@ class _Bridge:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _is_loopback(peer: Any) -> bool:
-    host = peer[0] if isinstance(peer, tuple) and peer else ""
-    try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def _peer_host(session) -> str:
@@ -145,7 +137,7 @@ class _RelaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self._tls_protocol is None and self.session is not None:
-            allowed = {"always": True, "never": False}.get(self._plaintext_auth, _is_loopback(self.session.peer))
+            allowed = {"always": True, "never": False}.get(self._plaintext_auth, is_loopback(_peer_host(self.session)))
             self._auth_require_tls = not allowed
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802

@@ -15,6 +15,8 @@ from typing import Literal, Sequence
 
 import trio
 
+from pop3proxy.net.tls import client_context
+
 log = logging.getLogger("pop3proxy.smtp")
 
 
@@ -44,11 +46,7 @@ class SubmissionEndpoint:
         return f"{self.host}:{self.port}"
 
     def ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ca_file or None)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3 if self.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-        context.check_hostname = True
-        context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return client_context(self.ca_file, "1.3" if self.tls_min_version == "1.3" else "1.2")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 import trio
 
 from pop3proxy.errors import LoginError
-from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamUnavailable
+from pop3proxy.net.endpoint import AUTH_TEXT, UpstreamAuthError, UpstreamUnavailable
 from pop3proxy.net.maildrop import Maildrop
 from pop3proxy.net.pop3_client import connect
 from pop3proxy.ops import metrics
@@ -26,13 +26,6 @@ from pop3proxy.proxy.routing import Route
 
 log = logging.getLogger("pop3proxy.proxy")
 
-_AUTH_TEXT = {
-    "AUTH": "invalid user name or password",
-    "IN-USE": "the mailbox is in use at the mail provider",
-    "LOGIN-DELAY": "the mail provider asks to wait before logging in again",
-    "SYS/TEMP": "the mail provider has a temporary problem, try again later",
-    "SYS/PERM": "the mail provider refuses this login permanently",
-}
 
 
 class OAuthLogins:
@@ -77,7 +70,7 @@ class OAuthLogins:
                     log.info("provider refused the OAuth2 token of %r; renewing it: %s", route.cache_id, exc)
                     continue
                 log.warning("provider refused the OAuth2 login of %r: %s", route.cache_id, exc)
-                raise LoginError(_AUTH_TEXT.get(exc.code, "login refused by the mail provider")
+                raise LoginError(AUTH_TEXT.get(exc.code, "login refused by the mail provider")
                                  if exc.code != "AUTH" else "the mail provider refused the OAuth2 token",
                                  exc.code if exc.code != "AUTH" else "SYS/TEMP") from None
             except UpstreamUnavailable as exc:
@@ -105,7 +98,7 @@ class OAuthLogins:
         except UpstreamAuthError as exc:
             await client.aclose()
             log.info("provider refused the OAuth2 login of %r: %s", route.cache_id, exc)
-            raise LoginError(_AUTH_TEXT.get(exc.code, "login refused by the mail provider"), exc.code) from None
+            raise LoginError(AUTH_TEXT.get(exc.code, "login refused by the mail provider"), exc.code) from None
         except UpstreamUnavailable as exc:
             await client.aclose()
             log.warning("provider failed during the OAuth2 login of %r: %s", route.cache_id, exc)
