@@ -21,7 +21,9 @@ DEMO_PASSWORD = "demo"
 
 
 def _crlf(text: str) -> bytes:
-    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
+    from pop3proxy.pop3.dotstuff import to_crlf
+
+    return to_crlf(text.encode("utf-8"))
 
 
 def sample_messages() -> list[bytes]:

@@ -8,12 +8,14 @@ import io
 import re
 from typing import BinaryIO
 
+from pop3proxy.pop3.dotstuff import to_crlf
+
 CHUNK = 64 * 1024
 
 
 def normalise(data: bytes) -> bytes:
     """The message in CRLF form: bare LF becomes CRLF, and a non-empty message ends with CRLF."""
-    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    data = to_crlf(data)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
@@ -31,7 +33,7 @@ class _BareLfConverter:
             head, data = b"\n", data[1:]
         if head or data:
             self._after_cr = data[-1:] == b"\r"
-        return head + data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        return head + to_crlf(data)
 
     def finish(self) -> bytes:
         return b""
