@@ -119,7 +119,7 @@ async def test_port_in_use_is_a_clear_startup_error(tmp_path):
     async with trio.open_nursery() as nursery:
         port = await nursery.start(metrics_http.serve_metrics, settings)
         settings.metrics.port = port
-        with pytest.raises(StartupError, match=f"cannot listen for metrics on {HOST} port {port}"):
+        with pytest.raises(StartupError, match=f"cannot listen for metrics on {HOST}:{port}: address already in use"):
             await metrics_http.serve_metrics(settings)
         nursery.cancel_scope.cancel()
 
