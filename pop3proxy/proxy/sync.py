@@ -157,7 +157,9 @@ async def sync_mailbox(
         row = rows.get(uid)
         if row is None:
             continue
-        if row.status == "deleted" and policy == "mirror":
+        if row.status == "deleted" and policy in ("mirror", "after_fetch"):
+            # after_fetch too: a message the client deleted before its post-fetch QUIT went through
+            # (or cached under another policy) must not stay at the provider for ever.
             to_delete.append((number, uid))
         elif row.status in ("cached", "held") and policy == "after_fetch":
             to_delete.append((number, uid))

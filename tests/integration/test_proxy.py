@@ -250,6 +250,24 @@ def test_name_variants_of_one_provider_account_share_one_throttle(proxy, dovecot
     client.quit()
 
 
+def test_after_fetch_deletes_upstream_what_the_client_deleted_before_the_provider_did(proxy, dovecot):
+    """A message cached while the provider kept it (its QUIT after the fetch never went through, or
+    another policy) and deleted by the client must still go from the provider under after_fetch."""
+    messages = [sample(1), sample(2)]
+    for m in messages:
+        dovecot.deliver(dovecot.user, m)
+    proxy.start(upstream={"delete": "never"})  # the provider keeps both after the fetch
+    client = proxy.client(dovecot.user, dovecot.password)
+    client.dele(1)
+    client.quit()
+    assert dovecot.messages(dovecot.user) == messages
+    proxy.start(upstream={"delete": "after_fetch"})
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == messages[1:]
+    client.quit()
+    assert dovecot.messages(dovecot.user) == []
+
+
 def test_routing_forms_and_allow_list(proxy, dovecot):
     dovecot.deliver(dovecot.user, sample(3))
     proxy.start(routes={"example.test": {"host": HOST, "port": dovecot.port, "tls": "starttls", "ca_file": str(dovecot.ca_file)}})
