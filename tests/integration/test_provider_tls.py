@@ -6,16 +6,7 @@ import poplib
 
 import pytest
 from helpers.common import HOST
-from helpers.proxy import Proxy, closed_port, retr_all, sample
-
-
-@pytest.fixture
-def proxy(server_process, tmp_path, dovecot):
-    made = Proxy(server_process, tmp_path, dovecot)
-    yield made
-    log = made.output()
-    made.stop()
-    assert log and dovecot.password not in log
+from helpers.proxy import closed_port, retr_all, sample
 
 
 def test_failed_certificate_verification_is_an_error_not_offline(proxy, dovecot):
