@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import re
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from pop3proxy.filtering.headers import header_end
+from pop3proxy.pop3.dotstuff import to_crlf
 from pop3proxy.submission.provider import _ENHANCED, EHLO_NAME
 
 log = logging.getLogger("pop3proxy.smtp")
@@ -32,10 +33,9 @@ class Failure:
 
 
 def _header_block(message: bytes, limit: int = 64 * 1024) -> bytes:
-    end = re.search(rb"\r?\n\r?\n", message)
-    head = message[: end.start()] if end else message
-    head = head[:limit].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return head + b"\r\n"
+    """The message's header block (at most ``limit`` octets) in CRLF form, ending with CRLF."""
+    head = to_crlf(message[: header_end(message)][:limit])
+    return head if head.endswith(b"\r\n") else head + b"\r\n"
 
 
 def _ascii(text: str) -> str:
