@@ -41,6 +41,7 @@ class AccountStatus:
     quarantined: int = 0
     queued: list = field(default_factory=list)  # outqueue.Entry objects
     problem: str = ""
+    oauth2: str = ""  # an OAuth2 account's token state (never the token); empty for password accounts
 
     @property
     def queued_octets(self) -> int:
@@ -120,6 +121,9 @@ def collect_status(settings) -> list[AccountStatus]:
             if status is None:
                 status = found[entry.cache_id] = AccountStatus(entry.cache_id)
             status.queued.append(entry)
+    now = time.time()
+    for status in found.values():
+        status.oauth2 = oauth2_state(settings, status.name, now)
     return sorted(found.values(), key=lambda s: s.name.lower())
 
 
@@ -191,15 +195,14 @@ def format_status(accounts: list[AccountStatus], settings, now: float | None = N
             lines.append(f"  queued      {text}")
         else:
             lines.append("  queued      none")
-        oauth_line = _oauth2_line(settings, status.name, now)
-        if oauth_line:
-            lines.append(f"  oauth2      {oauth_line}")
+        if status.oauth2:
+            lines.append(f"  oauth2      {status.oauth2}")
         if status.problem:
             lines.append(f"  problem     {status.problem}")
     return "\n".join(lines)
 
 
-def _oauth2_line(settings, name: str, now: float) -> str:
+def oauth2_state(settings, name: str, now: float) -> str:
     """An OAuth2 account's token state (never the token), empty for password accounts."""
     account = settings.accounts.get(name)
     if account is None or account.oauth2 is None:

@@ -43,6 +43,7 @@ def status_json(status: AccountStatus) -> dict[str, Any]:
         "queued": len(status.queued),
         "queued_octets": status.queued_octets,
         "problem": status.problem,
+        "oauth2": status.oauth2,
     }
 
 

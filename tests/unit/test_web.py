@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 from pop3proxy.config import Settings
 from pop3proxy.filtering.api import FilterResult
 from pop3proxy.net.throttle import Throttle
-from pop3proxy.proxy.credentials import hash_password
+from pop3proxy.proxy.credentials import hash_password, set_password
 from pop3proxy.proxy.local import LocalBackend
 from pop3proxy.store import open_store
 from pop3proxy.store.held import HeldStore
@@ -261,3 +261,32 @@ def test_message_text_is_cut_at_the_limit(monkeypatch):
     monkeypatch.setattr(data, "MAX_TEXT", 10)
     raw = b"Subject: s\r\nContent-Type: text/plain\r\n\r\n" + b"0123456789ABC\r\n"
     assert data.message_view(raw)["text"] == "0123456789"
+
+
+def test_overview_shows_the_token_state_of_oauth2_accounts(tmp_path):
+    import time
+
+    from pop3proxy.proxy.oauth.tokens import TokenSet, save_tokens
+
+    users = tmp_path / "users"
+    set_password(users, "root", "rootpw")
+    root = tmp_path / "cache"
+    settings = Settings(
+        listen={"host": "127.0.0.1", "port": 0},
+        local={"users_file": users},
+        cache={"root": root},
+        web={"port": 0, "admins": ["root"]},
+        accounts={"carol": {"oauth2": {"token_url": "https://auth.example/token", "client_id": "pop3proxy"}},
+                  "dave": {"oauth2": {"token_url": "https://auth.example/token", "client_id": "pop3proxy"}}},
+    )
+    save_tokens(root, "carol", TokenSet(access_token="secret-access", refresh_token="secret-refresh",
+                                        expires_at=time.time() + 3600))
+    app = build_app(settings, LocalBackend(users, root), Throttle(), secure=False)
+    with client(app) as c:
+        form = c.get("/login")
+        c.post("/login", data={"user": "root", "password": "rootpw", "csrf": csrf_of(form.text)})
+        page = c.get("/").text
+        api = {a["name"]: a for a in c.get("/api/status").json()["accounts"]}
+    assert "OAuth2: token valid until" in page and "OAuth2: not authorised yet" in page
+    assert api["carol"]["oauth2"].startswith("token valid until")
+    assert "secret-access" not in page and "secret-refresh" not in page
