@@ -118,6 +118,8 @@ class ProxyBackend(OAuthLogins, Backend):
         self._memo: dict[tuple[str, str], bytes] = {}
         self._prefetched: dict[str, float] = {}  # cache id -> when its last complete prefetch ended
         self.passwords: dict[str, str] = {}
+        # Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console.
+        self.syncing: dict[str, tuple[int, int]] = {}
         self.oauth = TokenManager(self.root, {
             name: account.oauth2 for name, account in settings.accounts.items() if account.oauth2 is not None})
         for name, account in settings.accounts.items():
@@ -289,6 +291,13 @@ class ProxyBackend(OAuthLogins, Backend):
 
         mailbox, state = await trio.to_thread.run_sync(open_files)
         deadline = self.settings.sync.deadline
+        self.syncing[route.cache_id] = (0, 0)
+
+        def report(done: int, total: int) -> None:
+            self.syncing[route.cache_id] = (done, total)
+            if progress is not None:
+                progress(done, total)
+
         try:
             with trio.move_on_after(deadline) as scope:
                 result = await sync_mailbox(
@@ -299,7 +308,7 @@ class ProxyBackend(OAuthLogins, Backend):
                     pipeline=self.pipeline,
                     policy=self.settings.upstream.delete,
                     delete_after_days=self.settings.upstream.delete_after_days,
-                    progress=progress,
+                    progress=report,
                     hold=hold_callback(self.root, route.cache_id),
                     quarantine_dir=user_dir(self.root, route.cache_id) / "quarantine",
                 )
@@ -327,6 +336,7 @@ class ProxyBackend(OAuthLogins, Backend):
                 await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
             raise
         finally:
+            self.syncing.pop(route.cache_id, None)
             await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
 
     def _remember_password(self, cache_id: str, state: UserState, password: str) -> None:

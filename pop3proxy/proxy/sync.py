@@ -257,6 +257,8 @@ async def sync_mailbox(
                 if progress is not None:
                     progress(len(stored), len(new))
 
+    if progress is not None:
+        progress(0, len(new))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetch)

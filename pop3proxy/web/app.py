@@ -163,10 +163,16 @@ def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secur
         return response
 
     # -- pages -----------------------------------------------------------------------------------
+    def syncing(accounts) -> dict[str, tuple[int, int]]:
+        """Syncs running in this process for these accounts: (new messages stored, to fetch)."""
+        running = dict(getattr(backend, "syncing", {}))
+        return {a.name: running[a.name] for a in accounts if a.name in running}
+
     async def overview(request: Request, session: Session, fields) -> Response:
         accounts = await run(data.accounts, settings, session.user, session.admin)
         counts = await run(data.trained, settings)
-        return page(request, session, "overview.html", accounts=accounts, trained=counts, now=time.time())
+        return page(request, session, "overview.html", accounts=accounts, trained=counts, now=time.time(),
+                    syncing=syncing(accounts))
 
     async def plot(request: Request, session: Session, fields) -> Response:
         kind = request.path_params["kind"]
@@ -260,7 +266,9 @@ def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secur
     # -- JSON ------------------------------------------------------------------------------------
     async def api_status(request: Request, session: Session, fields) -> Response:
         accounts = await run(data.accounts, settings, session.user, session.admin)
-        return JSONResponse({"user": session.user, "accounts": [data.status_json(a) for a in accounts],
+        running = syncing(accounts)
+        return JSONResponse({"user": session.user,
+                             "accounts": [{**data.status_json(a), "syncing": running.get(a.name)} for a in accounts],
                              "trained": await run(data.trained, settings)})
 
     async def api_held(request: Request, session: Session, fields) -> Response:

@@ -150,3 +150,17 @@ class WithSecret:
 
     def __call__(self, message: bytes, context: FilterContext) -> FilterOutcome:
         return FilterOutcome(message)
+
+
+# Opened by the tests: until then the Gate filter holds every message (a sync stays in progress).
+gate = threading.Event()
+
+
+class Gate:
+    """Passes each message unchanged once ``gate`` is set (at most 30 s)."""
+
+    name = "gate"
+
+    def __call__(self, message: bytes, context: FilterContext) -> FilterOutcome:
+        gate.wait(30)
+        return FilterOutcome(message)
