@@ -30,6 +30,7 @@ READ_CHUNK = 256 * 1024
 INLINE_READ = 64 * 1024  # messages up to this size are read without a worker thread
 SENDFILE_MIN = 256 * 1024  # larger messages that need no dot-stuffing go out with sendfile()
 RECEIVE_SIZE = 64 * 1024
+EVICT_AFTER = 2.0  # seconds a pre-login connection must have waited before it may be closed for room
 
 
 @dataclass
@@ -60,16 +61,22 @@ class ServerState:
     # Connections still in AUTHORIZATION, oldest first (dicts keep insertion order).
     unauthenticated: dict["_Connection", None] = field(default_factory=dict)
 
+    def make_room(self) -> bool:
+        """Close the oldest pre-login connection that has waited for input at least EVICT_AFTER
+        seconds; False when there is none (a burst of real clients is never evicted)."""
+        now = trio.current_time()
+        for victim in self.unauthenticated:
+            if victim.evict(now - EVICT_AFTER):
+                self.stats["evicted"] += 1
+                return True
+        return False
+
     def admit(self, conn: "_Connection") -> None:
-        """Count a new pre-login connection; at the cap, evict the oldest one waiting for input, so
+        """Count a new pre-login connection; beyond the cap, close an old idle one to make room, so
         that idle or trickling connections can never keep a real user from logging in."""
         if len(self.unauthenticated) >= self.config.max_unauthenticated:
-            for victim in self.unauthenticated:
-                if victim.evict():
-                    self.stats["evicted"] += 1
-                    break
+            self.make_room()
         self.unauthenticated[conn] = None
-
 
 def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
     inner = stream
@@ -109,6 +116,7 @@ class _Connection:
         self.out_bytes = 0  # octets in self.out
         self.login_deadline = trio.current_time() + self.config.login_timeout
         self._wait_scope: trio.CancelScope | None = None  # set while waiting for input
+        self.waiting_since = 0.0
         self.evicted = False
         self.maildrop: Maildrop | None = None
         self.upstream: str | None = None  # the provider this session's login went to (logs)
@@ -130,9 +138,10 @@ class _Connection:
             await self.stream.send_all(data)
         self.bytes_sent += len(data)
 
-    def evict(self) -> bool:
-        """Close this pre-login connection to make room (only while it waits for input)."""
-        if self._wait_scope is None or self.evicted:
+    def evict(self, waiting_before: float) -> bool:
+        """Close this pre-login connection to make room, if it has been waiting for input since
+        before ``waiting_before`` (trio time)."""
+        if self._wait_scope is None or self.evicted or self.waiting_since > waiting_before:
             return False
         self.evicted = True
         self._wait_scope.cancel()
@@ -173,6 +182,7 @@ class _Connection:
         authorizing = self._authorizing()
         if authorizing:  # each byte resets the idle timer, but not the deadline to log in
             deadline = min(deadline, self.login_deadline)
+        self.waiting_since = trio.current_time()
         with trio.CancelScope(deadline=deadline) as self._wait_scope:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             self._wait_scope = None
@@ -376,7 +386,7 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
     try:
         _set_nodelay(stream)
         address = _peer_of(stream)[0]
-        if state.sessions >= state.config.max_sessions:
+        if state.sessions >= state.config.max_sessions and not state.make_room():
             with trio.move_on_after(5):
                 await stream.send_all(p.err("too many sessions, try again later", "SYS/TEMP"))
             return

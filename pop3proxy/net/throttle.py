@@ -14,8 +14,8 @@ seconds, under three keys:
   out), but past ``max_failures`` every attempt on that account is delayed by ``max_delay`` before
   the provider is asked, which slows a distributed guess to a trickle.
 
-Attempts in flight count like failures for the refusals (twenty concurrent guesses from one address
-get five through, not twenty-one). The answer to a failure is delayed, doubling from ``base_delay``
+Attempts of one pair in flight count like its failures (twenty concurrent guesses of one account from
+one address get five through, not twenty-one); many users logging in at once from one address do not. The answer to a failure is delayed, doubling from ``base_delay``
 up to ``max_delay``. Pure bookkeeping with an injectable clock; memory is bounded (the oldest keys are
 dropped first).
 """
@@ -72,7 +72,7 @@ class Throttle:
         pair, addr, _ = self._keys(address, account)
         return (
             self._recent(pair) + self._in_flight[pair] >= self.max_failures
-            or self._recent(addr) + self._in_flight[addr] >= self.address_failures
+            or self._recent(addr) >= self.address_failures
         )
 
     def account_delay(self, account: str) -> float:
@@ -82,16 +82,14 @@ class Throttle:
     @contextmanager
     def attempt(self, address: str, account: str) -> Iterator[None]:
         """Count a login in flight while the provider is asked."""
-        pair, addr, _ = self._keys(address, account)
+        pair = self._keys(address, account)[0]
         self._in_flight[pair] += 1
-        self._in_flight[addr] += 1
         try:
             yield
         finally:
-            for key in (pair, addr):
-                self._in_flight[key] -= 1
-                if not self._in_flight[key]:
-                    del self._in_flight[key]
+            self._in_flight[pair] -= 1
+            if not self._in_flight[pair]:
+                del self._in_flight[pair]
 
     def failed(self, address: str, account: str) -> float:
         """Record a failure; returns the delay to wait before answering it."""
