@@ -34,3 +34,71 @@ async def test_endless_answer_fails_the_session_not_the_memory(where):
     limit = {"CAPA": LISTING_OCTETS, "RETR": LIMIT, "UIDL": 1000 * 84}[where]
     assert f"exceeds {limit} octets" in str(caught.value)
     print(f"endless {where}: peak RSS of the test process {peak_rss_mib():.0f} MiB")
+
+
+def proxy_rss_kib(pid: int) -> int:
+    from pathlib import Path
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_hostile_provider_does_not_hurt_the_proxy_nor_other_users(tmp_path, server_process, dovecot):
+    """The proxy process in front of the real Dovecot; one account's provider sends an endless RETR.
+    The proxy's memory stays bounded, the hostile sync fails alone, and another user logs in meanwhile."""
+    import poplib
+    import time
+
+    from helpers.common import write_config
+
+    dovecot.deliver(dovecot.user, b"Subject: for the other user\r\n\r\nhello\r\n")
+    async with faulty_server(endless_on="RETR", messages={"u1": b"Subject: x\r\n\r\nhi\r\n"}) as hostile:
+        config = write_config(tmp_path / "proxy.toml", {
+            "listen": {"host": HOST, "port": 0},
+            "upstream": {"host": HOST, "port": dovecot.tls_port, "tls": "implicit", "ca_file": str(dovecot.ca_file),
+                         "max_message_size": LIMIT},
+            'accounts."mallory"': {"host": HOST, "port": hostile.port, "tls": "none", "remote_user": "alice"},
+            "cache": {"root": tmp_path / "cache"},
+            "sync": {"login_budget": 5},
+        })
+        proxy = await trio.to_thread.run_sync(server_process(config).start)
+        pid = proxy.proc.pid
+        baseline = proxy_rss_kib(pid)
+
+        def mallory() -> bytes:
+            client = poplib.POP3(HOST, proxy.port, timeout=60)
+            client.user("mallory")
+            reply = client.pass_("secret")
+            client.quit()
+            return reply
+
+        def other_user() -> float:
+            started = time.monotonic()
+            client = poplib.POP3(HOST, proxy.port, timeout=60)
+            client.user(dovecot.user)
+            assert client.pass_(dovecot.password).startswith(b"+OK")
+            assert client.stat()[0] == 1
+            client.quit()
+            return time.monotonic() - started
+
+        peak = baseline
+        outcome: dict[str, object] = {}
+        async with trio.open_nursery() as nursery:
+            async def attack() -> None:
+                outcome["mallory"] = await trio.to_thread.run_sync(mallory)
+
+            nursery.start_soon(attack)
+            outcome["login"] = await trio.to_thread.run_sync(other_user)
+            while "mallory" not in outcome:  # sample the proxy's memory until the hostile login ends
+                peak = max(peak, proxy_rss_kib(pid))
+                await trio.sleep(0.02)
+        peak = max(peak, proxy_rss_kib(pid))
+        assert proxy.proc.poll() is None  # the service survived
+        reply = outcome["mallory"]
+        assert reply.startswith(b"+OK") and b"could not be fetched" in reply, reply
+        print(f"hostile provider (endless RETR): proxy peak RSS {peak} KiB (baseline {baseline} KiB); "
+              f"another user's login took {outcome['login'] * 1000:.0f} ms during the attack")
+        assert peak - baseline < 3 * LIMIT // 1024 + 32 * 1024, (peak, baseline)
+        assert "exceeds" in proxy.output()
