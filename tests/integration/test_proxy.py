@@ -230,7 +230,23 @@ def test_a_certificate_failure_is_an_error_not_offline_mode(proxy, dovecot, tls)
     with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
         client.pass_(dovecot.password)
     client.quit()
-    assert "cannot be trusted" in proxy.output() and "serving cached mail" not in proxy.output()
+    log = proxy.output()
+    assert "cannot be trusted" in log and "serving cached mail" not in log
+    assert "certificate verification failed" in log  # the reason, loudly: it may be an attack
+
+
+def test_refused_connection_still_goes_offline(proxy, dovecot):
+    dovecot.deliver(dovecot.user, sample(2))
+    proxy.start()
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == [sample(2)]
+    client.quit()
+    proxy.start(upstream={"port": closed_port()})
+    client = poplib.POP3(HOST, proxy.process.port, timeout=10)
+    client.user(dovecot.user)
+    assert "offline" in client.pass_(dovecot.password).decode()
+    assert retr_all(client) == [sample(2)]
+    client.quit()
 
 
 def test_name_variants_of_one_provider_account_share_one_throttle(proxy, dovecot):
