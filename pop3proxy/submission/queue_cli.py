@@ -7,22 +7,12 @@ import sys
 import time
 
 from pop3proxy.config import queue_dir
+from pop3proxy.ops.units import human_age
 from pop3proxy.submission.delivery import attempt_delivery
 from pop3proxy.submission.queue import EntryBusy, OutQueue, RetryPolicy, valid_id
 from pop3proxy.submission.relay import load_passwords
 
 log = logging.getLogger("pop3proxy.smtp")
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 172800:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
 
 
 def queue_command(settings, action: str, ids: list[str], out=None) -> int:
@@ -60,10 +50,10 @@ def _queue_action(settings, queue: OutQueue, action: str, ids: list[str], out, e
             return 0
         print(f"{'ID':24} {'SENDER':28} {'RCPTS':>5} {'SIZE':>9} {'AGE':>5} {'TRIES':>5} {'NEXT TRY':>8}  LAST ERROR", file=out)
         for e in entries:
-            next_try = "now" if e.next_try <= now else "in " + _age(e.next_try - now)
+            next_try = "now" if e.next_try <= now else "in " + human_age(e.next_try - now, compact=True)
             sender = e.sender or "<>"
             print(
-                f"{e.id:24} {sender[:28]:28} {len(e.recipients):>5} {e.size:>9} {_age(now - e.created):>5} "
+                f"{e.id:24} {sender[:28]:28} {len(e.recipients):>5} {e.size:>9} {human_age(now - e.created, compact=True):>5} "
                 f"{e.attempts:>5} {next_try:>8}  {e.last_error[:120]}",
                 file=out,
             )

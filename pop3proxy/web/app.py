@@ -24,7 +24,7 @@ from pop3proxy.config import Settings
 from pop3proxy.errors import LoginError
 from pop3proxy.net.maildrop import Backend
 from pop3proxy.net.throttle import Throttle
-from pop3proxy.ops.status import human_size, utc
+from pop3proxy.ops.units import human_size, utc
 from pop3proxy.store.held import HeldError
 from pop3proxy.store.locks import MailboxBusy
 from pop3proxy.web import data
