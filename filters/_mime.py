@@ -26,6 +26,8 @@ from email.parser import BytesHeaderParser
 from email.utils import unquote
 from typing import Iterator, Literal
 
+from pop3proxy.filtering.headers import field_spans
+
 MAX_DEPTH = 64
 """Deeper nesting than this is refused (``MimeError``) rather than filtered partly."""
 
@@ -357,19 +359,11 @@ def disposition(entity: Entity) -> str:
 
 def header_fields(data: bytes, entity: Entity) -> list[tuple[bytes, int, int]]:
     """(lower-case name, start, end) of each header field of the entity, continuation lines included."""
+    spans, _ = field_spans(data, entity.start, entity.header_end, lone_cr=True)
     fields: list[tuple[bytes, int, int]] = []
-    pos = entity.start
-    while pos < entity.header_end:
-        eol = _EOL.search(data, pos, entity.header_end)
-        line_end = eol.end() if eol else entity.header_end
-        if data[pos] in b" \t" and fields:
-            name, field_start, _ = fields[-1]
-            fields[-1] = (name, field_start, line_end)
-        else:
-            colon = data.find(b":", pos, line_end)
-            name = data[pos:colon].strip().lower() if colon >= 0 else b""
-            fields.append((name, pos, line_end))
-        pos = line_end
+    for start, end in spans:
+        colon = data.find(b":", start, end)
+        fields.append((data[start:colon].strip().lower() if colon >= 0 else b"", start, end))
     return fields
 
 

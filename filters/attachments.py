@@ -74,8 +74,8 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pop3proxy.filtering import FilterContext, FilterOutcome
-from pop3proxy.store.fsutil import replace_file
 from pop3proxy.filters import _mime
+from pop3proxy.store.fsutil import replace_file
 
 DEFAULT_EXTENSIONS: tuple[str, ...] = (
     # Windows programs, libraries, installers and shortcuts

@@ -31,14 +31,44 @@ class HeaderField:
     raw: bytes
 
 
-def _lines(data: bytes, start: int = 0) -> Iterable[tuple[int, int]]:
-    """(start, end) of each line; a line ends just after LF (a CR before it belongs to the line)."""
-    size = len(data)
-    while start < size:
-        end = data.find(b"\n", start)
-        end = size if end < 0 else end + 1
-        yield start, end
-        start = end
+_ANY_EOL = re.compile(rb"\r\n|\r|\n")
+_BLANK = {False: (b"\r\n", b"\n"), True: (b"\r\n", b"\n", b"\r")}
+
+
+def _lines(data: bytes, start: int = 0, end: int | None = None, lone_cr: bool = False) -> Iterable[tuple[int, int]]:
+    """(start, end) of each line of data[start:end]; a line ends just after its line break (LF, CR LF,
+    or also a lone CR when ``lone_cr``, as Python's email parser reads MIME parts)."""
+    end = len(data) if end is None else end
+    while start < end:
+        if lone_cr:
+            eol = _ANY_EOL.search(data, start, end)
+            stop = eol.end() if eol else end
+        else:
+            stop = data.find(b"\n", start, end)
+            stop = end if stop < 0 else stop + 1
+        yield start, stop
+        start = stop
+
+
+def field_spans(data: bytes, start: int = 0, end: int | None = None, *, lone_cr: bool = False
+                ) -> tuple[list[tuple[int, int]], int]:
+    """Where the header fields of the block at data[start:end] lie, and where the block stops.
+
+    Returns the (start, end) of each field, continuation lines included, and the offset of the blank line
+    that ends the block (``end`` when there is none). A line starting with a space or a tab continues the
+    field before it. This is the one header reader: `split_header` and the MIME parts of the built-in
+    filters both use it.
+    """
+    end = len(data) if end is None else end
+    spans: list[tuple[int, int]] = []
+    for line_start, line_end in _lines(data, start, end, lone_cr):
+        if data[line_start] in b"\r\n" and data[line_start:line_end] in _BLANK[lone_cr]:
+            return spans, line_start
+        if data[line_start:line_start + 1] in (b" ", b"\t") and spans:
+            spans[-1] = (spans[-1][0], line_end)
+        else:
+            spans.append((line_start, line_end))
+    return spans, end
 
 
 def _field_name(line: bytes) -> str | None:
@@ -55,18 +85,9 @@ def split_header(message: bytes) -> tuple[list[HeaderField], bytes]:
     ``b"".join(f.raw for f in fields) + rest == message`` always holds. The header block ends at the first
     empty line (CRLF or a bare LF); a line starting with a space or a tab continues the field before it.
     """
-    fields: list[HeaderField] = []
-    pos = 0
-    for start, end in _lines(message):
-        line = message[start:end]
-        if line in (b"\r\n", b"\n"):
-            break
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] = HeaderField(fields[-1].name, fields[-1].raw + line)
-        else:
-            fields.append(HeaderField(_field_name(line), line))
-        pos = end
-    return fields, message[pos:]
+    spans, stop = field_spans(message)
+    fields = [HeaderField(_field_name(message[a:b]), message[a:b]) for a, b in spans]
+    return fields, message[stop:]
 
 
 def header_end(message: bytes) -> int:
