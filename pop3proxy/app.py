@@ -15,7 +15,7 @@ from pop3proxy.net.listeners import listener_port, open_listeners, serve_listene
 from pop3proxy.net.maildrop import Backend
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
 from pop3proxy.net.throttle import Throttle
-from pop3proxy.net.tls import make_server_ssl_context
+from pop3proxy.net.tls import server_context
 from pop3proxy.proxy.local import LocalBackend
 
 log = logging.getLogger("pop3proxy")
@@ -81,7 +81,7 @@ def build_ssl_context(settings: Settings):
     if listen.certfile is None:
         return None
     try:
-        return make_server_ssl_context(listen.certfile, listen.keyfile, listen.tls_min_version)
+        return server_context(listen.certfile, listen.keyfile, listen.tls_min_version)
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
 

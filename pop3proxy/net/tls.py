@@ -10,7 +10,7 @@ from pathlib import Path
 log = logging.getLogger("pop3proxy")
 
 
-def make_server_ssl_context(certfile: Path, keyfile: Path | None = None, min_version: str = "1.2") -> ssl.SSLContext:
+def server_context(certfile: Path, keyfile: Path | None = None, min_version: str = "1.2") -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     if min_version in ("1.0", "1.1"):
         # Legacy clients: OpenSSL's default security level refuses TLS 1.0/1.1 outright.

@@ -292,7 +292,7 @@ async def run_smtp(
     POP3 side apply here too); by default one is made from ``[listen] certfile/keyfile``.
     """
     from pop3proxy.errors import ListenError, StartupError
-    from pop3proxy.net.tls import make_server_ssl_context
+    from pop3proxy.net.tls import server_context
 
     smtp = settings.smtp
     if smtp.port is None:
@@ -310,7 +310,7 @@ async def run_smtp(
     listen = settings.listen
     if tls_context is None and listen.certfile is not None:
         try:
-            tls_context = make_server_ssl_context(listen.certfile, listen.keyfile, listen.tls_min_version)
+            tls_context = server_context(listen.certfile, listen.keyfile, listen.tls_min_version)
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
     current_tls: Callable[[], ssl.SSLContext | None] = (
