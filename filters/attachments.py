@@ -1,4 +1,4 @@
-"""Attachment stripping: dangerous parts are replaced by a short note and kept in a quarantine.
+"""Attachment stripping: dangerous parts are replaced by a short note and kept aside (``removed/``).
 
 Configured as ``use = "attachments"`` in a ``[[filters]]`` table::
 
@@ -8,7 +8,7 @@ Configured as ``use = "attachments"`` in a ``[[filters]]`` table::
     strip_types = ["application/x-msdownload", "application/x-*"]   # globs; default: executable types
     max_size = 10_000_000                       # decoded bytes; default: no limit
     strip_encrypted_archives = true             # zip files with encrypted entries (default true)
-    quarantine = true                           # keep what is removed (default true)
+    keep_removed = true                         # keep what is removed (default true; old name: quarantine)
 
 A part is stripped when any rule matches, tried in this order:
 
@@ -44,12 +44,13 @@ MIME-Version added if it was missing). Every other byte of the message stays exa
 parts, preamble, epilogue, top-level headers, delimiter lines and line endings. A message in which
 nothing matches is returned as the very same bytes.
 
-Quarantine: with ``quarantine = true`` and a quarantine directory for the user, the decoded part is
+Keeping what is removed: with ``keep_removed = true`` and a removed-parts directory for the user
+(``removed/`` in the user's cache directory), the decoded part is
 written as ``<sha256>.<ext>`` and the original MIME part (its headers and body as they were in the
 message) as ``<sha256 of that text>.mime``; the directory is created with mode 0700, the files with
 mode 0600, each written to a temporary file, fsync'ed and renamed into place. Identical content shares
-one file. The note names both files. With ``quarantine = false`` or no quarantine directory the note
-says "removed, not kept". A quarantine that cannot be written is an error: the pipeline's ``on_error``
+one file. The note names both files. With ``keep_removed = false`` or no such directory the note
+says "removed, not kept". A directory that cannot be written is an error: the pipeline's ``on_error``
 policy then delivers (or holds) the unfiltered message, so nothing is lost.
 
 The verdict is ``stripped 1 part: invoice.pdf.exe (application/octet-stream, 2048 bytes, extension exe)``
@@ -71,7 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from pop3proxy.filtering import FilterContext, FilterOutcome
 from pop3proxy.filters import _mime
@@ -148,7 +149,10 @@ class Config(BaseModel):
         None, gt=0, description="Strip parts whose decoded size exceeds this many bytes; unset: no limit."
     )
     strip_encrypted_archives: bool = Field(True, description="Strip zip files that have encrypted entries.")
-    quarantine: bool = Field(True, description="Keep stripped parts in the user's quarantine directory.")
+    keep_removed: bool = Field(
+        True, validation_alias=AliasChoices("keep_removed", "quarantine"),
+        description="Keep stripped parts in the user's removed-parts directory (old name: quarantine).",
+    )
 
     @field_validator("strip_extensions")
     @classmethod
@@ -191,7 +195,7 @@ class _Strip:
 
 
 class AttachmentsFilter:
-    """Replace dangerous attachments by a note; keep the originals in the quarantine."""
+    """Replace dangerous attachments by a note; keep the originals aside."""
 
     name = "attachments"
     Config = Config
@@ -299,10 +303,10 @@ class AttachmentsFilter:
     # -- keeping ---------------------------------------------------------------------------------
 
     def _keep(self, data: bytes, strip: _Strip, context: FilterContext) -> tuple[str, str] | None:
-        """Write the part to the quarantine: (decoded file name, original MIME part file name)."""
-        if not self.config.quarantine or context.quarantine_dir is None:
+        """Keep the removed part: (decoded file name, original MIME part file name)."""
+        if not self.config.keep_removed or context.removed_dir is None:
             return None
-        directory = Path(context.quarantine_dir)
+        directory = Path(context.removed_dir)
         if not directory.is_dir():
             directory.mkdir(parents=True, mode=0o700, exist_ok=True)
             os.chmod(directory, 0o700)
@@ -358,7 +362,7 @@ def _note(strip: _Strip, kept: tuple[str, str] | None) -> str:
     if kept is None:
         where = "removed, not kept"
     else:
-        where = f"in quarantine as {kept[0]}\n{'':17}(the original MIME part as {kept[1]})"
+        where = f"kept aside as {kept[0]}\n{'':17}(the original MIME part as {kept[1]})"
     return (
         "An attachment was removed from this message by pop3proxy.\n"
         "\n"

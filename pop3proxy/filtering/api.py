@@ -19,12 +19,18 @@ ACTIONS = ("deliver", "hold", "quarantine")
 
 @dataclass(frozen=True)
 class FilterContext:
-    """Who the message is for. ``quarantine_dir`` is a per-user directory (created on demand by the
-    filter) where a filter keeps what it removes from a message; None when nothing may be kept."""
+    """Who the message is for. ``removed_dir`` is a per-user directory (created on demand by the
+    filter) where a filter keeps the parts it removes from a message; None when nothing may be kept.
+    (A message kept out of the mailbox as a whole is the ``quarantine`` action, held by the pipeline.)"""
 
     user: str
     uid: str
-    quarantine_dir: Path | None = None
+    removed_dir: Path | None = None
+
+    @property
+    def quarantine_dir(self) -> Path | None:
+        """The old name of ``removed_dir``, for filters written before it was renamed."""
+        return self.removed_dir
 
 
 Action = Literal["deliver", "hold", "quarantine"]

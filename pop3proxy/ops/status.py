@@ -4,8 +4,8 @@ Read-only: nothing is created or changed (state databases are opened read-only, 
 no write-ahead log is present). Works whether or not the service is running.
 
 Held mail is counted in the ``held/`` Maildir of the user's directory (the filters' held and quarantined
-messages), else from the state database's ``held`` rows; ``quarantine/``, if a filter keeps removed parts
-there, is counted as files.
+messages), else from the state database's ``held`` rows; the parts filters stripped and kept
+(``removed/``, ``quarantine/`` in older caches) are counted as files.
 
 An account is a directory below ``cache.root`` holding a ``state.db`` (plus every ``[accounts]`` entry
 and every sender with queued mail). Its name is the directory name decoded (`decode_user`); names
@@ -26,7 +26,7 @@ from typing import IO
 from pop3proxy.ops.units import human_age, human_size, utc
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
-from pop3proxy.store.paths import encode_user
+from pop3proxy.store.paths import REMOVED_DIRS, encode_user
 from pop3proxy.store.state import account_name, read_state
 
 __all__ = ["AccountStatus", "collect_status", "status_command"]
@@ -39,7 +39,7 @@ class AccountStatus:
     messages: int = 0
     octets: int = 0
     held: int = 0
-    quarantined: int = 0
+    removed_parts: int = 0  # files filters keep of the parts they stripped (removed/)
     queued: list = field(default_factory=list)  # outqueue.Entry objects
     problem: str = ""
     oauth2: str = ""  # an OAuth2 account's token state (never the token); empty for password accounts
@@ -85,8 +85,9 @@ def _account(directory: Path) -> AccountStatus:
         status.problem = f"cache unreadable: {exc}"
     if (directory / "held").is_dir():
         status.held = sum(_count_files(directory / "held" / sub) for sub in ("new", "cur"))
-    if (directory / "quarantine").is_dir():
-        status.quarantined = _count_files(directory / "quarantine")
+    for name in REMOVED_DIRS:
+        if (directory / name).is_dir():
+            status.removed_parts += _count_files(directory / name)
     return status
 
 
@@ -161,7 +162,7 @@ def format_status(accounts: list[AccountStatus], settings, now: float | None = N
             lines.append("  cached      nothing yet")
         else:
             lines.append(f"  cached      {_plural(status.messages, 'message')}, {human_size(status.octets)}")
-        lines.append(f"  held        {status.held}" + (f", quarantined {status.quarantined}" if status.quarantined else ""))
+        lines.append(f"  held        {status.held}" + (f", stripped parts kept {status.removed_parts}" if status.removed_parts else ""))
         if status.queued:
             soonest = min(entry.next_try for entry in status.queued)
             errors = [entry.last_error for entry in status.queued if entry.last_error]

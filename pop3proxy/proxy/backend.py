@@ -38,7 +38,7 @@ from pop3proxy.store import open_store
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.held import hold_callback
 from pop3proxy.store.locks import MailboxBusy
-from pop3proxy.store.paths import user_dir
+from pop3proxy.store.paths import removed_parts_dir, user_dir
 from pop3proxy.store.state import StateError, UserState
 
 log = logging.getLogger("pop3proxy.proxy")
@@ -310,7 +310,7 @@ class ProxyBackend(OAuthLogins, Backend):
                     delete_after_days=self.settings.upstream.delete_after_days,
                     progress=report,
                     hold=hold_callback(self.root, route.cache_id),
-                    quarantine_dir=user_dir(self.root, route.cache_id) / "quarantine",
+                    removed_dir=removed_parts_dir(user_dir(self.root, route.cache_id)),
                 )
             if scope.cancelled_caught:
                 # What was stored is kept; claims cut short are settled by recover() on the next pass.

@@ -134,7 +134,7 @@ async def sync_mailbox(
     policy: str,
     delete_after_days: float | None = None,
     hold: Callable[[bytes, str, FilterResult], str] | None = None,
-    quarantine_dir: Path | None = None,
+    removed_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     quit: bool = True,
 ) -> SyncResult:
@@ -212,7 +212,7 @@ async def sync_mailbox(
                         raise  # the session is out of step; later passes skip this message meanwhile
                     continue
                 refused.pop(uid, None)
-                context = FilterContext(user=user, uid=uid, quarantine_dir=quarantine_dir)
+                context = FilterContext(user=user, uid=uid, removed_dir=removed_dir)
                 await send.send((number, uid, await pipeline.run(data, context)))
 
     async def keep() -> None:

@@ -85,6 +85,19 @@ def user_dir(root: str | os.PathLike[str], user: str) -> Path:
     return Path(root) / encode_user(user)
 
 
+REMOVED_DIRS = ("removed", "quarantine")
+"""Where filters keep the parts they strip from messages, in a user's directory; ``quarantine/`` is
+the name used before it was renamed and stays in use where it exists."""
+
+
+def removed_parts_dir(directory: Path) -> Path:
+    """The directory below a user's `directory` where filters keep the parts they remove."""
+    for name in REMOVED_DIRS[1:]:
+        if (directory / name).is_dir():
+            return directory / name
+    return directory / REMOVED_DIRS[0]
+
+
 def make_user_dir(root: str | os.PathLike[str], user: str) -> Path:
     path = user_dir(root, user)
     Path(root).mkdir(mode=DIR_MODE, parents=True, exist_ok=True)

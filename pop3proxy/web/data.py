@@ -39,7 +39,7 @@ def status_json(status: AccountStatus) -> dict[str, Any]:
         "messages": status.messages,
         "octets": status.octets,
         "held": status.held,
-        "quarantined": status.quarantined,
+        "removed_parts": status.removed_parts,
         "queued": len(status.queued),
         "queued_octets": status.queued_octets,
         "problem": status.problem,

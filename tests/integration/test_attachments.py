@@ -59,7 +59,7 @@ def sample(name: str) -> bytes:
 
 def run(message: bytes, keep_in: Path | None = None, **options) -> FilterOutcome:
     flt = AttachmentsFilter(Config(**options))
-    return flt(message, FilterContext(user="alice", uid="uid-1", quarantine_dir=keep_in))
+    return flt(message, FilterContext(user="alice", uid="uid-1", removed_dir=keep_in))
 
 
 def parse(data: bytes) -> EmailMessage:
@@ -116,7 +116,7 @@ def test_loads_through_the_pipeline_loader_with_its_options():
     assert FILTER is AttachmentsFilter
     assert isinstance(flt, AttachmentsFilter) and flt.name == "attachments" and common.use == "attachments"
     assert flt.config.strip_extensions == ["exe", "js"] and flt.config.max_size == 10
-    assert flt.config.quarantine is True and flt.config.strip_encrypted_archives is True
+    assert flt.config.keep_removed is True and flt.config.strip_encrypted_archives is True
 
 
 @pytest.mark.parametrize(
@@ -419,7 +419,7 @@ def test_filtering_twice_changes_nothing_more(tmp_path):
 
 
 def test_note_and_quarantined_original(tmp_path):
-    quarantine = tmp_path / "users" / "alice" / "quarantine"
+    quarantine = tmp_path / "users" / "alice" / "removed"
     message = sample("dkim-exe.eml")
     outcome = run(message, quarantine)
     digest = hashlib.sha256(EXE).hexdigest()
@@ -433,7 +433,7 @@ def test_note_and_quarantined_original(tmp_path):
         f"Size:          {len(EXE)} bytes",
         f"SHA-256:       {digest}",
         "Rule:          extension exe",
-        f"Kept:          in quarantine as {digest}.exe",
+        f"Kept:          kept aside as {digest}.exe",
     ):
         assert expected in text, expected
     assert stat.S_IMODE(quarantine.stat().st_mode) == 0o700
@@ -460,10 +460,12 @@ def test_same_attachment_twice_is_kept_once(tmp_path):
     assert len(leaves(parse(outcome.data))) == 3
 
 
-@pytest.mark.parametrize("how", ["option", "no directory"])
+@pytest.mark.parametrize("how", ["option", "old option name", "no directory"])
 def test_removed_not_kept(tmp_path, how):
     message = mixed(TEXT_PART, attachment([b'Content-Disposition: attachment; filename="a.exe"']))
     if how == "option":
+        outcome = run(message, tmp_path / "q", keep_removed=False)
+    elif how == "old option name":  # ``quarantine`` is still read, for configurations written before
         outcome = run(message, tmp_path / "q", quarantine=False)
     else:
         outcome = run(message, None)

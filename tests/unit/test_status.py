@@ -16,7 +16,7 @@ from pop3proxy.ops.status import collect_status, status_command
 from pop3proxy.store import open_store
 from pop3proxy.store.paths import decode_user as decode_user_dir
 from pop3proxy.store.paths import encode_user as _encode_user
-from pop3proxy.store.paths import user_dir
+from pop3proxy.store.paths import removed_parts_dir, user_dir
 from pop3proxy.store.state import UserState
 from pop3proxy.submission.queue import OutQueue
 
@@ -133,3 +133,23 @@ def test_unreadable_state_is_reported_not_fatal(tmp_path):
     assert status_command(settings, out=out) == 1
     assert "problem     state database unreadable" in out.getvalue()
     assert "cached      1 message," in out.getvalue()
+
+
+def test_stripped_parts_are_counted_in_the_new_and_the_old_directory(tmp_path):
+    root = tmp_path / "cache"
+    settings = load_settings(write_config(tmp_path / "pop3proxy.toml", {"cache": {"root": str(root)}}))
+    make_account(root, "alice", messages=[M1])
+    make_account(root, "bob", messages=[M1])
+    alice, bob = user_dir(root, "alice"), user_dir(root, "bob")
+    assert removed_parts_dir(alice) == alice / "removed"  # a new cache keeps them in removed/
+    (alice / "removed").mkdir()
+    (alice / "removed" / "a.exe").write_bytes(b"MZ")
+    (bob / "quarantine").mkdir()  # a cache from before the rename goes on using its quarantine/
+    for name in ("b.exe", "b.mime", "c.exe"):  # a part is kept decoded and as its MIME text (.mime)
+        (bob / "quarantine" / name).write_bytes(b"MZ")
+    assert removed_parts_dir(bob) == bob / "quarantine"
+    accounts = {a.name: a for a in collect_status(settings)}
+    assert (accounts["alice"].removed_parts, accounts["bob"].removed_parts) == (1, 2)
+    out = io.StringIO()
+    status_command(settings, out=out)
+    assert "held        0, stripped parts kept 2" in out.getvalue()
