@@ -209,7 +209,7 @@ def indexed_list(self) -> list:
         pass
     if table is None:
         infos = _plain_list(self)
-        table = [(info.uid, os.path.relpath(self._entries[info.uid].path, self.path), self._entries[info.uid].crlf,
+        table = [(info.key, os.path.relpath(self._entries[info.key].path, self.path), self._entries[info.key].crlf,
                   info.size) for info in infos]
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:

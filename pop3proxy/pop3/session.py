@@ -410,9 +410,9 @@ class Session:
             if isinstance(found, bytes):
                 return self._refuse(found)
             number, info = found
-            return [Send(replies.ok(f"{number} {wire_uid(info.uid)}"))]
+            return [Send(replies.ok(f"{number} {wire_uid(info.uidl)}"))]
         deleted = self._deleted
-        lines = [f"{i} {wire_uid(m.uid)}" for i, m in enumerate(self._messages, 1) if i not in deleted]
+        lines = [f"{i} {wire_uid(m.uidl)}" for i, m in enumerate(self._messages, 1) if i not in deleted]
         return [Send(_listing("unique-id listing follows", lines))]
 
     def _cmd_retr(self, command: Command) -> list[Action]:

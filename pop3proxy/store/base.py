@@ -8,17 +8,20 @@ from typing import BinaryIO, NamedTuple
 
 
 class MessageInfo(NamedTuple):
-    """One stored message. `size` is the exact octet count of the message in CRLF form.
+    """One stored message. `key` names it in the store (a Maildir file's base name, an mbox entry's
+    digest); `uidl` is what pop3proxy answers to UIDL for it (the key, for both backends: the provider's
+    own UIDL, called ``uid`` in the state database, is never shown to the client); `size` is the exact
+    octet count of the message in CRLF form.
 
     A named tuple rather than a dataclass: a login to a large mailbox builds one per message."""
 
     key: str
-    uid: str
+    uidl: str
     size: int
 
 
 class Mailbox(abc.ABC):
-    """A store of messages, each served in CRLF form. Keys are the messages' uids."""
+    """A store of messages, each served in CRLF form. Each message has a key (see `MessageInfo`)."""
 
     @abc.abstractmethod
     def list(self) -> list[MessageInfo]:

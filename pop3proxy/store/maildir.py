@@ -44,9 +44,9 @@ def _unique_name(size: int) -> str:
 
 
 
-def _is_stored_crlf(uid: str, file_size: int) -> bool:
+def _is_stored_crlf(key: str, file_size: int) -> bool:
     """True when the name proves the file is already in CRLF form (physical size equals CRLF size)."""
-    size, vsize = _SIZE_FIELD.search(uid), _VSIZE_FIELD.search(uid)
+    size, vsize = _SIZE_FIELD.search(key), _VSIZE_FIELD.search(key)
     return bool(size and vsize and int(size[1]) == int(vsize[1]) == file_size)
 
 
@@ -58,7 +58,7 @@ class _MaildirEntry(NamedTuple):
 
 
 class MaildirMailbox(Mailbox):
-    """A Maildir. Messages are keyed by uid: the file's base name before ':' (stable across flag changes).
+    """A Maildir. A message's key is the file's base name before ':' (stable across flag changes).
 
     Messages that other tools drop into new/ or cur/ are served too; their CRLF size is computed by reading
     them once and remembered for the life of the object.
@@ -76,7 +76,7 @@ class MaildirMailbox(Mailbox):
             raise FileNotFoundError(f"not a Maildir, missing: {', '.join(missing)}")
         self._entries: dict[str, _MaildirEntry] = {}
         self._scanned: dict[str, _MaildirEntry] | None = None
-        self._sizes: dict[str, tuple[int, int, int]] = {}  # uid -> (file size, mtime_ns, CRLF size)
+        self._sizes: dict[str, tuple[int, int, int]] = {}  # key -> (file size, mtime_ns, CRLF size)
 
     def list(self) -> list[MessageInfo]:
         entries = self._scan()
@@ -84,15 +84,15 @@ class MaildirMailbox(Mailbox):
         if cached is not None and cached[0] is self._scanned:
             return list(cached[1])
         infos = []
-        for uid, entry in entries.items():
+        for key, entry in entries.items():
             if entry.crlf:
                 size = entry.file_size
             else:
                 try:
-                    size = self._crlf_size(uid, entry.path)
+                    size = self._crlf_size(key, entry.path)
                 except FileNotFoundError:  # moved or deleted by another tool meanwhile
                     continue
-            infos.append(MessageInfo(key=uid, uid=uid, size=size))
+            infos.append(MessageInfo(key=key, uidl=key, size=size))
         if all(entry.crlf for entry in entries.values()):  # sizes of foreign files may change in place
             _LISTS[str(self.path)] = (self._scanned, infos)
             while len(_LISTS) > 1000:
@@ -140,7 +140,7 @@ class MaildirMailbox(Mailbox):
                 new = self._subdirs["new"] / name
                 os.rename(tmp, new)
                 self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0))
-                infos.append(MessageInfo(key=name, uid=name, size=size))
+                infos.append(MessageInfo(key=name, uidl=name, size=size))
         except BaseException:
             for name, tmp, _ in written:
                 tmp.unlink(missing_ok=True)
@@ -199,23 +199,23 @@ class MaildirMailbox(Mailbox):
                 for item in it:
                     if item.name.startswith(".") or not item.is_file():
                         continue
-                    uid = item.name.split(":", 1)[0]
-                    if uid in entries:
+                    key = item.name.split(":", 1)[0]
+                    if key in entries:
                         continue
-                    ours = _OWN_NAME.match(uid)
+                    ours = _OWN_NAME.match(key)
                     if ours is not None and ours[3] == ours[4]:
                         # Size and order are in the name (as Dovecot trusts them): no stat() per file,
                         # which keeps listing a mailbox of 100,000 messages fast.
-                        order = (int(ours[1]), int(ours[2]), uid)
-                        entries[uid] = _MaildirEntry(item.path, True, int(ours[3]), order)
+                        order = (int(ours[1]), int(ours[2]), key)
+                        entries[key] = _MaildirEntry(item.path, True, int(ours[3]), order)
                         continue
                     try:
                         st = item.stat()
                     except FileNotFoundError:
                         continue
-                    crlf = _is_stored_crlf(uid, st.st_size)
-                    order = _order(uid, st.st_mtime_ns)
-                    entries[uid] = _MaildirEntry(item.path, crlf, st.st_size, order)
+                    crlf = _is_stored_crlf(key, st.st_size)
+                    order = _order(key, st.st_mtime_ns)
+                    entries[key] = _MaildirEntry(item.path, crlf, st.st_size, order)
         self._entries = dict(sorted(entries.items(), key=lambda kv: kv[1].order))
         self._scanned = self._entries
         if stamp is not None and started - max(stamp) > _SETTLED_NS:
@@ -225,23 +225,23 @@ class MaildirMailbox(Mailbox):
             self._entries = dict(self._entries)
         return self._entries
 
-    def _crlf_size(self, uid: str, path: Path) -> int:
+    def _crlf_size(self, key: str, path: Path) -> int:
         with open(path, "rb") as file:
             st = os.fstat(file.fileno())
-            cached = self._sizes.get(uid)
+            cached = self._sizes.get(key)
             if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
                 return cached[2]
             converter, size = _BareLfConverter(), 0
             while chunk := file.read(CHUNK):
                 size += len(converter.feed(chunk))
-        self._sizes[uid] = (st.st_size, st.st_mtime_ns, size)
+        self._sizes[key] = (st.st_size, st.st_mtime_ns, size)
         return size
 
 
-def _order(uid: str, mtime_ns: int) -> tuple[int, int, str]:
+def _order(key: str, mtime_ns: int) -> tuple[int, int, str]:
     """Sort key: the delivery time in the name (seconds, microseconds), else the file's mtime; then name."""
-    match = _DELIVERY_TIME.match(uid)
+    match = _DELIVERY_TIME.match(key)
     if match:
-        return int(match[1]), int(match[2] or 0), uid
+        return int(match[1]), int(match[2] or 0), key
     sec, nsec = divmod(mtime_ns, 1_000_000_000)
-    return sec, nsec // 1000, uid
+    return sec, nsec // 1000, key

@@ -29,7 +29,7 @@ from pop3proxy.store.fsutil import FILE_MODE, fsync_dir, write_new_file
 
 @dataclass(frozen=True)
 class _MboxEntry:
-    uid: str
+    key: str
     record: int  # offset of the 'From ' line
     start: int  # offset of the message's first octet
     stop: int  # offset just past the message (before the separating blank line)
@@ -44,24 +44,24 @@ class _MboxIndex:
     identity: Identity
     entries: list[_MboxEntry]
     counts: dict[str, int]  # digest -> number of messages with that content
-    by_uid: dict[str, _MboxEntry] = field(default_factory=dict)
+    by_key: dict[str, _MboxEntry] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.by_uid.update((e.uid, e) for e in self.entries)
+        self.by_key.update((e.key, e) for e in self.entries)
 
     def append(self, entry: _MboxEntry) -> None:
         self.entries.append(entry)
-        self.by_uid[entry.uid] = entry
+        self.by_key[entry.key] = entry
 
     def info(self) -> list[MessageInfo]:
-        return [MessageInfo(key=e.uid, uid=e.uid, size=e.size) for e in self.entries]
+        return [MessageInfo(key=e.key, uidl=e.key, size=e.size) for e in self.entries]
 
 
 def _identity(st: os.stat_result, committed: int) -> Identity:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, committed
 
 
-def _uid(digest: str, counts: dict[str, int]) -> str:
+def _key(digest: str, counts: dict[str, int]) -> str:
     counts[digest] = n = counts.get(digest, 0) + 1
     return digest if n == 1 else f"{digest}-{n}"
 
@@ -69,7 +69,7 @@ def _uid(digest: str, counts: dict[str, int]) -> str:
 class MboxMailbox(Mailbox):
     """A single mboxrd file, LF line endings on disk, locked with flock and fcntl locks while written.
 
-    A message's uid is the SHA-1 hex digest of its CRLF form; the n-th copy of identical content gets the
+    A message's key is the SHA-1 hex digest of its CRLF form; the n-th copy of identical content gets the
     suffix ``-n``. Uids survive restarts and the deletion of other content; deleting one of several
     identical copies renumbers the later copies.
 
@@ -99,7 +99,7 @@ class MboxMailbox(Mailbox):
     def open(self, key: str) -> BinaryIO:
         for _ in range(3):
             index = self._current_index()
-            entry = index.by_uid.get(key)
+            entry = index.by_key.get(key)
             if entry is None:
                 raise KeyError(key)
             file = open(self.path, "rb", buffering=0)
@@ -148,11 +148,11 @@ class MboxMailbox(Mailbox):
             infos = []
             position = end
             for data, body, record in zip(datas, bodies, records):
-                uid = _uid(hashlib.sha1(data).hexdigest(), index.counts)
+                key = _key(hashlib.sha1(data).hexdigest(), index.counts)
                 start = position + len(record) - len(body) - 1
-                index.append(_MboxEntry(uid, start - len(from_line), start, start + len(body), len(data)))
+                index.append(_MboxEntry(key, start - len(from_line), start, start + len(body), len(data)))
                 position += len(record)
-                infos.append(MessageInfo(key=uid, uid=uid, size=len(data)))
+                infos.append(MessageInfo(key=key, uidl=key, size=len(data)))
             if separator:  # the previous message's end has changed: index again when needed
                 self._index = None
             else:
@@ -164,13 +164,13 @@ class MboxMailbox(Mailbox):
         with self._locked() as fd:
             end = self._settle_locked(fd)
             index = self._index_locked(fd)
-            kept = [e for e in index.entries if e.uid not in doomed]
+            kept = [e for e in index.entries if e.key not in doomed]
             if len(kept) == len(index.entries):
                 return
             st = os.fstat(fd)
             ends = [e.record for e in index.entries[1:]] + [end]
             ranges = [(0, index.entries[0].record)]  # anything before the first message is kept
-            ranges += [(e.record, stop) for e, stop in zip(index.entries, ends) if e.uid not in doomed]
+            ranges += [(e.record, stop) for e, stop in zip(index.entries, ends) if e.key not in doomed]
             tmp = self._tmp_name("")
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
@@ -309,8 +309,8 @@ def _parse_mbox(file: BinaryIO, identity: Identity) -> _MboxIndex:
         if not line or line.startswith(b"From "):
             if current is not None:
                 stop = pos - 1 if pending_blank else pos
-                uid = _uid(digest.hexdigest(), counts)
-                entries.append(_MboxEntry(uid, current[0], current[1], stop, size))
+                key = _key(digest.hexdigest(), counts)
+                entries.append(_MboxEntry(key, current[0], current[1], stop, size))
             if not line:
                 break
             current, digest, size, pending_blank = (pos, pos + length), hashlib.sha1(), 0, False

@@ -2,7 +2,9 @@
 
 One sqlite database per user (``state.db`` beside the mailbox), WAL mode, ``synchronous=NORMAL``: once
 a call returns, what it wrote survives the process dying; ``sync_to_disk`` (run before any upstream
-deletion) makes it survive a power loss too. Each upstream message has one row, keyed by its UIDL:
+deletion) makes it survive a power loss too. Each upstream message has one row, keyed by its UIDL at the
+provider (``uid`` here and everywhere the provider's UIDL is meant; the local name of a cached message is
+its ``key``, see `store.base.MessageInfo`):
 
 ``fetching``  the message is being written to the cache (``digest`` names its cached bytes)
 ``cached``    it is in the cache under ``key``

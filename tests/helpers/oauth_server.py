@@ -24,8 +24,8 @@ import base64
 import re
 import secrets
 import shutil
-import tempfile
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator

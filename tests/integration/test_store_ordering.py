@@ -149,7 +149,7 @@ async def test_no_dele_before_the_cached_copy_is_durable(dovecot, tmp_path, monk
                 problems.append(f"DELE of {uid}: {why}")
     else:
         mbox = user_dir(root, USER) / "mbox"
-        stops = {entry.uid: entry.stop for entry in MboxMailbox(mbox)._current_index().entries}
+        stops = {entry.key: entry.stop for entry in MboxMailbox(mbox)._current_index().entries}
         for position, uid in deles:
             if (why := durable_in_mbox(rec, position, mbox, stops[keys[uid]])) is not None:
                 problems.append(f"DELE of {uid}: {why}")

@@ -70,7 +70,7 @@ def test_round_trip_is_byte_exact_in_crlf_form(reopen: Callable[[], Mailbox]) ->
     box = reopen()
     infos = [box.add(m) for m in MESSAGES]
     for message, info in zip(MESSAGES, infos):
-        assert info.key == info.uid
+        assert info.uidl == info.key
         assert info.size == len(crlf(message))
         assert read(box, info.key) == crlf(message)
     assert box.list() == infos
@@ -141,7 +141,7 @@ def test_maildir_crlf_across_read_chunks(tmp_path: Path) -> None:
 def test_list_is_oldest_first(reopen: Callable[[], Mailbox]) -> None:
     box = reopen()
     infos = [box.add(b"Subject: %d\r\n\r\n" % i) for i in range(20)]
-    assert [i.uid for i in reopen().list()] == [i.uid for i in infos]
+    assert [i.key for i in reopen().list()] == [i.key for i in infos]
 
 
 def test_delete_some_then_list(reopen: Callable[[], Mailbox]) -> None:
@@ -164,19 +164,19 @@ def test_delete_some_then_list(reopen: Callable[[], Mailbox]) -> None:
 def test_uids_are_stable_across_reopening_and_deleting_others(reopen: Callable[[], Mailbox]) -> None:
     box = reopen()
     infos = [box.add(m) for m in MESSAGES]
-    assert [i.uid for i in reopen().list()] == [i.uid for i in infos]
+    assert [i.key for i in reopen().list()] == [i.key for i in infos]
     box.delete([infos[2].key])
     later = reopen()
-    assert [i.uid for i in later.list()] == [i.uid for i in infos if i is not infos[2]]
+    assert [i.key for i in later.list()] == [i.key for i in infos if i is not infos[2]]
     added = later.add(b"Subject: after\r\n\r\n")
-    assert [i.uid for i in reopen().list()][-1] == added.uid
+    assert [i.key for i in reopen().list()][-1] == added.key
 
 
 def test_identical_messages_get_distinct_uids(reopen: Callable[[], Mailbox]) -> None:
     box = reopen()
     infos = [box.add(b"Subject: same\r\n\r\nsame\r\n") for _ in range(3)]
-    assert len({i.uid for i in infos}) == 3
-    assert [i.uid for i in reopen().list()] == [i.uid for i in infos]
+    assert len({i.key for i in infos}) == 3
+    assert [i.key for i in reopen().list()] == [i.key for i in infos]
     for info in infos:
         assert read(box, info.key) == b"Subject: same\r\n\r\nsame\r\n"
 
@@ -201,10 +201,10 @@ def test_maildir_layout_is_readable_by_stdlib(tmp_path: Path) -> None:
     box = MaildirMailbox(tmp_path / "Maildir")
     infos = [box.add(m) for m in MESSAGES[:4]]
     theirs = mailbox.Maildir(tmp_path / "Maildir", factory=None, create=False)
-    assert sorted(theirs.keys()) == sorted(i.uid for i in infos)
+    assert sorted(theirs.keys()) == sorted(i.key for i in infos)
     for message, info in zip(MESSAGES, infos):
-        assert theirs.get_bytes(info.uid) == crlf(message)
-        assert f",S={info.size},W={info.size}" in info.uid
+        assert theirs.get_bytes(info.key) == crlf(message)
+        assert f",S={info.size},W={info.size}" in info.key
     assert os.listdir(tmp_path / "Maildir" / "tmp") == []
     for sub in ("", "tmp", "new", "cur"):
         assert stat.S_IMODE((tmp_path / "Maildir" / sub).stat().st_mode) == 0o700
@@ -221,9 +221,9 @@ def test_maildir_serves_messages_dropped_by_other_tools(tmp_path: Path) -> None:
     (tmp_path / "Maildir" / "tmp" / "1400000000.M1P1.other").write_bytes(b"not delivered yet")
     stdlib_key = mailbox.Maildir(tmp_path / "Maildir", factory=None).add(b"Subject: stdlib\n\nx\n")
 
-    listed = {i.uid: i for i in box.list()}
-    assert set(listed) == {ours.uid, "1500000000.M1P1.other", stdlib_key}
-    assert box.list()[0].uid == "1500000000.M1P1.other"  # oldest delivery time first
+    listed = {i.key: i for i in box.list()}
+    assert set(listed) == {ours.key, "1500000000.M1P1.other", stdlib_key}
+    assert box.list()[0].key == "1500000000.M1P1.other"  # oldest delivery time first
     assert listed["1500000000.M1P1.other"].size == len(crlf(message))
     assert read(box, "1500000000.M1P1.other") == crlf(message)
     assert listed[stdlib_key].size == len(b"Subject: stdlib\r\n\r\nx\r\n")
@@ -236,10 +236,10 @@ def test_maildir_uid_survives_flag_changes(tmp_path: Path) -> None:
     (tmp_path / "Maildir" / "new" / "1500000000.M2P2.other").write_bytes(b"Subject: lf\n\n")
     box.list()
     new, cur = tmp_path / "Maildir" / "new", tmp_path / "Maildir" / "cur"
-    os.rename(new / info.uid, cur / f"{info.uid}:2,S")
+    os.rename(new / info.key, cur / f"{info.key}:2,S")
     os.rename(new / "1500000000.M2P2.other", cur / "1500000000.M2P2.other:2,RS")
     for box_now in (box, MaildirMailbox(tmp_path / "Maildir")):
-        assert [i.uid for i in box_now.list()] == ["1500000000.M2P2.other", info.uid]
+        assert [i.key for i in box_now.list()] == ["1500000000.M2P2.other", info.key]
         assert read(box_now, info.key) == b"Subject: flagged\r\n\r\n"
         assert read(box_now, "1500000000.M2P2.other") == b"Subject: lf\r\n\r\n"
     box.delete([info.key])
@@ -260,7 +260,7 @@ def test_maildir_listing_is_never_stale(tmp_path: Path, monkeypatch: pytest.Monk
         os.utime(sub, ns=(tick, tick))
     clock = [tick + 5 * 10**8]  # the listing runs half a second after the last change
     monkeypatch.setattr(time, "time_ns", lambda: clock[0])
-    assert [i.uid for i in box.list()] == [first.uid]
+    assert [i.key for i in box.list()] == [first.key]
     second = "1700000000.M1P1.other,S=20,W=20"
     (new / second).write_bytes(b"Subject: two\r\n\r\nx\r\n")
     os.utime(new, ns=(tick, tick))  # the same tick: the mtime is unchanged
@@ -270,14 +270,14 @@ def test_maildir_listing_is_never_stale(tmp_path: Path, monkeypatch: pytest.Monk
         assert state.begin_fetch("u2", "d2")
         state.finish_fetch("u2", second, 20)
         fresh = MaildirMailbox(path)
-        assert sorted(i.uid for i in fresh.list()) == sorted([first.uid, second])
+        assert sorted(i.key for i in fresh.list()) == sorted([first.key, second])
         recover(fresh, state)
         assert [(row.uid, row.status) for row in state.rows()] == [("u2", "cached")]
     finally:
         state.close()
     # A listing made when the directories had been quiet for a while is kept and reused while they stay so.
     assert maildir_module._SCANS[str(path)][0] == (tick, tick)
-    assert [i.uid for i in MaildirMailbox(path).list()] == [i.uid for i in fresh.list()]
+    assert [i.key for i in MaildirMailbox(path).list()] == [i.key for i in fresh.list()]
 
 
 def test_maildir_without_create_needs_an_existing_maildir(tmp_path: Path) -> None:
@@ -314,7 +314,7 @@ def test_mbox_reads_what_stdlib_wrote(tmp_path: Path) -> None:
     assert [read(box, i.key) for i in infos] == [crlf(b) for b in bodies]
     assert [i.size for i in infos] == [len(crlf(b)) for b in bodies]
     added = box.add(b"Subject: three\n\n")
-    assert [i.uid for i in MboxMailbox(tmp_path / "mbox").list()] == [i.uid for i in infos] + [added.uid]
+    assert [i.key for i in MboxMailbox(tmp_path / "mbox").list()] == [i.key for i in infos] + [added.key]
 
 
 def test_mbox_delete_keeps_other_messages_byte_identical(tmp_path: Path) -> None:
