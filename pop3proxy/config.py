@@ -85,6 +85,9 @@ class UpstreamSettings(_Section):
     )
     delete: Literal["mirror", "after_fetch", "never"] = Field("mirror", description="What happens upstream to mail the client deletes.")
     delete_after_days: int | None = Field(None, ge=0, description="Also delete upstream copies older than this many days once cached.")
+    vanished: Literal["keep", "drop"] = Field(
+        "keep", description="Cached messages the provider no longer lists: keep serving them, or drop them from the cache."
+    )
     timeout: float = Field(30.0, gt=0, description="Connect and read timeout for the provider, in seconds.")
     max_message_size: int = Field(256 * 1024 * 1024, ge=1024, description="Largest message fetched from the provider, octets; a larger one fails that sync.")
     max_listing: int = Field(1_000_000, ge=1, description="Most entries accepted in the provider's LIST or UIDL answer; more fail that sync.")

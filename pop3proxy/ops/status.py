@@ -155,6 +155,10 @@ def format_status(accounts: list[AccountStatus], settings, now: float | None = N
                     f": {sync.get('fetched', 0)} new ({human_size(int(sync.get('fetched_bytes', 0)))}),"
                     f" {sync.get('deleted_upstream', 0)} deleted upstream, {sync.get('held', 0)} held"
                 )
+                if sync.get("adopted"):
+                    detail += f", {sync['adopted']} known under new UIDLs (kept once)"
+                if sync.get("dropped"):
+                    detail += f", {sync['dropped']} gone at the provider (dropped from the cache)"
                 if sync.get("refused"):
                     detail += f", {sync['refused']} refused by the provider (skipped, retried later)"
             lines.append(f"  last sync   {text}: {detail}")

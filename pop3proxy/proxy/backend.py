@@ -308,6 +308,7 @@ class ProxyBackend(OAuthLogins, Backend):
                     pipeline=self.pipeline,
                     policy=self.settings.upstream.delete,
                     delete_after_days=self.settings.upstream.delete_after_days,
+                    vanished=self.settings.upstream.vanished,
                     progress=report,
                     hold=hold_callback(self.root, route.cache_id),
                     removed_dir=removed_parts_dir(user_dir(self.root, route.cache_id)),
@@ -326,7 +327,8 @@ class ProxyBackend(OAuthLogins, Backend):
                 )
             summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
                                   "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
-                                  "held": result.held, "refused": result.refused})
+                                  "held": result.held, "refused": result.refused, "adopted": result.adopted,
+                                  "dropped": result.dropped})
             await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
             await trio.to_thread.run_sync(state.set_meta, "user", route.cache_id)  # for `pop3proxy status`
             return result

@@ -9,6 +9,11 @@ The rules that protect mail, in the order this module applies them:
    (``deleted``, policy ``mirror``). Upstream deletions become real only with a successful QUIT; only
    then are the rows marked gone from upstream.
 3. A message the client deleted is never fetched again (its row stays).
+4. A message the provider lists under a new UIDL while its old UIDL is gone (a mailbox re-created at the
+   provider, a server migration) is recognised by the digest of its bytes and keeps its row, its cached
+   copy and its status: it is neither cached twice nor, once deleted by the client, served again.
+5. Cached messages the provider stops listing are kept (``upstream.vanished = "keep"``: Gmail hides
+   popped mail from later POP3 sessions, so disappearance is not deletion) or dropped (``"drop"``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pop3proxy.store.state import UserState
 log = logging.getLogger("pop3proxy.proxy.sync")
 
 POLICIES = ("mirror", "after_fetch", "never")
+VANISHED = ("keep", "drop")
 PIPELINE_DEPTH = 64  # fetched messages waiting to be stored
 STORE_BATCH = 32  # messages made durable with one flush
 REFUSED = "refused_messages"  # state meta, JSON: uid -> {"tries", "next", "reason"}
@@ -50,6 +56,8 @@ class SyncResult:
     held: int = 0
     remaining: int = 0  # new upstream messages not fetched (budget, error)
     refused: int = 0  # new upstream messages the provider refused to send (retried later, backing off)
+    adopted: int = 0  # new UIDLs found to be messages known under a UIDL the provider no longer lists
+    dropped: int = 0  # cached messages removed because the provider no longer lists them (vanished=drop)
     errors: list[str] = field(default_factory=list)
 
 
@@ -133,6 +141,7 @@ async def sync_mailbox(
     pipeline: Pipeline,
     policy: str,
     delete_after_days: float | None = None,
+    vanished: str = "keep",
     hold: Callable[[bytes, str, FilterResult], str] | None = None,
     removed_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -141,15 +150,28 @@ async def sync_mailbox(
     """One pass over a logged-in upstream session. Ends with QUIT unless ``quit`` is False."""
     if policy not in POLICIES:
         raise ValueError(f"unknown deletion policy {policy!r}")
+    if vanished not in VANISHED:
+        raise ValueError(f"unknown vanished policy {vanished!r}")
     result = SyncResult()
     ids = await upstream_ids(client)
     rows = {row.uid: row for row in await trio.to_thread.run_sync(state.rows)}
     present = set(ids.values())
 
     # Known messages that vanished upstream (another client, the provider's expiry).
-    vanished = [uid for uid, row in rows.items() if row.upstream and uid not in present]
-    if vanished:
-        await trio.to_thread.run_sync(state.upstream_gone, vanished)
+    newly_gone = [uid for uid, row in rows.items() if row.upstream and uid not in present]
+    if newly_gone:
+        await trio.to_thread.run_sync(state.upstream_gone, newly_gone)
+
+    # Rows whose UIDL the provider no longer lists, by the digest of the message as it was received
+    # (rows from before that digest was kept: by the digest of the cached copy, equal when no filter
+    # changed the message): a new UIDL whose message has one of these digests is that message again.
+    orphans: dict[str, list[str]] = {}
+    for uid, row in rows.items():
+        if uid not in present and row.status in ("cached", "held", "deleted"):
+            mark = row.source or row.digest
+            if mark:
+                orphans.setdefault(mark, []).append(uid)
+    adopted: list[tuple[int, str, str]] = []
 
     to_delete: list[tuple[int, str]] = []
     now = time.time()
@@ -189,7 +211,7 @@ async def sync_mailbox(
     # Fetching (network) and storing (disk, fsync) overlap: while one message is written and fsync'ed in
     # a worker thread, the next ones are already being fetched and filtered.
     stored: list[tuple[int, str]] = []
-    send, receive = trio.open_memory_channel[tuple[int, str, FilterResult]](PIPELINE_DEPTH)
+    send, receive = trio.open_memory_channel[tuple[int, str, str, FilterResult]](PIPELINE_DEPTH)
 
     async def fetch() -> None:
         seen_in_pass: set[str] = set()
@@ -212,8 +234,15 @@ async def sync_mailbox(
                         raise  # the session is out of step; later passes skip this message meanwhile
                     continue
                 refused.pop(uid, None)
+                source = digest(data)
+                if orphans.get(source):
+                    row = await trio.to_thread.run_sync(state.adopt, orphans[source].pop(0), uid)
+                    if row is not None:
+                        adopted.append((number, uid, row.status))
+                        result.remaining -= 1
+                        continue
                 context = FilterContext(user=user, uid=uid, removed_dir=removed_dir)
-                await send.send((number, uid, await pipeline.run(data, context)))
+                await send.send((number, uid, source, await pipeline.run(data, context)))
 
     async def keep() -> None:
         async with receive:
@@ -227,13 +256,14 @@ async def sync_mailbox(
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                prepared = [(number, uid, outcome, normalise(outcome.data)) for number, uid, outcome in batch]
+                prepared = [(number, uid, outcome, normalise(outcome.data)) for number, uid, _, outcome in batch]
+                sources = [source for _, _, source, _ in batch]
 
                 def store() -> list[tuple[int, str, bool, int]]:
                     """Claim, write, settle, for the whole batch in one worker-thread hop: one flush to
                     disk for all the messages. If this fails (or the process dies) between claim and
                     settle, claims stay 'fetching' and recover() settles them."""
-                    granted = state.begin_fetch_many([(uid, digest(cached)) for _, uid, _, cached in prepared])
+                    granted = state.begin_fetch_many([(uid, digest(cached)) for _, uid, _, cached in prepared], sources)
                     mine = [item for item, ok in zip(prepared, granted) if ok]
                     keep_held = [item for item in mine if item[2].hold and hold is not None]
                     to_cache = [item for item in mine if not (item[2].hold and hold is not None)]
@@ -275,10 +305,29 @@ async def sync_mailbox(
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(state.set_meta, REFUSED, json.dumps(refused))
 
+    if adopted:
+        result.adopted = len(adopted)
+        log.warning("%d new UIDLs of %r are messages already known under UIDLs the provider no longer lists "
+                    "(a mailbox re-created at the provider?): kept once", len(adopted), user)
+    for number, uid, status in adopted:  # the deletion policy applies to them as to any known message
+        if (status == "deleted" and policy in ("mirror", "after_fetch")) or policy == "after_fetch":
+            await client.dele(number)
+            deleted_uids.append(uid)
+
     if policy == "after_fetch":  # each of these is cached and fsync'ed by now
         for number, uid in stored:
             await client.dele(number)
             deleted_uids.append(uid)
+
+    if vanished == "drop":
+        gone = [row for row in await trio.to_thread.run_sync(state.rows)
+                if row.uid not in present and row.status == "cached" and row.key]
+        if gone:
+            # The files first: a crash in between leaves rows without files, which the next pass drops.
+            await trio.to_thread.run_sync(mailbox.delete, [row.key for row in gone])
+            await trio.to_thread.run_sync(state.drop_rows, [row.uid for row in gone])
+            result.dropped = len(gone)
+            log.info("dropped %d cached messages of %r that the provider no longer lists", len(gone), user)
 
     if quit:
         if deleted_uids:

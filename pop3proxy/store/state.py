@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS messages (
     digest     TEXT,
     size       INTEGER,
     fetched_at REAL,
-    upstream   INTEGER NOT NULL DEFAULT 1
+    upstream   INTEGER NOT NULL DEFAULT 1,
+    source     TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_key ON messages (key);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
@@ -75,6 +76,7 @@ class Row(NamedTuple):
     size: int | None
     fetched_at: float | None
     upstream: bool
+    source: str | None = None  # SHA-256 of the message as the provider sent it (CRLF form), when known
 
 
 class _Corrupt(Exception):
@@ -134,12 +136,14 @@ class UserState:
     def _snapshot(self) -> Iterator[dict]:
         """What the database holds, as journal entries: every row (claims in flight with their digest)
         and every setting."""
-        for uid, key, status, digest, size, fetched, upstream in self._db.execute(
-            "SELECT uid, key, status, digest, size, fetched_at, upstream FROM messages"
+        for uid, key, status, digest, size, fetched, upstream, source in self._db.execute(
+            "SELECT uid, key, status, digest, size, fetched_at, upstream, source FROM messages"
         ):
             entry = {"u": uid, "k": key, "s": status, "z": size, "t": fetched, "up": upstream}
             if status == "fetching":
                 entry["d"] = digest
+            if source:
+                entry["src"] = source
             yield entry
         for name, value in self._db.execute("SELECT name, value FROM meta"):
             yield {"m": name, "v": value}
@@ -175,6 +179,8 @@ class UserState:
             if columns and not _COLUMNS <= columns:
                 raise _Corrupt("not a pop3proxy state database (its messages table differs)")
             db.executescript(_SCHEMA)
+            if columns and "source" not in columns:  # a database from before messages were matched by content
+                db.execute("ALTER TABLE messages ADD COLUMN source TEXT")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         except sqlite3.Error as exc:
             db.close()
@@ -210,13 +216,14 @@ class UserState:
                     rows.pop(uid, None)
                 elif status != "abandon":
                     upstream = entry.get("up", old[6] if old else 1)
+                    source = entry.get("src", old[7] if old else None)
                     rows[uid] = (uid, entry.get("k"), status, entry.get("d"), entry.get("z"), entry.get("t"),
-                                 upstream)
+                                 upstream, source)
         try:
             with self._db:
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO messages (uid, key, status, digest, size, fetched_at, upstream)"
-                    " VALUES (?,?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO messages (uid, key, status, digest, size, fetched_at, upstream, source)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
                     rows.values(),
                 )
                 self._db.executemany(
@@ -282,9 +289,9 @@ class UserState:
 
     def rows(self) -> list[Row]:
         return [
-            Row(uid, key, status, digest, size, fetched, bool(upstream))
-            for uid, key, status, digest, size, fetched, upstream in self._run(
-                "SELECT uid, key, status, digest, size, fetched_at, upstream FROM messages"
+            Row(uid, key, status, digest, size, fetched, bool(upstream), source)
+            for uid, key, status, digest, size, fetched, upstream, source in self._run(
+                "SELECT uid, key, status, digest, size, fetched_at, upstream, source FROM messages"
             )
         ]
 
@@ -320,27 +327,64 @@ class UserState:
         self._note({"u": uid, "s": "fetching", "d": digest}, durable=True)
         return True
 
-    def begin_fetch_many(self, claims: list[tuple[str, str]]) -> list[bool]:
-        """``begin_fetch`` for several (uid, digest) pairs in one transaction."""
+    def begin_fetch_many(self, claims: list[tuple[str, str]], sources: list[str | None] | None = None) -> list[bool]:
+        """``begin_fetch`` for several (uid, digest) pairs in one transaction. ``sources``: the digest of
+        each message as the provider sent it (see `adopt`)."""
+        sources = sources or [None] * len(claims)
         known = self.known_uids_among([uid for uid, _ in claims])
         seen: set[str] = set()
-        statements, granted = [], []
-        for uid, d in claims:
+        statements, granted, notes = [], [], []
+        for (uid, d), source in zip(claims, sources):
             ok = uid not in known and uid not in seen
             seen.add(uid)
             granted.append(ok)
             if ok:
                 statements.append(
-                    ("INSERT OR IGNORE INTO messages (uid, status, digest, upstream) VALUES (?, 'fetching', ?, 1)",
-                     (uid, d))
+                    ("INSERT OR IGNORE INTO messages (uid, status, digest, upstream, source) "
+                     "VALUES (?, 'fetching', ?, 1, ?)", (uid, d, source))
                 )
+                notes.append({"u": uid, "s": "fetching", "d": d, **({"src": source} if source else {})})
         if statements:
             self._transaction(statements)
             # Durable before the messages are written: a database rebuilt from the journal still has
             # the claims, and recover() finds their cached copies by digest.
-            self._note(*({"u": uid, "s": "fetching", "d": d} for (uid, d), ok in zip(claims, granted) if ok),
-                       durable=True)
+            self._note(*notes, durable=True)
         return granted
+
+    def adopt(self, old_uid: str, new_uid: str) -> Row | None:
+        """The provider lists a message it had under ``old_uid`` (now gone) again, under ``new_uid`` (a
+        mailbox re-created at the provider): the row moves to the new uid, with its cached copy, its
+        status and everything else. Returns the moved row, or None when ``old_uid`` has no row (any more)
+        or ``new_uid`` has one already."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    taken = self._db.execute("SELECT 1 FROM messages WHERE uid = ?", (new_uid,)).fetchone()
+                    moved = None if taken else self._db.execute(
+                        "UPDATE messages SET uid = ?, upstream = 1 WHERE uid = ? AND status != 'fetching' "
+                        "RETURNING key, status, digest, size, fetched_at, source", (new_uid, old_uid)).fetchone()
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StateError(f"state database {self.path.name}: {exc}") from exc
+        if moved is None:
+            return None
+        key, status, d, size, fetched, source = moved
+        self._note({"u": old_uid, "s": "forget"},
+                   {"u": new_uid, "k": key, "s": status, "z": size, "t": fetched, "up": 1,
+                    **({"src": source} if source else {})})
+        return Row(new_uid, key, status, d, size, fetched, True, source)
+
+    def drop_rows(self, uids: Iterable[str]) -> None:
+        """Forget these messages entirely (the provider no longer has them and ``upstream.vanished`` is
+        ``drop``; their cached copies are removed first by the caller)."""
+        uids = list(uids)
+        self._transaction([("DELETE FROM messages WHERE uid = ?", (uid,)) for uid in uids])
+        self._note(*({"u": uid, "s": "forget"} for uid in uids))
 
     def known_uids_among(self, uids: list[str]) -> set[str]:
         found: set[str] = set()

@@ -202,3 +202,42 @@ def test_journal_is_fsynced_before_claimed_messages_are_written(tmp_path: Path,
         synced.clear()
         state.sync_to_disk()  # before upstream deletions
         assert str(tmp_path / "state.journal") in synced
+
+
+def test_adopt_moves_a_row_to_its_new_uid_and_a_rebuild_keeps_it(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with UserState(path) as state:
+        assert state.begin_fetch_many([("old", "cached-digest")], ["source-digest"]) == [True]
+        state.finish_fetch("old", "key1", 10)
+        state.mark_deleted(["key1"])
+        moved = state.adopt("old", "new")
+        assert moved is not None and (moved.uid, moved.key, moved.status, moved.source) == ("new", "key1", "deleted", "source-digest")
+        assert state.adopt("old", "other") is None  # nothing left under the old uid
+        state.begin_fetch("taken", "d")
+        assert state.adopt("new", "taken") is None  # never onto a uid that has a row
+        state.sync_to_disk()
+    path.unlink()  # the database is lost: the journal rebuilds it, the adoption included
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    with UserState(path) as state:
+        rows = {row.uid: row for row in state.rows()}
+        assert set(rows) == {"new", "taken"}
+        assert (rows["new"].key, rows["new"].status, rows["new"].source) == ("key1", "deleted", "source-digest")
+        state.drop_rows(["new"])
+        assert [row.uid for row in state.rows()] == ["taken"]
+
+
+def test_a_database_from_before_the_source_column_gets_it(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE messages (uid TEXT PRIMARY KEY, key TEXT, status TEXT NOT NULL, digest TEXT, size INTEGER,"
+        " fetched_at REAL, upstream INTEGER NOT NULL DEFAULT 1);"
+        "INSERT INTO messages VALUES ('u1', 'k1', 'cached', 'd1', 5, 1.0, 1);"
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT);"
+    )
+    db.close()
+    with UserState(path) as state:
+        assert [(r.uid, r.key, r.source) for r in state.rows()] == [("u1", "k1", None)]
+        state.begin_fetch_many([("u2", "d2")], ["s2"])
+        assert {r.uid: r.source for r in state.rows()} == {"u1": None, "u2": "s2"}
