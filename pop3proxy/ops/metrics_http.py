@@ -87,7 +87,7 @@ class DiskCollector:
         return []
 
     def collect(self):
-        from pop3proxy.store.state import account_name
+        from pop3proxy.store.state_read import account_name
         from pop3proxy.submission.queue import valid_id
 
         queue = GaugeMetricFamily("pop3proxy_queue_size", "Messages waiting in the outgoing SMTP queue.")

@@ -27,7 +27,7 @@ from pop3proxy.ops.units import human_age, human_size, utc
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import REMOVED_DIRS, encode_user
-from pop3proxy.store.state import account_name, read_state
+from pop3proxy.store.state_read import account_name, read_state
 
 __all__ = ["AccountStatus", "collect_status", "status_command"]
 
