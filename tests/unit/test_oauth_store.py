@@ -71,11 +71,12 @@ def test_damaged_token_file_is_an_error_not_a_deletion(tmp_path):
 
 def test_local_password(tmp_path):
     assert not tokens.check_local_password(tmp_path, "carol", "anything")  # none set: no login
-    tokens.set_local_password(tmp_path, "carol", "pw")
+    # (a space: a password that cannot turn up by chance inside the base64 text of the hash)
+    tokens.set_local_password(tmp_path, "carol", "pw 1")
     path = tokens.token_path(tmp_path, "carol").parent / tokens.LOCAL_PASSWORD_FILE
-    assert path.stat().st_mode & 0o777 == 0o600 and "pw" not in path.read_text()
-    assert tokens.check_local_password(tmp_path, "carol", "pw")
-    assert not tokens.check_local_password(tmp_path, "carol", "PW")
+    assert path.stat().st_mode & 0o777 == 0o600 and "pw 1" not in path.read_text()
+    assert tokens.check_local_password(tmp_path, "carol", "pw 1")
+    assert not tokens.check_local_password(tmp_path, "carol", "PW 1")
     with pytest.raises(ValueError):
         tokens.set_local_password(tmp_path, "carol", "two\nlines")
 
