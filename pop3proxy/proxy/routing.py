@@ -20,7 +20,7 @@ log = logging.getLogger("pop3proxy.proxy")
 class Route:
     endpoint: Endpoint
     remote_user: str
-    cache_id: str  # the name of the local cache (and lock, and state) for this login
+    cache_id: str  # the local cache (and lock, and state) of this provider account: see `cache_id`
 
 
 def _endpoint(settings: Settings, host: str, port: int | None, tls: str, ca_file: str | None = None) -> Endpoint:
@@ -55,10 +55,37 @@ def allowed_endpoints(settings: Settings) -> list[Endpoint]:
     return found
 
 
+def _same(a: Endpoint, b: Endpoint) -> bool:
+    return a.host.lower() == b.host.lower() and a.port == b.port
+
+
+def cache_id(settings: Settings, endpoint: Endpoint, remote_user: str) -> str:
+    """The canonical name of a provider account, which names its cache, its lock and its state: every
+    login name that reaches the same account (``USER`` in another case, ``user#host:port`` spelling out
+    the default provider) gets the same one. User names are case-folded unless
+    ``upstream.case_sensitive_users`` says the providers tell ``Bob`` from ``bob``."""
+    user = remote_user if settings.upstream.case_sensitive_users else remote_user.lower()
+    up = settings.upstream
+    if up.host and _same(endpoint, _endpoint(settings, up.host, up.effective_port(), up.tls)):
+        return user
+    domain = user.rpartition("@")[2] if "@" in user else None
+    routes = {name.lower(): route for name, route in settings.routes.items()}
+    if domain is not None and domain.lower() in routes:
+        route = routes[domain.lower()]
+        if _same(endpoint, _endpoint(settings, route.host, route.port, route.tls)):
+            return user
+    return f"{user}#{endpoint.host.lower()}:{endpoint.port}"
+
+
 def resolve(login: str, settings: Settings) -> Route:
     """Which provider and remote user a login name means. Raises LoginError for unknown providers."""
     up = settings.upstream
     account = settings.accounts.get(login)
+    if account is None and not up.case_sensitive_users:  # USER in another case is the same account
+        folded = {name.lower(): name for name in settings.accounts}
+        if login.lower() in folded:
+            login = folded[login.lower()]
+            account = settings.accounts[login]
     if account is not None:
         host = account.host or up.host
         if not host:
@@ -75,14 +102,16 @@ def resolve(login: str, settings: Settings) -> Route:
         port = int(port_text) if port_text else None
         for endpoint in allowed_endpoints(settings):
             if endpoint.host.lower() == host.lower() and (port is None or endpoint.port == port):
-                return Route(endpoint, user, f"{user}#{endpoint.host.lower()}:{endpoint.port}")
+                return Route(endpoint, user, cache_id(settings, endpoint, user))
         raise LoginError(f"provider {target[:100]} is not configured here", "AUTH")
     if "@" in login:
         domain = login.rpartition("@")[2].lower()
         routes = {name.lower(): route for name, route in settings.routes.items()}
         if domain in routes:
             route = routes[domain]
-            return Route(_endpoint(settings, route.host, route.port, route.tls, route.ca_file), login, login)
+            endpoint = _endpoint(settings, route.host, route.port, route.tls, route.ca_file)
+            return Route(endpoint, login, cache_id(settings, endpoint, login))
     if not up.host:
         raise LoginError("no provider configured", "SYS/PERM")
-    return Route(_endpoint(settings, up.host, up.effective_port(), up.tls), login, login)
+    endpoint = _endpoint(settings, up.host, up.effective_port(), up.tls)
+    return Route(endpoint, login, cache_id(settings, endpoint, login))
