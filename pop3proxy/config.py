@@ -85,6 +85,9 @@ class UpstreamSettings(_Section):
     )
     delete: Literal["mirror", "after_fetch", "never"] = Field("mirror", description="What happens upstream to mail the client deletes.")
     delete_after_days: int | None = Field(None, ge=0, description="Also delete upstream copies older than this many days once cached.")
+    case_sensitive_users: bool = Field(
+        False, description="The providers tell user names apart by case (Bob is not bob): one cache per spelling."
+    )
     vanished: Literal["keep", "drop"] = Field(
         "keep", description="Cached messages the provider no longer lists: keep serving them, or drop them from the cache."
     )
@@ -194,6 +197,10 @@ class SyncSettings(_Section):
     login_budget: float = Field(20.0, gt=0, description="Seconds a login may spend fetching new mail before answering.")
     interval: float = Field(300.0, gt=0, description="Background prefetch period for accounts with a password source.")
     deadline: float = Field(600.0, gt=0, description="Seconds a whole sync pass may take before it is stopped (a trickling provider).")
+    max_filtered_size: int = Field(
+        32 * 1024 * 1024, ge=1024,
+        description="Largest message held in memory and passed through the filters; a larger one is streamed "
+                    "to the cache unfiltered, marked with an X-POP3Proxy-Warning header.")
 
 
 class OfflineSettings(_Section):

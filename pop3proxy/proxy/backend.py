@@ -28,6 +28,7 @@ from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.ops import metrics
 from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.accounts import _Account, read_password_source
+from pop3proxy.proxy.cache_ids import migrate_cache_ids
 from pop3proxy.proxy.credentials import hash_password, kdf_limiter, verify_password
 from pop3proxy.proxy.local import StoreMaildrop
 from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavailable
@@ -111,6 +112,7 @@ class ProxyBackend(OAuthLogins, Backend):
         self.settings = settings
         self.root = settings.cache.root
         self.store_backend = settings.cache.backend
+        migrate_cache_ids(settings, self.root)
         self.pipeline = pipeline if pipeline is not None else build_pipeline(settings.filters)
         self._accounts: dict[str, _Account] = {}
         self._nursery: trio.Nursery | None = None
@@ -309,6 +311,7 @@ class ProxyBackend(OAuthLogins, Backend):
                     policy=self.settings.upstream.delete,
                     delete_after_days=self.settings.upstream.delete_after_days,
                     vanished=self.settings.upstream.vanished,
+                    max_filtered_size=self.settings.sync.max_filtered_size,
                     progress=report,
                     hold=hold_callback(self.root, route.cache_id),
                     removed_dir=removed_parts_dir(user_dir(self.root, route.cache_id)),

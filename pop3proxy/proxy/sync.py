@@ -28,13 +28,15 @@ from typing import Callable
 
 import trio
 
-from pop3proxy.filtering.api import FilterContext, FilterResult
+from pop3proxy.filtering.api import WARNING_HEADER, FilterContext, FilterResult
+from pop3proxy.filtering.headers import format_header
 from pop3proxy.filtering.pipeline import Pipeline
 from pop3proxy.net.endpoint import UpstreamCommandError, UpstreamTooLarge
 from pop3proxy.net.pop3_client import UpstreamClient
 from pop3proxy.ops import metrics
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.crlf import normalise
+from pop3proxy.store.spool import Spool, Spooled
 from pop3proxy.store.state import UserState
 
 log = logging.getLogger("pop3proxy.proxy.sync")
@@ -42,6 +44,8 @@ log = logging.getLogger("pop3proxy.proxy.sync")
 POLICIES = ("mirror", "after_fetch", "never")
 VANISHED = ("keep", "drop")
 PIPELINE_DEPTH = 64  # fetched messages waiting to be stored
+QUEUED_BYTES = 64 << 20  # octets of fetched messages waiting to be stored
+MAX_FILTERED_SIZE = 32 << 20  # default of sync.max_filtered_size
 STORE_BATCH = 32  # messages made durable with one flush
 REFUSED = "refused_messages"  # state meta, JSON: uid -> {"tries", "next", "reason"}
 RETRY_FIRST = 60.0  # seconds before a message the provider refused is asked for again; doubles per try
@@ -71,6 +75,54 @@ def _first_error(exc: BaseException) -> BaseException:
         if not isinstance(found, trio.Cancelled):
             return found
     return exc
+
+
+@dataclass
+class _Item:
+    """A fetched message on its way to the cache: filtered in memory, or spooled to a file."""
+
+    number: int
+    uid: str
+    source: str  # digest of the message as the provider sent it
+    outcome: FilterResult | None = None
+    cached: bytes | None = None  # the filtered message in CRLF form
+    spooled: Spooled | None = None
+    held: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.spooled.size if self.spooled is not None else len(self.cached or b"")
+
+    @property
+    def digest(self) -> str:
+        return self.spooled.cached if self.spooled is not None else digest(self.cached or b"")
+
+
+class _Window:
+    """Octets of fetched messages waiting to be stored, bounded (one message may always go)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = trio.Condition()
+
+    async def reserve(self, size: int) -> None:
+        async with self._changed:
+            while self.used and self.used + size > self.limit:
+                await self._changed.wait()
+            self.used += size
+
+    async def release(self, size: int) -> None:
+        async with self._changed:
+            self.used -= size
+            self._changed.notify_all()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def digest(data: bytes) -> str:
@@ -142,6 +194,7 @@ async def sync_mailbox(
     policy: str,
     delete_after_days: float | None = None,
     vanished: str = "keep",
+    max_filtered_size: int = MAX_FILTERED_SIZE,
     hold: Callable[[bytes, str, FilterResult], str] | None = None,
     removed_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -209,9 +262,34 @@ async def sync_mailbox(
         deleted_uids.append(uid)
 
     # Fetching (network) and storing (disk, fsync) overlap: while one message is written and fsync'ed in
-    # a worker thread, the next ones are already being fetched and filtered.
+    # a worker thread, the next ones are already being fetched and filtered. What waits in between is
+    # bounded by count and by octets (a message bigger than max_filtered_size waits on disk, not here).
     stored: list[tuple[int, str]] = []
-    send, receive = trio.open_memory_channel[tuple[int, str, str, FilterResult]](PIPELINE_DEPTH)
+    send, receive = trio.open_memory_channel[_Item](PIPELINE_DEPTH)
+    waiting = _Window(QUEUED_BYTES)
+    unfiltered_mark = (format_header(WARNING_HEADER, f"not filtered: larger than {max_filtered_size} octets")
+                       if pipeline.filters else b"")
+
+    # The sizes the provider announces: a message announced bigger than max_filtered_size is spooled to
+    # disk from its first octet (an announced size is only a hint: the limit holds whatever comes).
+    sizes = await client.list() if new else {}
+
+    async def receive_message(number: int) -> tuple[bytes | Spooled, str]:
+        """RETR into memory, or into a spool file once past max_filtered_size; (message, source digest)."""
+        spool = Spool(mailbox.spool_path(), max_filtered_size, unfiltered_mark, sizes.get(number, 0))
+
+        async def sink(chunk: bytes) -> None:
+            if spool.add(chunk):
+                await trio.to_thread.run_sync(spool.flush)
+
+        try:
+            await client.retr(number, sink)
+            message = await trio.to_thread.run_sync(spool.finish) if spool.spilled else spool.finish()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(spool.discard)
+            raise
+        return message, spool.source.hexdigest()
 
     async def fetch() -> None:
         seen_in_pass: set[str] = set()
@@ -221,7 +299,7 @@ async def sync_mailbox(
                     continue
                 seen_in_pass.add(uid)
                 try:
-                    data = await client.retr_bytes(number)
+                    message, source = await receive_message(number)
                 except (UpstreamCommandError, UpstreamTooLarge) as exc:
                     entry = refused.get(uid, {})
                     tries = int(entry.get("tries", 0)) + 1
@@ -234,15 +312,25 @@ async def sync_mailbox(
                         raise  # the session is out of step; later passes skip this message meanwhile
                     continue
                 refused.pop(uid, None)
-                source = digest(data)
                 if orphans.get(source):
                     row = await trio.to_thread.run_sync(state.adopt, orphans[source].pop(0), uid)
                     if row is not None:
                         adopted.append((number, uid, row.status))
                         result.remaining -= 1
+                        if isinstance(message, Spooled):
+                            await trio.to_thread.run_sync(_unlink, message.path)
                         continue
+                if isinstance(message, Spooled):
+                    log.warning("message %s of %r (%d octets) stored unfiltered: larger than "
+                                "sync.max_filtered_size (%d)", uid, user, message.size, max_filtered_size)
+                    await send.send(_Item(number, uid, source, spooled=message))
+                    continue
                 context = FilterContext(user=user, uid=uid, removed_dir=removed_dir)
-                await send.send((number, uid, source, await pipeline.run(data, context)))
+                outcome = await pipeline.run(message, context)
+                del message
+                cached = normalise(outcome.data)
+                await waiting.reserve(len(cached))
+                await send.send(_Item(number, uid, source, outcome=outcome, cached=cached))
 
     async def keep() -> None:
         async with receive:
@@ -256,33 +344,45 @@ async def sync_mailbox(
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                prepared = [(number, uid, outcome, normalise(outcome.data)) for number, uid, _, outcome in batch]
-                sources = [source for _, _, source, _ in batch]
 
-                def store() -> list[tuple[int, str, bool, int]]:
+                def store() -> list[_Item]:
                     """Claim, write, settle, for the whole batch in one worker-thread hop: one flush to
                     disk for all the messages. If this fails (or the process dies) between claim and
                     settle, claims stay 'fetching' and recover() settles them."""
-                    granted = state.begin_fetch_many([(uid, digest(cached)) for _, uid, _, cached in prepared], sources)
-                    mine = [item for item, ok in zip(prepared, granted) if ok]
-                    keep_held = [item for item in mine if item[2].hold and hold is not None]
-                    to_cache = [item for item in mine if not (item[2].hold and hold is not None)]
+                    granted = state.begin_fetch_many([(item.uid, item.digest) for item in batch],
+                                                     [item.source for item in batch])
+                    mine = [item for item, ok in zip(batch, granted) if ok]
+                    for item, ok in zip(batch, granted):
+                        if not ok and item.spooled is not None:
+                            _unlink(item.spooled.path)
                     settled = []
-                    for _, uid, outcome, cached in keep_held:
-                        settled.append((uid, hold(cached, uid, outcome), len(cached), "held"))
-                    infos = mailbox.add_many([outcome.data for _, _, outcome, _ in to_cache])
-                    settled += [(uid, info.key, info.size, "cached") for (_, uid, _, _), info in zip(to_cache, infos)]
+                    small = []
+                    for item in mine:
+                        if item.outcome is not None and item.outcome.hold and hold is not None:
+                            item.held = True
+                            settled.append((item.uid, hold(item.cached, item.uid, item.outcome), item.size, "held"))
+                        elif item.outcome is not None:
+                            small.append(item)
+                    infos = mailbox.add_many([item.cached for item in small])
+                    settled += [(item.uid, info.key, info.size, "cached") for item, info in zip(small, infos)]
+                    for item in mine:
+                        if item.spooled is not None:
+                            info = mailbox.add_file(item.spooled.path, item.spooled.size)
+                            settled.append((item.uid, info.key, info.size, "cached"))
                     state.finish_fetch_many(settled)
-                    return [(number, uid, item in keep_held, len(cached))
-                            for item in mine for number, uid, _, cached in [item]]
+                    return mine
 
-                for number, uid, was_held, size in await trio.to_thread.run_sync(store):
-                    stored.append((number, uid))
-                    if was_held:
+                try:
+                    mine = await trio.to_thread.run_sync(store)
+                finally:
+                    await waiting.release(sum(len(item.cached) for item in batch if item.cached is not None))
+                for item in mine:
+                    stored.append((item.number, item.uid))
+                    if item.held:
                         result.held += 1
                     result.fetched += 1
-                    result.fetched_bytes += size
-                    metrics.synced(1, size)
+                    result.fetched_bytes += item.size
+                    metrics.synced(1, item.size)
                     result.remaining -= 1
                 if progress is not None:
                     progress(len(stored), len(new))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
+from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 
@@ -39,6 +40,16 @@ class Mailbox(abc.ABC):
         """Store several messages; when it returns, all are durable (one flush for the batch where the
         backend can do that). A crash meanwhile leaves each message either stored whole or not at all."""
         return [self.add(data) for data in messages]
+
+    def spool_path(self) -> Path:
+        """Where a message too big to hold in memory is written while it arrives (see `store.spool`);
+        what a crash leaves there is removed by ``clean_tmp``."""
+        raise NotImplementedError
+
+    def add_file(self, path: Path, size: int) -> MessageInfo:
+        """Store a message spooled to ``path`` (CRLF form, ``size`` octets) durably, without reading it
+        into memory; the file is taken (renamed or removed)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def delete(self, keys: Iterable[str]) -> None:

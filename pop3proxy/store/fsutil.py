@@ -19,7 +19,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | Iterable[bytes]) -> None:
+def write_all(fd: int, data: bytes | Iterable[bytes]) -> None:
     for chunk in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
         view = memoryview(chunk)
         while view:
@@ -33,7 +33,7 @@ def write_new_file(
     fsync'ed unless `durable` is False. A failure removes the partial file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         if durable:
             os.fsync(fd)
     except BaseException:

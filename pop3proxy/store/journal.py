@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from pop3proxy.store.fsutil import FILE_MODE, fsync_dir, write_new_file
+from pop3proxy.store.fsutil import FILE_MODE, fsync_dir, write_all, write_new_file
 
 
 def private_fd(path: Path, create: bool = True) -> int:
@@ -40,12 +40,6 @@ def _same_file(fd: int, path: Path) -> bool:
     except FileNotFoundError:
         return False
     return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _line(entry: dict) -> bytes:
@@ -74,7 +68,7 @@ class Journal:
         with self._lock:
             fd = self._locked_current()
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 if durable:
                     os.fsync(fd)
             finally:

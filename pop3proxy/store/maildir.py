@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -147,6 +148,23 @@ class MaildirMailbox(Mailbox):
             raise
         fsync_dir(self._subdirs["new"])
         return infos
+
+    def spool_path(self) -> Path:
+        return self._subdirs["tmp"] / f"spool.{os.getpid()}.{secrets.token_hex(8)}"
+
+    def add_file(self, path: Path, size: int) -> MessageInfo:
+        """Take a spooled message (CRLF form, written to `spool_path`): fsync it, rename it into new/."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        name = _unique_name(size)
+        new = self._subdirs["new"] / name
+        os.rename(path, new)
+        self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0))
+        fsync_dir(self._subdirs["new"])
+        return MessageInfo(key=name, uidl=name, size=size)
 
     def clean_tmp(self) -> int:
         """Remove what a crash left in tmp/ (never served); call only while nothing writes here."""

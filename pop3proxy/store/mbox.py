@@ -24,7 +24,7 @@ from pop3proxy.store.crlf import (
     _stream,
     normalise,
 )
-from pop3proxy.store.fsutil import FILE_MODE, fsync_dir, write_new_file
+from pop3proxy.store.fsutil import FILE_MODE, fsync_dir, write_all, write_new_file
 
 
 @dataclass(frozen=True)
@@ -120,21 +120,54 @@ class MboxMailbox(Mailbox):
             return []
         datas = [normalise(data) for data in messages]
         bodies = [_QUOTABLE_FROM.sub(rb">\1", data.replace(b"\r\n", b"\n")) for data in datas]
+
+        def write(fd: int, from_line: bytes) -> list[tuple[str, int, int]]:
+            for body in bodies:  # each record ends in a blank line (the body ends with LF, then one more)
+                write_all(fd, from_line + body + b"\n")
+            return [(hashlib.sha1(data).hexdigest(), len(body), len(data)) for data, body in zip(datas, bodies)]
+
+        return self._append(write)
+
+    def spool_path(self) -> Path:
+        return self._tmp_name("spool")
+
+    def add_file(self, path: Path, size: int) -> MessageInfo:
+        """Append a spooled message (CRLF form, from `spool_path`) chunk by chunk, then remove the file."""
+
+        def write(fd: int, from_line: bytes) -> list[tuple[str, int, int]]:
+            digest, body_size, carry = hashlib.sha1(), 0, b""
+            write_all(fd, from_line)
+            with open(path, "rb") as source:
+                for chunk in iter(lambda: source.read(CHUNK * 16), b""):
+                    digest.update(chunk)
+                    chunk = carry + chunk
+                    cut = chunk.rfind(b"\n") + 1  # whole lines only: a From line is quoted at a line start
+                    chunk, carry = chunk[:cut], chunk[cut:]
+                    body = _QUOTABLE_FROM.sub(rb">\1", chunk.replace(b"\r\n", b"\n"))
+                    write_all(fd, body)
+                    body_size += len(body)
+            body = _QUOTABLE_FROM.sub(rb">\1", carry.replace(b"\r\n", b"\n"))
+            write_all(fd, body + b"\n")
+            return [(digest.hexdigest(), body_size + len(body), size)]
+
+        info = self._append(write)[0]
+        path.unlink(missing_ok=True)
+        return info
+
+    def _append(self, write) -> list[MessageInfo]:
+        """Append records under the lock with one fsync and one commit; ``write(fd, from_line)`` writes
+        them at the end of the file and returns (SHA-1 of the CRLF form, body octets on disk, CRLF size)
+        for each. A failure cuts the file back: nothing past the committed length is ever served."""
         from_line = f"From MAILER-DAEMON {time.asctime(time.gmtime())}\n".encode()
         with self._locked() as fd:
             end = self._settle_locked(fd)
             index = self._index_locked(fd)
             tail = os.pread(fd, 2, end - 2) if end >= 2 else os.pread(fd, end, 0)
             separator = b"" if end == 0 or tail == b"\n\n" else b"\n" if tail.endswith(b"\n") else b"\n\n"
-            # Each record ends in a blank line (a body ends with LF, then one more), so only the first
-            # may need a separator.
-            records = [separator + from_line + bodies[0] + b"\n"] + [from_line + body + b"\n" for body in bodies[1:]]
             try:
                 os.lseek(fd, end, os.SEEK_SET)
-                for record in records:
-                    view = memoryview(record)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                write_all(fd, separator)
+                written = write(fd, from_line)
                 os.fsync(fd)
                 st = os.fstat(fd)
                 self._commit(st.st_ino, st.st_size)
@@ -146,13 +179,13 @@ class MboxMailbox(Mailbox):
                     pass  # the commit file still says `end`: nothing past it is ever served
                 raise
             infos = []
-            position = end
-            for data, body, record in zip(datas, bodies, records):
-                key = _key(hashlib.sha1(data).hexdigest(), index.counts)
-                start = position + len(record) - len(body) - 1
-                index.append(_MboxEntry(key, start - len(from_line), start, start + len(body), len(data)))
-                position += len(record)
-                infos.append(MessageInfo(key=key, uidl=key, size=len(data)))
+            position = end + len(separator)
+            for digest, body_size, size in written:
+                key = _key(digest, index.counts)
+                start = position + len(from_line)
+                index.append(_MboxEntry(key, position, start, start + body_size, size))
+                position = start + body_size + 1
+                infos.append(MessageInfo(key=key, uidl=key, size=size))
             if separator:  # the previous message's end has changed: index again when needed
                 self._index = None
             else:

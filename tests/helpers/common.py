@@ -149,3 +149,12 @@ def drop_connection(client) -> None:
     client.sock.shutdown(_socket.SHUT_RDWR)
     client.file.close()
     client.sock.close()
+
+
+def memory_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a running process from /proc, in KiB: ``VmRSS`` (resident now) or ``VmHWM``
+    (the peak resident size so far)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")

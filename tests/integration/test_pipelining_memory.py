@@ -11,10 +11,9 @@ from __future__ import annotations
 import poplib
 import socket
 import time
-from pathlib import Path
 
 import pytest
-from helpers.common import HOST, wait_for, write_config
+from helpers.common import HOST, memory_kib, wait_for, write_config
 
 from pop3proxy.proxy.credentials import set_password
 from pop3proxy.store import open_store
@@ -22,11 +21,6 @@ from pop3proxy.store import open_store
 BIG = b"Subject: big\r\n\r\n" + b"x" * 78 + b"\r\n"
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def timed_login(port: int, user: str) -> float:
@@ -65,7 +59,7 @@ def test_pipelined_commands_keep_memory_bounded(tmp_path, server_process, attack
     )
     server = server_process(config).start()
     pid = server.proc.pid
-    baseline = rss_kib(pid)
+    baseline = memory_kib(pid)
     sock = socket.create_connection((HOST, server.port), timeout=30)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     reader = sock.makefile("rb")
@@ -85,9 +79,9 @@ def test_pipelined_commands_keep_memory_bounded(tmp_path, server_process, attack
             break  # the server stopped reading: back-pressure reached the client
     # Wait for the first reply octets: the server is sending, so whatever it queued before is queued.
     wait_for(lambda: _readable(sock), timeout=20)
-    peak = max(rss_kib(pid) for _ in range(20))
+    peak = max(memory_kib(pid) for _ in range(20))
     took = timed_login(server.port, "alice")
-    peak = max(peak, rss_kib(pid))
+    peak = max(peak, memory_kib(pid))
     print(f"pipelining ({attack}): {sent} octets of commands accepted of {len(payload)}; peak RSS {peak} KiB "
           f"(baseline {baseline} KiB); a normal login took {took * 1000:.0f} ms")
     assert peak - baseline < 48 * 1024, (peak, baseline)

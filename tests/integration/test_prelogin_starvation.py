@@ -10,21 +10,13 @@ from __future__ import annotations
 import poplib
 import socket
 import time
-from pathlib import Path
 
 import trio
-from helpers.common import HOST, write_config
+from helpers.common import HOST, memory_kib, write_config
 
 from pop3proxy.net.pop3_server import EVICT_AFTER
 from pop3proxy.proxy.credentials import set_password
 from pop3proxy.store import open_store
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def start(tmp_path, server_process, **listen):
@@ -66,9 +58,9 @@ def test_idle_greeted_connections_leave_room_for_a_real_login(tmp_path, server_p
         # clients (younger than that) never is. The attack's connections must be that old: the
         # passing of time is the condition here, not a synchronisation.
         time.sleep(EVICT_AFTER + 0.2)
-        peak = rss_kib(server.proc.pid)
+        peak = memory_kib(server.proc.pid)
         took = timed_login(server.port)
-        peak = max(peak, rss_kib(server.proc.pid))
+        peak = max(peak, memory_kib(server.proc.pid))
         # The oldest idle connections were closed with a reason, to make room.
         closed = 0
         for sock in idle[:1]:  # the oldest, closed to make room for the real login
@@ -119,7 +111,7 @@ def test_trickling_connections_are_dropped_at_the_login_deadline(tmp_path, serve
             for _ in range(100):
                 nursery.start_soon(trickle, server.port)
             outcome["login"] = await trio.to_thread.run_sync(timed_login, server.port)
-            outcome["peak"] = rss_kib(server.proc.pid)
+            outcome["peak"] = memory_kib(server.proc.pid)
 
     trio.run(attack)
     print(f"trickle: 100 connections dropped after at most {outcome['longest']:.1f} s "

@@ -6,7 +6,7 @@ import resource
 
 import pytest
 import trio
-from helpers.common import HOST
+from helpers.common import HOST, memory_kib
 from helpers.faulty_upstream import faulty_server
 
 from pop3proxy.net.endpoint import Endpoint, UpstreamUnavailable
@@ -36,13 +36,6 @@ async def test_endless_answer_fails_the_session_not_the_memory(where):
     print(f"endless {where}: peak RSS of the test process {peak_rss_mib():.0f} MiB")
 
 
-def proxy_rss_kib(pid: int) -> int:
-    from pathlib import Path
-
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 async def test_a_hostile_provider_does_not_hurt_the_proxy_nor_other_users(tmp_path, server_process, dovecot):
@@ -65,7 +58,7 @@ async def test_a_hostile_provider_does_not_hurt_the_proxy_nor_other_users(tmp_pa
         })
         proxy = await trio.to_thread.run_sync(server_process(config).start)
         pid = proxy.proc.pid
-        baseline = proxy_rss_kib(pid)
+        baseline = memory_kib(pid)
 
         def mallory() -> bytes:
             client = poplib.POP3(HOST, proxy.port, timeout=60)
@@ -92,9 +85,9 @@ async def test_a_hostile_provider_does_not_hurt_the_proxy_nor_other_users(tmp_pa
             nursery.start_soon(attack)
             outcome["login"] = await trio.to_thread.run_sync(other_user)
             while "mallory" not in outcome:  # sample the proxy's memory until the hostile login ends
-                peak = max(peak, proxy_rss_kib(pid))
+                peak = max(peak, memory_kib(pid))
                 await trio.sleep(0.02)
-        peak = max(peak, proxy_rss_kib(pid))
+        peak = max(peak, memory_kib(pid))
         assert proxy.proc.poll() is None  # the service survived
         reply = outcome["mallory"]
         assert reply.startswith(b"+OK") and b"could not be fetched" in reply, reply

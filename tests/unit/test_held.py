@@ -254,10 +254,11 @@ class FakeUpstream:
     async def header_digest(self, number: int) -> str:
         raise AssertionError("this server has UIDL")
 
-    async def retr_bytes(self, number: int) -> bytes:
+    async def retr(self, number: int, sink) -> int:
         uid = self._numbers()[number]
         self.retrieved.append(uid)
-        return self.messages[uid]
+        await sink(self.messages[uid])
+        return len(self.messages[uid])
 
     async def dele(self, number: int) -> None:
         self.marked.add(self._numbers()[number])
