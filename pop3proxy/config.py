@@ -85,6 +85,14 @@ class UpstreamSettings(_Section):
     )
     delete: Literal["mirror", "after_fetch", "never"] = Field("mirror", description="What happens upstream to mail the client deletes.")
     delete_after_days: int | None = Field(None, ge=0, description="Also delete upstream copies older than this many days once cached.")
+    early_connect: bool = Field(
+        True, description="Connect to this provider while a client greets (saves a round trip; needed for APOP and CRAM-MD5).")
+    early_connections: int = Field(64, ge=0, description="Most provider connections opened early at once; more clients are served without.")
+    pass_challenges: list[Literal["apop", "cram-md5"]] = Field(
+        ["apop"], description="Challenge-response logins passed to the default provider when it offers them "
+        "(its APOP timestamp in the greeting, its CRAM-MD5 challenge relayed); such sessions have no offline login.")
+    forward_client_address: bool = Field(
+        False, description="Send the client's address to the provider (XCLIENT; Dovecot with login_trusted_networks).")
     case_sensitive_users: bool = Field(
         False, description="The providers tell user names apart by case (Bob is not bob): one cache per spelling."
     )

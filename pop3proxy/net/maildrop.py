@@ -9,6 +9,8 @@ from typing import BinaryIO, Sequence
 
 import trio
 
+from pop3proxy.errors import LoginError
+from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.store.base import MessageInfo
 
 log = logging.getLogger("pop3proxy")
@@ -34,8 +36,25 @@ class Maildrop:
 class Backend:
     """Where logins are checked and maildrops come from."""
 
-    async def login(self, user: str, password: str, peer: str) -> Maildrop:
+    async def login(self, user: str, password: str, peer: str, *, mechanism: str = "USER",
+                    early: EarlyUpstream | None = None) -> Maildrop:
+        """Check a login and hand out its maildrop, or raise LoginError. ``mechanism`` "APOP" and
+        "CRAM-MD5" carry the client's digest or base64 answer as ``password``, for the provider of
+        ``early`` to check."""
         raise NotImplementedError
+
+    def early_upstream(self, peer: tuple[str, int]) -> EarlyUpstream | None:
+        """A provider connection to open while the client connects (None: none)."""
+        return None
+
+    async def greeting_ready(self, early: EarlyUpstream) -> tuple[str | None, bool]:
+        """When the client may be greeted (after waiting, bounded, for ``early``'s provider): the APOP
+        timestamp to greet with (None: no APOP) and whether to offer AUTH CRAM-MD5."""
+        return None, False
+
+    async def challenge(self, early: EarlyUpstream | None, mechanism: str) -> str:
+        """The provider's base64 challenge for AUTH ``mechanism`` (CRAM-MD5) on ``early``."""
+        raise LoginError(f"{mechanism} is not available here", "AUTH")
 
     def account_key(self, user: str) -> str:
         """The account a login name means, for throttling: name variants that reach one account give

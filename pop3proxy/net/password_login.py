@@ -105,4 +105,46 @@ class PasswordLoginMixin:
             raise self._auth_error("apop", reply)
         return None
 
+    # -- challenge-response logins relayed from a client (APOP, CRAM-MD5) ---------------
+
+    def offers_cram_md5(self) -> bool:
+        caps = self.capabilities
+        return caps is not None and "CRAM-MD5" in (m.upper() for m in caps.get("SASL", []))
+
+    async def login_apop_digest(self, user: str, digest: str) -> None:
+        """APOP with a digest the client computed over this connection's greeting timestamp."""
+        if self.apop_timestamp is None:
+            raise UpstreamAuthError(f"{self.endpoint.where}: the provider offers no APOP", "SYS/PERM")
+        reply = await self._request("APOP", user, digest)
+        if not reply.ok:
+            raise self._auth_error("apop", reply)
+        self.auth_method = "apop"
+
+    async def cram_md5_challenge(self) -> str:
+        """Start AUTH CRAM-MD5; the provider's base64 challenge, for the client to answer."""
+        reply = await self._request("AUTH", "CRAM-MD5")
+        if not reply.continuation:
+            raise self._auth_error("cram-md5", reply) if not reply.ok else self._unavailable(
+                "the provider answered AUTH CRAM-MD5 without a challenge")
+        return reply.text
+
+    async def cram_md5_answer(self, response: str) -> None:
+        """The client's base64 answer to the challenge of `cram_md5_challenge`."""
+        reply = await self._request(response, sasl=True)
+        if reply.continuation:
+            raise self._unavailable("unexpected second SASL challenge from the provider")
+        if not reply.ok:
+            raise self._auth_error("cram-md5", reply)
+        self.auth_method = "cram-md5"
+
+    async def forward_client(self, address: str, port: int) -> bool:
+        """Tell the provider the real client's address (XCLIENT, as Dovecot accepts from its
+        login_trusted_networks, whether or not its CAPA lists it) before logging in; False when it
+        refuses (logged; the login goes on from pop3proxy's address)."""
+        args = [f"ADDR={address}"] + ([f"PORT={port}"] if port else [])
+        reply = await self._request("XCLIENT", *args)
+        if not reply.ok:
+            log.warning("%s refused XCLIENT: %s", self.endpoint.where, self._scrub(reply.text))
+        return reply.ok
+
     # -- transaction ------------------------------------------------------------------

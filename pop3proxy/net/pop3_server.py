@@ -19,6 +19,7 @@ import trio
 from pop3proxy import pop3 as p
 from pop3proxy.errors import LoginError
 from pop3proxy.net.addresses import is_loopback
+from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.maildrop import Backend, Maildrop
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
@@ -120,6 +121,7 @@ class _Connection:
         self.evicted = False
         self.maildrop: Maildrop | None = None
         self.upstream: str | None = None  # the provider this session's login went to (logs)
+        self.early: EarlyUpstream | None = None  # the provider connection opened while greeting
         self.bytes_sent = 0
 
     def _queue(self, data: bytes) -> None:
@@ -151,6 +153,24 @@ class _Connection:
         return self.session.state is s.State.AUTHORIZATION
 
     async def run(self) -> None:
+        early = self.state.backend.early_upstream(self.peer)
+        if early is None:
+            return await self._run()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(early.run)
+            try:
+                # The provider's own APOP timestamp and CRAM-MD5: the client's digest is checked there.
+                timestamp, cram_md5 = await self.state.backend.greeting_ready(early)
+                self.session.apop_timestamp = timestamp
+                self.session.challenge_mechanisms = ("CRAM-MD5",) if cram_md5 else ()
+                self.early = early
+                await self._run()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await early.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def _run(self) -> None:
         self._queue(self.session.greeting())
         self.state.admit(self)
         try:
@@ -213,6 +233,8 @@ class _Connection:
                 await self._send_message(action)
             elif isinstance(action, s.Authenticate):
                 queue[:0] = await self._login(action)
+            elif isinstance(action, s.Challenge):
+                queue[:0] = await self._challenge(action)
             elif isinstance(action, s.StartTLS):
                 await self.flush()
                 queue[:0] = await self._start_tls()
@@ -234,7 +256,8 @@ class _Connection:
         with throttle.attempt(address, account):
             await trio.sleep(throttle.account_delay(account))  # an account being guessed at: slowed, not refused
             try:
-                maildrop = await self.state.backend.login(action.user, action.password, address)
+                maildrop = await self.state.backend.login(action.user, action.password, address,
+                                                          mechanism=action.mechanism, early=self.early)
             except LoginError as exc:
                 log.info("login failed for %r from %s: %s", action.user, address, exc.text,
                          extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
@@ -244,12 +267,22 @@ class _Connection:
                 return self.session.login_failed(exc.text, exc.code)
         throttle.succeeded(address, account)
         self.maildrop = maildrop
+        if self.early is not None:  # the login used it, or did not need it: no provider connection waits
+            await self.early.aclose()
         self.upstream = getattr(maildrop, "upstream", None)
         log.info("login %r from %s: %d messages", action.user, self.peer[0], len(maildrop.messages),
                  extra={"user": action.user, "peer": address, "upstream": self.upstream,
                         "messages": len(maildrop.messages), "result": "ok"})
         metrics.login("ok")
         return self.session.login_succeeded(action.user, maildrop.messages, maildrop.banner)
+
+    async def _challenge(self, action: s.Challenge) -> list[s.Action]:
+        await self.flush()
+        try:
+            challenge = await self.state.backend.challenge(self.early, action.mechanism)
+        except LoginError as exc:
+            return self.session.challenge_failed(exc.text, exc.code)
+        return self.session.challenge_given(challenge)
 
     async def _start_tls(self) -> list[s.Action]:
         assert self.config.ssl_context is not None

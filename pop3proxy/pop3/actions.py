@@ -52,7 +52,18 @@ class Authenticate:
 
     user: str
     password: str = field(repr=False)
-    mechanism: str  # "USER", "PLAIN", "XOAUTH2" or "OAUTHBEARER" (password is then a sasl.BearerToken)
+    # "USER", "PLAIN", "XOAUTH2" or "OAUTHBEARER" (password is then a sasl.BearerToken); "APOP" (password is
+    # the client's digest over the greeting's timestamp) or "CRAM-MD5" (password is the client's base64
+    # response to the challenge): both are checked by the provider whose timestamp or challenge it was.
+    mechanism: str
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """AUTH ``mechanism`` (CRAM-MD5) needs the provider's challenge: get it (base64), answer with
+    ``challenge_given``, or ``challenge_failed`` when there is none."""
+
+    mechanism: str
 
 
 @dataclass(frozen=True)
@@ -72,4 +83,4 @@ class Close:
     """Close the connection (after flushing what was sent)."""
 
 
-Action = Union[Send, SendMessage, Authenticate, StartTLS, Update, Close]
+Action = Union[Send, SendMessage, Authenticate, Challenge, StartTLS, Update, Close]

@@ -131,6 +131,42 @@ def parse(mechanism: str, data: str | bytes) -> BearerLogin:
     raise SaslError(f"not an OAuth2 mechanism: {mechanism[:40]}")
 
 
+def parse_plain(data: bytes) -> tuple[str, str]:
+    """(user, password) of an AUTH PLAIN response (RFC 4616); ``=`` stands for an empty response."""
+    if data == b"=":
+        data = b""
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise SaslError("invalid base64 in AUTH PLAIN response") from None
+    parts = decoded.split(b"\x00")
+    if len(parts) != 3:
+        raise SaslError("malformed AUTH PLAIN response")
+    try:
+        authzid, authcid, password = (part.decode("utf-8") for part in parts)
+    except UnicodeDecodeError:
+        raise SaslError("AUTH PLAIN response is not valid UTF-8") from None
+    if not authcid:
+        raise SaslError("empty user name")
+    if authzid and authzid != authcid:
+        raise SaslError("authorization identity differs from authentication identity")
+    return authcid, password
+
+
+def parse_cram_md5(data: bytes) -> str:
+    """The user name of a CRAM-MD5 response (RFC 2195: base64 of ``user SP 32-hex-digest``)."""
+    try:
+        text = base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise SaslError("invalid base64 or UTF-8 in the CRAM-MD5 response") from None
+    user, sep, digest = text.rpartition(" ")
+    if not sep or not user or len(digest) != 32 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+        raise SaslError("malformed CRAM-MD5 response")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in user):
+        raise SaslError("control character in the user name")
+    return user
+
+
 def error_challenge(data: str) -> dict | None:
     """The JSON of a base64 error challenge (XOAUTH2 / OAUTHBEARER), None when it is not one."""
     try:

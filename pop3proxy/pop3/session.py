@@ -12,8 +12,6 @@ Like the rest of ``pop3``, this module imports neither trio nor os; the actions 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import hashlib
 import re
@@ -23,6 +21,7 @@ from pop3proxy.pop3 import replies, sasl
 from pop3proxy.pop3.actions import (
     Action,
     Authenticate,
+    Challenge,
     Close,
     MessageInfo,
     Send,
@@ -45,6 +44,7 @@ from pop3proxy.pop3.framing import NEED_DATA, Line, LineReader, LineTooLong
 __all__ = [
     "Action",
     "Authenticate",
+    "Challenge",
     "Close",
     "MessageInfo",
     "SendMessage",
@@ -58,6 +58,7 @@ __all__ = [
 IMPLEMENTATION = "pop3proxy"
 _UNREADABLE = replies.err("the message cannot be read now, try again later", "SYS/TEMP")
 MAX_BAD_COMMANDS = 20
+_DIGEST = re.compile(r"[0-9a-fA-F]{32}")
 
 # Which commands each state accepts; anything else in that state is answered, not obeyed.
 _ALLOWED: dict[State, frozenset[str]] = {
@@ -99,6 +100,7 @@ class _Pending(enum.Enum):
     TLS = 2
     UPDATE = 3
     SASL = 4  # waiting for an AUTH PLAIN continuation line (not a driver answer)
+    CHALLENGE = 5  # waiting for the driver's CRAM-MD5 challenge
 
 
 class Session:
@@ -119,9 +121,15 @@ class Session:
         greeting: str = "pop3proxy ready",
         max_bad_commands: int = MAX_BAD_COMMANDS,
         bearer_auth: bool = False,
+        apop_timestamp: str | None = None,
+        cram_md5: bool = False,
     ) -> None:
+        """``apop_timestamp``: a provider's APOP timestamp to greet with (APOP is then accepted and checked
+        by that provider); ``cram_md5``: offer AUTH CRAM-MD5 (the challenge comes from the provider)."""
         self.max_bad_commands = max_bad_commands
         self.mechanisms = ("PLAIN", *sasl.MECHANISMS) if bearer_auth else ("PLAIN",)  # bearer: sasl.BearerToken
+        self.challenge_mechanisms = ("CRAM-MD5",) if cram_md5 else ()
+        self.apop_timestamp = apop_timestamp
         self._mechanism = "PLAIN"
         self._failure: bytes | None = None  # -ERR held back until the client answers an error challenge
         self.state = State.AUTHORIZATION
@@ -141,7 +149,7 @@ class Session:
     # -- input ----------------------------------------------------------------------------------
 
     def greeting(self) -> bytes:
-        return replies.ok(self._greeting)
+        return replies.ok(f"{self._greeting} {self.apop_timestamp}" if self.apop_timestamp else self._greeting)
 
     def receive_data(self, data: bytes) -> None:
         self._reader.receive_data(data)
@@ -152,7 +160,7 @@ class Session:
 
     def next_actions(self) -> list[Action] | None:
         """Handle the next complete line. ``None`` means: receive more data first."""
-        if self._pending not in (_Pending.NOTHING, _Pending.SASL):
+        if self._pending not in (_Pending.NOTHING, _Pending.SASL):  # (CHALLENGE too is the driver's turn)
             raise LocalProtocolError(f"waiting for the driver's answer ({self._pending.name})")
         if self.state in (State.UPDATE, State.CLOSED):
             return None
@@ -199,6 +207,17 @@ class Session:
             return [Send(replies.continuation(sasl.ERROR_CHALLENGE))]
         self.bad_commands += 1
         return self._maybe_close([Send(replies.err(text, code))])
+
+    def challenge_given(self, challenge: str) -> list[Action]:
+        """The provider's base64 challenge for the pending AUTH: relay it, wait for the client's answer."""
+        self._expect(_Pending.CHALLENGE)
+        self._pending = _Pending.SASL
+        return [Send(replies.continuation(challenge.encode("ascii")))]
+
+    def challenge_failed(self, text: str, code: str | None = "SYS/TEMP") -> list[Action]:
+        self._expect(_Pending.CHALLENGE)
+        self._mechanism = "PLAIN"
+        return self._bad(replies.err(text, code))
 
     def tls_started(self) -> list[Action]:
         self._expect(_Pending.TLS)
@@ -256,9 +275,12 @@ class Session:
     def capabilities(self) -> list[str]:
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if self.state is State.AUTHORIZATION:
+            # Challenge-response mechanisms send no password: offered with or without TLS.
+            mechanisms = (self.mechanisms if self._login_allowed() else ()) + self.challenge_mechanisms
             if self._login_allowed():
                 caps.append("USER")
-                caps.append("SASL " + " ".join(self.mechanisms))
+            if mechanisms:
+                caps.append("SASL " + " ".join(mechanisms))
             if self.stls_available and not self.tls_active:
                 caps.append("STLS")
         caps.append(f"IMPLEMENTATION {IMPLEMENTATION}")
@@ -289,12 +311,24 @@ class Session:
 
     def _cmd_apop(self, command: Command) -> list[Action]:
         self._user = None
-        return self._bad(replies.err("APOP is not supported, use USER/PASS or AUTH PLAIN", "AUTH"))
+        if self.apop_timestamp is None:
+            return self._bad(replies.err("APOP is not available here, use USER/PASS or AUTH PLAIN", "AUTH"))
+        user, digest = command.args
+        if not _DIGEST.fullmatch(digest):
+            return self._bad(replies.err("APOP digest must be 32 hex digits", "AUTH"))
+        # A digest, not a password: challenge-response needs no TLS (as at the provider).
+        return self._authenticate(user, digest.lower(), "APOP")
 
     def _cmd_auth(self, command: Command) -> list[Action]:
         if not command.args:
             mechanisms = list(self.mechanisms) if self._login_allowed() else []
-            return [Send(replies.multiline("SASL mechanisms follow", mechanisms))]
+            return [Send(replies.multiline("SASL mechanisms follow", mechanisms + list(self.challenge_mechanisms)))]
+        if command.args[0].upper() in self.challenge_mechanisms:
+            if len(command.args) == 2:
+                return self._bad(replies.err(f"{command.args[0].upper()} takes no initial response", "AUTH"))
+            self._mechanism, self._failure = command.args[0].upper(), None
+            self._pending = _Pending.CHALLENGE
+            return [Challenge(self._mechanism)]
         if command.args[0].upper() not in self.mechanisms:
             return self._bad(replies.err(f"unsupported authentication mechanism {command.args[0][:40]}"))
         self._mechanism, self._failure = command.args[0].upper(), None
@@ -312,30 +346,23 @@ class Session:
         data = data.strip(b" ")
         if data == b"*":
             return self._bad(replies.err("authentication cancelled", "AUTH"))
+        if self._mechanism == "CRAM-MD5":
+            try:
+                user = sasl.parse_cram_md5(data)
+            except sasl.SaslError as exc:
+                return self._bad(replies.err(str(exc), "AUTH"))
+            return self._authenticate(user, data.decode("ascii"), "CRAM-MD5")
         if self._mechanism != "PLAIN":
             try:
                 login = sasl.parse(self._mechanism, data)
             except sasl.SaslError as exc:
                 return self._bad(replies.err(f"{self._mechanism}: {exc}", "AUTH"))
             return self._authenticate(login.user, sasl.BearerToken(login.token), self._mechanism)
-        if data == b"=":
-            data = b""
         try:
-            decoded = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            return self._bad(replies.err("invalid base64 in AUTH PLAIN response", "AUTH"))
-        parts = decoded.split(b"\x00")
-        if len(parts) != 3:
-            return self._bad(replies.err("malformed AUTH PLAIN response", "AUTH"))
-        try:
-            authzid, authcid, password = (part.decode("utf-8") for part in parts)
-        except UnicodeDecodeError:
-            return self._bad(replies.err("AUTH PLAIN response is not valid UTF-8", "AUTH"))
-        if not authcid:
-            return self._bad(replies.err("empty user name", "AUTH"))
-        if authzid and authzid != authcid:
-            return self._bad(replies.err("authorization identity differs from authentication identity", "AUTH"))
-        return self._authenticate(authcid, password, "PLAIN")
+            user, password = sasl.parse_plain(data)
+        except sasl.SaslError as exc:
+            return self._bad(replies.err(str(exc), "AUTH"))
+        return self._authenticate(user, password, "PLAIN")
 
     def _authenticate(self, user: str, password: str, mechanism: str) -> list[Action]:
         self._mechanism = mechanism

@@ -9,13 +9,13 @@ import json
 import logging
 import secrets
 import time
-from typing import Sequence
 
 import trio
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import LoginError
 from pop3proxy.filtering.pipeline import Pipeline, build_pipeline
+from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.endpoint import (
     AUTH_TEXT,
     UpstreamAuthError,
@@ -30,11 +30,12 @@ from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.accounts import _Account, read_password_source
 from pop3proxy.proxy.cache_ids import migrate_cache_ids
 from pop3proxy.proxy.credentials import hash_password, kdf_limiter, verify_password
-from pop3proxy.proxy.local import StoreMaildrop
+from pop3proxy.proxy.early_logins import CHALLENGE_MECHANISMS, EarlyLogins
+from pop3proxy.proxy.maildrop import ProxyMaildrop
 from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavailable
 from pop3proxy.proxy.oauth.logins import OAuthLogins
 from pop3proxy.proxy.routing import Route, resolve
-from pop3proxy.proxy.sync import SyncResult, delete_upstream, recover, sync_mailbox
+from pop3proxy.proxy.sync import SyncResult, recover, sync_mailbox
 from pop3proxy.store import open_store
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.held import hold_callback
@@ -48,65 +49,7 @@ OFFLINE_HASH = "offline_hash"
 LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
 
 
-class ProxyMaildrop(StoreMaildrop):
-    def __init__(self, backend: "ProxyBackend", account: _Account, route: Route, password: str | None,
-                 mailbox: Mailbox, state: UserState, messages, banner: str) -> None:
-        super().__init__(mailbox, None, messages, banner)
-        self.backend = backend
-        self.account = account
-        self.route = route
-        self._password = password  # None offline; kept only for this session's mirror deletions
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"ProxyMaildrop({self.route.cache_id!r})"
-
-    @property
-    def upstream(self) -> str:
-        return self.route.endpoint.where
-
-    async def commit(self, deleted: Sequence[str]) -> None:
-        if not deleted:
-            return
-
-        def local() -> set[str]:
-            uids = set(self.state.uids_for_keys(deleted).values())
-            self.state.mark_deleted(deleted)
-            self.mailbox.delete(list(deleted))
-            return uids
-
-        uids = await trio.to_thread.run_sync(local)
-        no_credentials = self._password is None and self.route.cache_id not in self.backend.oauth
-        if self.backend.settings.upstream.delete != "mirror" or not uids or no_credentials:
-            return  # offline deletions reach the provider at the next online sync
-        try:
-            with trio.fail_after(self.backend.settings.upstream.timeout * 2):
-                secret = await self.backend.upstream_secret(self.route, self._password)
-                async with await connect(self.route.endpoint) as client:
-                    await client.login(self.route.remote_user, secret)
-                    count = await delete_upstream(client, self.state, uids)
-            log.info("deleted %d messages of %r upstream", count, self.route.cache_id)
-        except (UpstreamError, trio.TooSlowError, NeedsAuthorisation, TokenUnavailable) as exc:
-            log.warning("upstream deletion for %r postponed to the next sync: %s", self.route.cache_id, exc)
-
-    async def close(self) -> None:
-        self._password = None
-        # The session is over (QUIT answered): a login right after it must not be told IN-USE while
-        # these files are still being closed. The hold on the lock is given back below.
-        self.account.session_active = False
-        try:
-            await trio.to_thread.run_sync(self._close_files)
-        finally:
-            await self.account.release(session=False)
-
-    def _close_files(self) -> None:
-        try:
-            self.mailbox.close()
-        finally:
-            self.state.close()
-
-
-class ProxyBackend(OAuthLogins, Backend):
+class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
     accepts_bearer = True  # AUTH XOAUTH2 / OAUTHBEARER tokens are passed upstream
     def __init__(self, settings: Settings, pipeline: Pipeline | None = None) -> None:
         self.settings = settings
@@ -153,8 +96,11 @@ class ProxyBackend(OAuthLogins, Backend):
             return user.lower()
         return f"{route.endpoint.host.lower()}:{route.endpoint.port}/{route.remote_user.lower()}"
 
-    async def login(self, user: str, password: str, peer: str) -> Maildrop:
+    async def login(self, user: str, password: str, peer: str, *, mechanism: str = "USER",
+                    early: EarlyUpstream | None = None) -> Maildrop:
         route = resolve(user, self.settings)
+        if mechanism in CHALLENGE_MECHANISMS:
+            return await self._challenge_login(route, user, password, mechanism, early)
         if isinstance(password, BearerToken):
             return await self._bearer_login(route, password)
         if route.cache_id in self.oauth:
@@ -163,11 +109,18 @@ class ProxyBackend(OAuthLogins, Backend):
             return await self._cached_session(route, password, "")
         started = time.monotonic()
         try:
-            client = await connect(route.endpoint)
+            client, was_early = await self._connect_for_login(route, early, peer)
         except UpstreamUnavailable as exc:
             return await self._offline_login(route, password, exc)
         try:
-            await client.login(route.remote_user, password)
+            try:
+                await client.login(route.remote_user, password)
+            except UpstreamUnavailable:
+                if not was_early:
+                    raise
+                await client.aclose()  # the provider dropped the waiting connection: a new one
+                client, was_early = await self._connect_for_login(route, None, peer)
+                await client.login(route.remote_user, password)
         except UpstreamAuthError as exc:
             await client.aclose()
             if exc.code == "AUTH":

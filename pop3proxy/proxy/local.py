@@ -53,7 +53,10 @@ class LocalBackend(Backend):
         self.store_backend = backend
         read_users(users_file)  # a broken users file is a startup error, not a login error
 
-    async def login(self, user: str, password: str, peer: str) -> Maildrop:
+    async def login(self, user: str, password: str, peer: str, *, mechanism: str = "USER", early=None) -> Maildrop:
+        if mechanism in ("APOP", "CRAM-MD5"):  # never offered: there is no provider to check the digest
+            raise LoginError(f"{mechanism} is not available here", "AUTH")
+
         def check() -> bool:
             stored = read_users(self.users_file).get(user)
             # Spend the same time for unknown users, so timing does not reveal who exists.

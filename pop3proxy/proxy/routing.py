@@ -40,6 +40,12 @@ def _endpoint(settings: Settings, host: str, port: int | None, tls: str, ca_file
     )
 
 
+def default_endpoint(settings: Settings) -> Endpoint | None:
+    """The ``[upstream]`` provider, None in standalone mode."""
+    up = settings.upstream
+    return _endpoint(settings, up.host, up.effective_port(), up.tls) if up.host else None
+
+
 def allowed_endpoints(settings: Settings) -> list[Endpoint]:
     """Every provider the configuration names: the only hosts the proxy ever connects to."""
     up = settings.upstream
@@ -65,8 +71,8 @@ def cache_id(settings: Settings, endpoint: Endpoint, remote_user: str) -> str:
     the default provider) gets the same one. User names are case-folded unless
     ``upstream.case_sensitive_users`` says the providers tell ``Bob`` from ``bob``."""
     user = remote_user if settings.upstream.case_sensitive_users else remote_user.lower()
-    up = settings.upstream
-    if up.host and _same(endpoint, _endpoint(settings, up.host, up.effective_port(), up.tls)):
+    default = default_endpoint(settings)
+    if default is not None and _same(endpoint, default):
         return user
     domain = user.rpartition("@")[2] if "@" in user else None
     routes = {name.lower(): route for name, route in settings.routes.items()}

@@ -138,6 +138,7 @@ auth_mechanisms = {mechanisms}
 disable_plaintext_auth = no
 auth_verbose = yes
 auth_failure_delay = {auth_failure_delay}
+login_trusted_networks = {trusted_networks}
 
 first_valid_uid = {uid}
 first_valid_gid = {gid}
@@ -212,7 +213,10 @@ class Dovecot:
         pool_size: int = 40,
         stop_timeout: float = 2.0,
         oauth2: dict[str, str] | None = None,
+        trusted_networks: str = "",
     ) -> None:
+        # `trusted_networks` (Dovecot's login_trusted_networks): clients there may send XCLIENT.
+        self.trusted_networks = trusted_networks
         # With `oauth2` (settings of Dovecot's oauth2 passdb, e.g. introspection_url), logins are
         # OAuth2-only: SASL XOAUTH2 and OAUTHBEARER checked by the authorization server.
         self.oauth2 = oauth2
@@ -313,7 +317,7 @@ class Dovecot:
     def _write_config(self) -> None:
         assert self.root is not None and self._mail_user is not None
         if self.oauth2 is None:
-            mechanisms = "plain login"
+            mechanisms = "plain login apop cram-md5"  # APOP and CRAM-MD5: passwords are stored in clear
             passdb = _PASSWD_PASSDB.format(root=self.root)
         else:
             mechanisms = "xoauth2 oauthbearer"
@@ -323,6 +327,7 @@ class Dovecot:
             passdb = _OAUTH2_PASSDB.format(conf=conf)
         text = _CONFIG.format(
             mechanisms=mechanisms,
+            trusted_networks=self.trusted_networks,
             passdb=passdb,
             root=self.root,
             instance=self.root.name,

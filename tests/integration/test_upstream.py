@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import time
 import traceback
 
 import pytest
 import trio
-from helpers.dovecot import Dovecot, DovecotError, free_port
+from helpers.dovecot import free_port
 from helpers.faulty_upstream import GREETING, faulty_server
 
 from pop3proxy.config import UpstreamSettings
@@ -230,13 +229,13 @@ async def test_wrong_password_is_an_auth_error(dovecot, method):
     assert_secret_hidden(caught.value, wrong)
 
 
-@real
-async def test_apop_without_a_greeting_timestamp_is_not_tried(dovecot):
-    # The shared Dovecot does not enable APOP, so its greeting has no timestamp.
-    async with await connect(at_dovecot(dovecot, "none", auth=("apop",))) as client:
-        assert client.apop_timestamp is None
-        with pytest.raises(UpstreamAuthError) as caught:
-            await client.login(dovecot.user, dovecot.password)
+async def test_apop_without_a_greeting_timestamp_is_not_tried():
+    # A server whose greeting has no timestamp (the scripted server: Dovecot here offers APOP).
+    async with faulty_server(messages={"u1": b"Subject: x\r\n\r\nhi\r\n"}) as server:
+        async with await connect(at_fake(server, timeout=5, auth=("apop",))) as client:
+            assert client.apop_timestamp is None
+            with pytest.raises(UpstreamAuthError) as caught:
+                await client.login("alice", "secret")
     assert caught.value.code == "SYS/PERM"
     assert "none of the login methods" in str(caught.value)
 
@@ -289,43 +288,21 @@ async def test_unknown_host():
         await connect(Endpoint("no-such-host.invalid", 110, "none", timeout=5))
 
 
-# --- Dovecot with APOP ---------------------------------------------------------------
-
-
-class ApopDovecot(Dovecot):
-    """The test Dovecot with the APOP mechanism on: its greeting then carries a timestamp."""
-
-    def _write_config(self) -> None:
-        super()._write_config()
-        conf = self.root / "dovecot.conf"
-        text = conf.read_text()
-        conf.write_text(re.sub(r"(?m)^auth_mechanisms = (?!.*apop).*$", r"\g<0> apop", text))
-
-
-@pytest.fixture(scope="module")
-def apop_dovecot():
-    server = ApopDovecot(pool_size=4)
-    try:
-        server.start()
-    except DovecotError as exc:
-        server.stop()
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
+# --- APOP (the test Dovecot offers it) -----------------------------------------------
 
 
 @real
-async def test_apop_login_at_dovecot(apop_dovecot):
-    user, password = apop_dovecot.take_user()
+async def test_apop_login_at_dovecot(dovecot):
+    user, password = dovecot.user, dovecot.password
     data = message("apop", "hi")
-    apop_dovecot.deliver(user, data)
-    async with await connect(at_dovecot(apop_dovecot, "none", auth=("apop",))) as client:
+    dovecot.deliver(user, data)
+    async with await connect(at_dovecot(dovecot, "none", auth=("apop",))) as client:
         assert client.apop_timestamp is not None
         assert await client.login(user, password) == "apop"
         assert await client.retr_bytes(1) == data
         await client.quit()
 
-    async with await connect(at_dovecot(apop_dovecot, "none", auth=("apop",))) as client:
+    async with await connect(at_dovecot(dovecot, "none", auth=("apop",))) as client:
         with pytest.raises(UpstreamAuthError) as caught:
             await client.login(user, password + "x")
     assert caught.value.code == "AUTH"
