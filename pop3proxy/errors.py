@@ -19,10 +19,13 @@ class ListenError(StartupError):
 class LoginError(Exception):
     """A login that did not succeed; ``code`` is the RFC 3206 response code for the client."""
 
-    def __init__(self, text: str, code: str | None = "AUTH", *, guess: bool = False) -> None:
+    def __init__(self, text: str, code: str | None = "AUTH", *, guess: bool = False, verified: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.code = code
+        # The password was right and the login fails for another reason (an OAuth2 account that needs
+        # authorisation again): not a failed guess, whatever the code says.
+        self.verified = verified
         # A password was tried even though the answer is not [AUTH] (the provider took it and did not
         # answer in time): the throttle counts it like a refused one.
         self.guess = guess

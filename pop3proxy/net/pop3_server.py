@@ -262,7 +262,7 @@ class _Connection:
                 log.info("login failed for %r from %s: %s", action.user, address, exc.text,
                          extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
                 metrics.login("failed")
-                if exc.code == "AUTH" or exc.guess:
+                if (exc.code == "AUTH" or exc.guess) and not exc.verified:
                     await trio.sleep(throttle.failed(address, account))
                 return self.session.login_failed(exc.text, exc.code)
         throttle.succeeded(address, account)

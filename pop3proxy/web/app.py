@@ -143,9 +143,9 @@ def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secur
                 maildrop = await backend.login(user, password, address)
             except LoginError as exc:
                 log.info("console sign-in failed for %r from %s: %s", user, address, exc.text)
-                if exc.code == "AUTH" or exc.guess:
+                if (exc.code == "AUTH" or exc.guess) and not exc.verified:
                     await trio.sleep(throttle.failed(address, account))
-                if exc.code == "AUTH":
+                if exc.code == "AUTH" and not exc.verified:
                     return await login_page(request, "invalid user name or password", 401)
                 return await login_page(request, f"cannot sign in now: {exc.text}", 503)
         await maildrop.close()  # the console reads the store itself; the mailbox lock is given back

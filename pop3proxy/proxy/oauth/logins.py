@@ -54,7 +54,7 @@ class OAuthLogins:
                 log.warning("OAuth2 account %r needs authorisation: run `pop3proxy oauth login %s`",
                             route.cache_id, route.cache_id)
                 raise LoginError("the account needs authorisation at the mail provider again; ask the "
-                                 "administrator to run `pop3proxy oauth login`", "AUTH") from None
+                                 "administrator to run `pop3proxy oauth login`", "AUTH", verified=True) from None
             except TokenUnavailable as exc:
                 return await self._offline_oauth(route, exc)
             started = time.monotonic()
