@@ -205,6 +205,9 @@ class SyncSettings(_Section):
     login_budget: float = Field(20.0, gt=0, description="Seconds a login may spend fetching new mail before answering.")
     interval: float = Field(300.0, gt=0, description="Background prefetch period for accounts with a password source.")
     deadline: float = Field(600.0, gt=0, description="Seconds a whole sync pass may take before it is stopped (a trickling provider).")
+    auth_cache_ttl: float = Field(
+        0.0, ge=0, description="Seconds a password the provider accepted is trusted for a login served at once "
+        "from the cache (the provider is asked in the background); 0: off.")
     max_filtered_size: int = Field(
         32 * 1024 * 1024, ge=1024,
         description="Largest message held in memory and passed through the filters; a larger one is streamed "

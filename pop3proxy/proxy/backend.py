@@ -62,6 +62,7 @@ class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
         self._memo_key = secrets.token_bytes(32)
         self._memo: dict[tuple[str, str], bytes] = {}
         self._prefetched: dict[str, float] = {}  # cache id -> when its last complete prefetch ended
+        self._auth_cache: dict[str, tuple[bytes, float]] = {}  # cache id -> (keyed password digest, when)
         self.passwords: dict[str, str] = {}
         # Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console.
         self.syncing: dict[str, tuple[int, int]] = {}
@@ -107,6 +108,11 @@ class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
             return await self._oauth_login(route, password)
         if self._fresh_prefetch(route, password):
             return await self._cached_session(route, password, "")
+        if self._auth_cached(route, password):
+            maildrop = await self._cached_session(route, password, "")
+            assert self._nursery is not None, "ProxyBackend.attach() was not called"
+            self._nursery.start_soon(self._check_in_background, route, password)
+            return maildrop
         started = time.monotonic()
         try:
             client, was_early = await self._connect_for_login(route, early, peer)
@@ -138,6 +144,8 @@ class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
             await client.aclose()
             raise
         metrics.upstream_latency(time.monotonic() - started)
+        if self.settings.sync.auth_cache_ttl > 0:
+            self._auth_cache[route.cache_id] = (self._keyed(password), time.monotonic())
         return await self._online_session(route, client, password)
 
     async def _open_local(self, route: Route, account: _Account) -> tuple[Mailbox, UserState]:
@@ -304,7 +312,7 @@ class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
         whether the stored hash already matches.
         """
         stored = state.get_meta(OFFLINE_HASH)
-        memo = hmac.new(self._memo_key, password.encode("utf-8"), "sha256").digest()
+        memo = self._keyed(password)
         if stored is not None and hmac.compare_digest(self._memo.get((cache_id, stored), b""), memo):
             return
         if stored is None or not verify_password(password, stored):
@@ -388,6 +396,44 @@ class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
         messages = await self._snapshot(mailbox, state)
         banner = f"{len(messages)} messages" + (f" {note}" if note else "")
         return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
+
+    def _keyed(self, password: str) -> bytes:
+        return hmac.new(self._memo_key, password.encode("utf-8"), "sha256").digest()
+
+    def _auth_cached(self, route: Route, password: str) -> bool:
+        """``sync.auth_cache_ttl``: this password was accepted by the provider for this account within
+        the TTL (a keyed digest in memory only, never the password)."""
+        entry = self._auth_cache.get(route.cache_id)
+        if entry is None or isinstance(password, BearerToken):
+            return False
+        if time.monotonic() - entry[1] > self.settings.sync.auth_cache_ttl:
+            del self._auth_cache[route.cache_id]
+            return False
+        return hmac.compare_digest(entry[0], self._keyed(password))
+
+    async def _check_in_background(self, route: Route, password: str) -> None:
+        """After a login served from the auth cache: log in at the provider (a refusal drops the entry)
+        and fetch new mail, which shows at the next login."""
+        account = self._account(route.cache_id)
+        try:
+            client = await connect(route.endpoint)
+        except UpstreamError as exc:
+            log.info("background check of %r: provider unreachable: %s", route.cache_id, exc)
+            return
+        try:
+            await client.login(route.remote_user, password)
+        except UpstreamError as exc:
+            await client.aclose()
+            if isinstance(exc, UpstreamAuthError) and exc.code == "AUTH":
+                self._auth_cache.pop(route.cache_id, None)
+                log.warning("the provider no longer accepts the cached password of %r: auth cache entry "
+                            "dropped (the login it served stays)", route.cache_id)
+            return
+        if account.sync_lock.locked():
+            await client.aclose()
+            return
+        await account.acquire(session=False)
+        await self._background_sync(route, account, client, password, trio.Event(), {})
 
     def _fresh_prefetch(self, route: Route, password: str) -> bool:
         """True when a login may be served from the cache without asking the provider: the account has

@@ -1,0 +1,68 @@
+"""sync.auth_cache_ttl: a password the provider accepted lately is served from the cache at once."""
+
+from __future__ import annotations
+
+import poplib
+
+import pytest
+from helpers.common import HOST, wait_for
+from helpers.proxy import cached, retr_all, sample
+
+from pop3proxy.config import Settings
+from pop3proxy.proxy import backend as backend_module
+from pop3proxy.proxy.backend import ProxyBackend
+from pop3proxy.proxy.routing import resolve
+
+pytestmark = pytest.mark.dovecot
+
+
+def test_a_login_within_the_ttl_is_served_at_once_and_checked_behind(proxy, dovecot):
+    dovecot.deliver(dovecot.user, sample(1))
+    proxy.start(sync={"auth_cache_ttl": 300})
+    client = proxy.client(dovecot.user, dovecot.password)  # asks the provider: the entry is made
+    assert client.stat()[0] == 1
+    client.quit()
+    dovecot.deliver(dovecot.user, sample(2))
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == [sample(1)]  # served from the cache, before any provider answer
+    client.quit()
+    wait_for(lambda: len(cached(proxy, dovecot.user)) == 2, timeout=10)  # fetched in the background
+    client = proxy.client(dovecot.user, dovecot.password)
+    assert retr_all(client) == [sample(1), sample(2)]
+    client.quit()
+    # A wrong password never uses the entry.
+    wrong = poplib.POP3(HOST, proxy.process.port, timeout=10)
+    wrong.user(dovecot.user)
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        wrong.pass_(dovecot.password + "x")
+    wrong.quit()
+
+
+def test_a_password_changed_at_the_provider_works_until_the_check_drops_it(proxy, dovecot):
+    proxy.start(sync={"auth_cache_ttl": 300}, throttle={"max_failures": 100})
+    proxy.client(dovecot.user, dovecot.password).quit()
+    dovecot.add_user(dovecot.user, dovecot.password + "-new")  # changed upstream
+    old = proxy.client(dovecot.user, dovecot.password)  # the documented trade-off: still served once
+    old.quit()
+    wait_for(lambda: "no longer accepts the cached password" in proxy.output(), timeout=10)
+    client = poplib.POP3(HOST, proxy.process.port, timeout=10)
+    client.user(dovecot.user)
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        client.pass_(dovecot.password)
+    client.quit()
+    proxy.client(dovecot.user, dovecot.password + "-new").quit()
+
+
+def test_an_entry_is_used_up_to_the_ttl_and_not_after(tmp_path, monkeypatch):
+    settings = Settings.model_validate({"upstream": {"host": "pop.example.com"}, "cache": {"root": str(tmp_path)},
+                                        "sync": {"auth_cache_ttl": 60}})
+    backend = ProxyBackend(settings)
+    route = resolve("alice", settings)
+    now = [1000.0]
+    monkeypatch.setattr(backend_module.time, "monotonic", lambda: now[0])
+    backend._auth_cache[route.cache_id] = (backend._keyed("pw"), 1000.0)
+    assert not backend._auth_cached(route, "other")
+    now[0] = 1060.0  # exactly the TTL
+    assert backend._auth_cached(route, "pw")
+    now[0] = 1060.001
+    assert not backend._auth_cached(route, "pw") and route.cache_id not in backend._auth_cache
