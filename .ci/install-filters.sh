@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the content scanners the filter tests talk to (tests/daemons.py), from Debian packages:
-# SpamAssassin's spamd, rspamd and ClamAV's clamd.
+# Install the content scanners the filter tests talk to (tests/helpers/daemons.py), from Debian
+# packages: SpamAssassin's spamd, rspamd and ClamAV's clamd, and redis, where rspamd's Bayes
+# classifier keeps its statistics (the only backend rspamd 3.4 has for them).
 #
 # Idempotent; needs root. The packages' own services are kept from starting (a policy-rc.d that
 # refuses service starts is in place during the install) and are stopped and disabled afterwards:
@@ -11,8 +12,8 @@
 
 install_filters() (
     set -euo pipefail
-    local packages=(spamassassin spamd spamc rspamd clamav clamav-daemon)
-    local services=(spamd spamassassin rspamd clamav-daemon clamav-freshclam clamav-clamonacc)
+    local packages=(spamassassin spamd spamc rspamd clamav clamav-daemon redis-server)
+    local services=(spamd spamassassin rspamd clamav-daemon clamav-freshclam clamav-clamonacc redis-server)
     # Units that start daemons or fetch rules and signatures over the network (sa-update, freshclam).
     local units=(clamav-daemon.socket spamassassin-maintenance.timer clamav-freshclam-once.timer
                  clamav-freshclam-once.service)
@@ -80,6 +81,7 @@ install_filters() (
     echo "install-filters: $(spamd --version | head -n 1)"
     echo "install-filters: $(rspamd --version | head -n 1)"
     echo "install-filters: $(clamd --version)"
+    echo "install-filters: $(redis-server --version)"
 )
 
 install_filters "$@"

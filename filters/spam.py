@@ -28,29 +28,47 @@ marker at the start of the Subject of spam, changing only those bytes.
 A daemon that cannot be reached, does not answer within ``io_timeout`` (per connect, read or write;
 the table's ``timeout`` still bounds the whole call), or answers nonsense raises an exception: the
 pipeline's ``on_error`` decides (deliver with a warning header, or hold).
+
+Training (`SpamFilter.learn`, the web console's "This is spam" / "This is not spam") teaches whichever
+backend checks the mail: the built-in classifier's store; spamd's own Bayes through TELL (spamd must
+run with ``--allow-tell``); rspamd's Bayes through its controller (``controller``, with
+``controller_password`` or ``controller_password_file``). `SpamFilter.trained` gives the (spam, ham)
+counts: the built-in store's, rspamd's own (its controller's ``/stat``), and for spamd, which does not
+tell, the messages pop3proxy taught it, counted in ``taught_counts``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pop3proxy.filtering import FilterContext, FilterOutcome, add_header, header_end
 from pop3proxy.filters._bayes import Bayes, default_database, has_gtube, train_command
 from pop3proxy.filters._net import parse_address
-from pop3proxy.filters._rspamd import RspamdClient
-from pop3proxy.filters._spamd import SpamdClient
+from pop3proxy.filters._rspamd import RspamdClient, RspamdController, RspamdError
+from pop3proxy.filters._spamd import SpamdClient, SpamdError
+from pop3proxy.store.fsutil import replace_file
 
 log = logging.getLogger("pop3proxy.filters.spam")
 
 MAX_STARS = 50
 DEFAULT_ADDRESSES = {"spamd": "127.0.0.1:783", "rspamd": "http://127.0.0.1:11333"}
+DEFAULT_CONTROLLER = "127.0.0.1:11334"
+LABELS = ("spam", "ham")
+_TAUGHT_LOCK = threading.Lock()  # one read-count-replace of the spamd counts at a time
+
+
+class LearnError(ValueError):
+    """Training failed: the daemon refused (spamd without --allow-tell, a wrong controller password),
+    could not be reached, or its counts could not be read. The text says which, without secrets."""
 
 
 @dataclass
@@ -158,6 +176,20 @@ class SpamFilter:
         min_trained: int = Field(
             10, ge=1, description="builtin: spam and ham messages each that the store needs before it is used."
         )
+        controller: str = Field(
+            "", description='rspamd: its controller, which learns and counts: "host:port", "http://host:port" '
+            f'or a unix socket path (default "{DEFAULT_CONTROLLER}").'
+        )
+        controller_password: SecretStr = Field(
+            SecretStr(""), description="rspamd: the controller's password (its enable_password if it has one)."
+        )
+        controller_password_file: str = Field(
+            "", description="rspamd: a file holding the controller's password (mode 0600)."
+        )
+        taught_counts: str = Field(
+            "", description="spamd: where pop3proxy counts the messages it taught spamd "
+            "(default $XDG_DATA_HOME/pop3proxy/spamd-taught.json)."
+        )
 
         @field_validator("subject_prefix")
         @classmethod
@@ -176,6 +208,17 @@ class SpamFilter:
                 parse_address(self.address)
             if self.backend == "rspamd" and self.address:
                 RspamdClient(self.address)
+            rspamd_only = [k for k in ("controller", "controller_password_file") if getattr(self, k)]
+            if self.controller_password.get_secret_value():
+                rspamd_only.append("controller_password")
+            if self.backend != "rspamd" and rspamd_only:
+                raise ValueError(f"{', '.join(rspamd_only)}: for the rspamd backend")
+            if self.controller_password.get_secret_value() and self.controller_password_file:
+                raise ValueError("give controller_password or controller_password_file, not both")
+            if self.controller:
+                RspamdController(self.controller)
+            if self.backend != "spamd" and self.taught_counts:
+                raise ValueError("taught_counts is for the spamd backend")
             return self
 
     def __init__(self, config: "SpamFilter.Config | None" = None) -> None:
@@ -183,6 +226,22 @@ class SpamFilter:
         address = config.address or DEFAULT_ADDRESSES.get(config.backend, "")
         self.spamd = SpamdClient(address, config.io_timeout) if config.backend == "spamd" else None
         self.rspamd = RspamdClient(address, config.io_timeout) if config.backend == "rspamd" else None
+        self.controller: RspamdController | None = None
+        if config.backend == "rspamd":
+            password = config.controller_password.get_secret_value()
+            if config.controller_password_file:
+                path = Path(os.path.expanduser(config.controller_password_file))
+                try:
+                    password = read_secret(path)
+                except ValueError as exc:
+                    raise ValueError(f"controller_password_file: {exc}") from None
+            self.controller = RspamdController(config.controller or DEFAULT_CONTROLLER, password, config.io_timeout)
+        self.taught_counts: Path | None = None
+        if config.backend == "spamd":
+            taught = config.taught_counts
+            self.taught_counts = (
+                Path(os.path.expanduser(taught)) if taught else default_database().with_name("spamd-taught.json")
+            )
         self.bayes: Bayes | None = None
         if config.backend == "builtin":
             path = Path(os.path.expanduser(config.database)) if config.database else default_database()
@@ -190,15 +249,67 @@ class SpamFilter:
             if not path.exists():
                 log.warning("spam: %s does not exist: only GTUBE is detected until pop3proxy train fills it", path)
 
-    def learn(self, message: bytes, label: Literal["spam", "ham"]) -> None:
-        """Teach the built-in classifier one message (the web console's "spam" / "not spam" buttons)."""
-        if self.bayes is None:
-            raise ValueError(f"the {self.config.backend} backend is trained with its own tools, not here")
-        self.bayes.train_messages(**{label: [message]})
+    def learn(self, message: bytes, label: Literal["spam", "ham"], user: str = "") -> bool:
+        """Teach the backend one message as spam or ham (the web console's "spam" / "not spam" buttons).
 
-    def trained(self) -> tuple[int, int] | None:
-        """(spam, ham) messages the built-in classifier has learnt; None for the spamd/rspamd backends."""
-        return self.bayes.counts() if self.bayes is not None else None
+        True when it learnt the message now, False when it already knew it in that class. ``user``:
+        the mailbox owner, told to spamd and rspamd as with checks. Raises `LearnError` (a
+        ValueError) when the backend refuses or cannot be reached.
+        """
+        if label not in LABELS:
+            raise ValueError(f"label must be spam or ham, not {label!r}")
+        try:
+            if self.spamd is not None:
+                learnt = self.spamd.tell(message, label, user)
+                if learnt:
+                    self._count_taught(label)
+                return learnt
+            if self.controller is not None:
+                return self.controller.learn(message, label, user)
+        except (SpamdError, RspamdError) as exc:
+            raise LearnError(str(exc)) from None
+        assert self.bayes is not None
+        return self.bayes.train_messages(**{label: [message]}).known[label] == 0
+
+    def trained(self) -> tuple[int, int]:
+        """(spam, ham) messages learnt: the built-in store's counts; rspamd's own, as its controller last
+        counted them (it refreshes them from redis every 30 to 60 s); for spamd, the messages pop3proxy
+        taught it (spamd does not say). Raises `LearnError` when they cannot be read."""
+        if self.controller is not None:
+            try:
+                return self.controller.stat()
+            except RspamdError as exc:
+                raise LearnError(str(exc)) from None
+        if self.taught_counts is not None:
+            return self._read_taught()
+        assert self.bayes is not None
+        return self.bayes.counts()
+
+    def _read_taught(self) -> tuple[int, int]:
+        assert self.taught_counts is not None
+        try:
+            doc = json.loads(self.taught_counts.read_bytes())
+        except FileNotFoundError:
+            return 0, 0
+        except (OSError, ValueError) as exc:
+            raise LearnError(f"cannot read the counts in {self.taught_counts}: {exc}") from None
+        counts = [doc.get(label) if isinstance(doc, dict) else None for label in LABELS]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+            raise LearnError(f"{self.taught_counts} does not hold spam and ham counts")
+        return counts[0], counts[1]
+
+    def _count_taught(self, label: str) -> None:
+        """One more message taught to spamd; a count that cannot be kept is logged, not fatal (spamd
+        did learn)."""
+        assert self.taught_counts is not None
+        with _TAUGHT_LOCK:
+            try:
+                spam, ham = self._read_taught()
+                counts = {"spam": spam + (label == "spam"), "ham": ham + (label == "ham")}
+                self.taught_counts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                replace_file(self.taught_counts, json.dumps(counts).encode() + b"\n")
+            except (LearnError, OSError) as exc:
+                log.warning("spam: spamd learnt a message as %s, but the count is not kept: %s", label, exc)
 
     def threshold(self, user: str) -> float:
         return self.config.per_user.get(user, self.config.required_score)
@@ -243,6 +354,19 @@ class SpamFilter:
             verdict += f", {report.note}"
         action = "quarantine" if spam and self.config.action == "quarantine" else "deliver"
         return FilterOutcome(tagged, verdict=verdict, action=action)
+
+
+def read_secret(path: Path) -> str:
+    """A password kept in a file that only its owner may read (first line, without the line end)."""
+    try:
+        if path.stat().st_mode & 0o077:
+            raise ValueError(f"{path} is readable by others; chmod 600 it")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if not lines or not lines[0]:
+        raise ValueError(f"{path} is empty")
+    return lines[0]
 
 
 _BAYES_BUCKETS = [

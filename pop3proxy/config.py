@@ -30,7 +30,9 @@ from pydantic_settings import (
 from pop3proxy.errors import ConfigError
 
 SECRET_KEYS = frozenset({"password", "secret", "token"})
-_NOT_SECRET = frozenset({"password_file", "password_env", "client_secret_file", "token_url"})
+_NOT_SECRET = frozenset(
+    {"password_file", "password_env", "client_secret_file", "token_url", "controller_password_file"}
+)
 
 
 class _Section(BaseModel):

@@ -247,13 +247,15 @@ def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secur
         if raw is None:
             raise Forbidden("no such message")
         try:
-            await run(data.train, settings, raw, label)
+            learnt = await run(data.train, settings, raw, label, account)
         except (ValueError, OSError) as exc:
+            log.warning("console: training a message of %r as %s failed: %s", account, label, exc)
             return page(request, session, "error.html", 409, message=f"cannot train: {exc}")
         counts = await run(data.trained, settings)
         log.info("console: %r trained a message of %r as %s", session.user, account, label)
+        what = "spam" if label == "spam" else "not spam"
         return page(request, session, "done.html", trained=counts,
-                    message=f"learnt as {'spam' if label == 'spam' else 'not spam'}")
+                    message=f"learnt as {what}" if learnt else f"already learnt as {what}")
 
     async def config(request: Request, session: Session, fields) -> Response:
         if not session.admin:

@@ -208,17 +208,28 @@ def spam_filter(settings: Settings):
     return None
 
 
-def train(settings: Settings, message: bytes, label: str) -> None:
+def train(settings: Settings, message: bytes, label: str, account: str = "") -> bool:
+    """Teach the spam filter's backend the message; False when it already knew it so. A backend that
+    refuses or cannot be reached raises ValueError with its reason."""
     found = spam_filter(settings)
     if found is None:
         raise ValueError("no spam filter is configured")
-    found.learn(message, label)
+    return found.learn(message, label, account)
 
 
-def trained(settings: Settings) -> dict[str, int] | None:
+def trained(settings: Settings) -> dict[str, Any] | None:
+    """What the spam filter's backend has learnt: ``spam``, ``ham`` and ``backend`` (builtin, spamd:
+    the messages taught through pop3proxy, rspamd: its own counts), or ``error`` when they cannot be
+    read; None without a spam filter."""
     found = spam_filter(settings)
-    counts = found.trained() if found is not None else None
-    return None if counts is None else {"spam": counts[0], "ham": counts[1]}
+    if found is None:
+        return None
+    backend = getattr(getattr(found, "config", None), "backend", "builtin")
+    try:
+        spam, ham = found.trained()
+    except ValueError as exc:
+        return {"backend": backend, "error": str(exc)}
+    return {"backend": backend, "spam": spam, "ham": ham}
 
 
 def config_view(settings: Settings) -> dict[str, Any]:

@@ -9,13 +9,19 @@ elsewhere disabled, clamd with a one-signature database (EICAR) written by the f
 
 Fixtures (session scope, one daemon per test session):
 
-* ``spamd`` -> `Spamd`: ``.address`` ("127.0.0.1:PORT"), ``.socket_path``, ``.log_text()``.
-* ``rspamd`` -> `Rspamd`: ``.url`` ("http://127.0.0.1:PORT"), ``.socket_path``, ``.log_text()``.
+* ``spamd`` -> `Spamd`: ``.address`` ("127.0.0.1:PORT"), ``.socket_path``, ``.log_text()``;
+  it accepts TELL (``--allow-tell``) and learns into a private Bayes database, ``.bayes_path``.
+* ``spamd_without_tell`` -> `Spamd` started without ``--allow-tell``.
+* ``rspamd`` -> `Rspamd`: ``.url`` ("http://127.0.0.1:PORT"), ``.socket_path``, ``.log_text()``;
+  its Bayes classifier keeps its statistics in a private redis (`helpers.redis_server`) started and
+  stopped with it; its controller listens on ``.controller`` ("127.0.0.1:PORT") with the password
+  ``.controller_password``.
 * ``clamd`` -> `Clamd`: ``.address``, ``.socket_path``, ``.signature`` (the name clamd reports
   for EICAR), ``.stream_max_length``, ``.log_text()``.
 
 A missing daemon fails the test, naming the Debian package (installed by ``.ci/install-filters.sh``).
-As root the daemons drop privileges to the users their Debian packages create.
+As root the daemons drop privileges to the users their Debian packages create (redis, which only
+ever holds test statistics in memory, runs as the test's user).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -208,9 +215,11 @@ def _exchange(address: tuple[str, int] | str, request: bytes, timeout: float = 2
 # -- spamd --------------------------------------------------------------------------------------
 
 SPAMD_LOCAL_CF = """\
-# Test configuration: no learning, nothing kept between messages.
-use_bayes 0
+# Test configuration: Bayes learns only what it is told (TELL), into the daemon's own directory; too
+# few messages are ever taught for it to score (bayes_min_spam_num, 200 by default).
+use_bayes 1
 bayes_auto_learn 0
+bayes_path {bayes_path}
 ifplugin Mail::SpamAssassin::Plugin::AWL
 use_auto_whitelist 0
 endif
@@ -218,23 +227,34 @@ endif
 
 
 class Spamd(Daemon):
-    """spamd with SpamAssassin's shipped rules, local tests only (-L), no per-user files (-x)."""
+    """spamd with SpamAssassin's shipped rules, local tests only (-L), no per-user files (-x);
+    ``allow_tell``: it learns messages it is told about (TELL, ``--allow-tell``)."""
 
     name = "spamd"
     rules = "/usr/share/spamassassin"
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, allow_tell: bool = True) -> None:
         super().__init__()
         self.binary = binary
+        self.allow_tell = allow_tell
         self.user = _system_user("debian-spamd")
 
+    @property
+    def site(self) -> Path:
+        return self.root / "site"
+
+    @property
+    def bayes_path(self) -> str:
+        """SpamAssassin's ``bayes_path``: a prefix, the database files are ``bayes_toks`` etc."""
+        return str(self.root / "bayes" / "bayes")
+
     def prepare(self) -> None:
-        site = self.root / "site"
-        site.mkdir(exist_ok=True)
+        self.site.mkdir(exist_ok=True)
+        (self.root / "bayes").mkdir(exist_ok=True)
         for pre in glob.glob("/etc/spamassassin/*.pre"):
-            shutil.copy(pre, site)
-        (site / "local.cf").write_text(SPAMD_LOCAL_CF)
-        self.give_to(self.user, self.root)
+            shutil.copy(pre, self.site)
+        (self.site / "local.cf").write_text(SPAMD_LOCAL_CF.format(bayes_path=self.bayes_path))
+        self.give_to(self.user, self.root, self.root / "bayes")
 
     def command(self) -> list[str]:
         cmd = [
@@ -243,6 +263,8 @@ class Spamd(Daemon):
             "-A", HOST, f"--pidfile={self.root / 'spamd.pid'}", f"--syslog={self.root / 'spamd.log'}",
             "--max-children=2", "--min-children=1", "--min-spare=1", "--max-spare=1",
         ]
+        if self.allow_tell:
+            cmd.append("--allow-tell")
         if self.user is not None:
             cmd += ["-u", self.user.pw_name]
         return cmd
@@ -279,6 +301,20 @@ worker "normal" {{
     .include "$CONFDIR/worker-normal.inc"
     count = 1;
 }}
+# The controller (learning, /stat) with a password and no trusted addresses: loopback must sign in too.
+worker "controller" {{
+    bind_socket = "{host}:{controller_port}";
+    count = 1;
+    password = "{password}";
+}}
+"""
+# Bayes statistics in the private redis; nothing else is given a redis server. Learning is only on
+# request (no autolearn); rspamd's default min_learns (200 of each class) keeps the few messages the
+# tests teach from changing any score.
+RSPAMD_BAYES = """\
+backend = "redis";
+servers = "{redis}";
+autolearn = false;
 """
 # Modules that fetch maps over HTTP or look things up in DNS, or need redis: all off.
 RSPAMD_DISABLED = (
@@ -294,14 +330,21 @@ RSPAMD_TLDS = "com\norg\nnet\nexample\ntest\ninvalid\nde\nuk\nco.uk\ninfo\nio\nb
 class Rspamd(Daemon):
     name = "rspamd"
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, redis: str) -> None:
         super().__init__()
         self.binary = binary
+        self.redis = redis  # "host:port" of the redis holding the Bayes statistics
         self.user = _system_user("_rspamd")
+        self.controller_port = 0
+        self.controller_password = secrets.token_urlsafe(12)
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def controller(self) -> str:
+        return f"{HOST}:{self.controller_port}"
 
     def prepare(self) -> None:
         local = self.root / "local"
@@ -312,9 +355,12 @@ class Rspamd(Daemon):
         for module in RSPAMD_DISABLED:
             (override / f"{module}.conf").write_text("enabled = false;\n")
         (self.root / "tld.dat").write_text(RSPAMD_TLDS)
+        (local / "local.d" / "classifier-bayes.conf").write_text(RSPAMD_BAYES.format(redis=self.redis))
+        self.controller_port = free_port()
         (self.root / "rspamd.conf").write_text(
             RSPAMD_CONF.format(
-                root=self.root, host=HOST, port=self.port, socket=self.socket_path, dns_port=free_port()
+                root=self.root, host=HOST, port=self.port, socket=self.socket_path, dns_port=free_port(),
+                controller_port=self.controller_port, password=self.controller_password,
             )
         )
         self.give_to(self.user, self.root, self.root / "db", self.root / "run")
@@ -333,9 +379,10 @@ class Rspamd(Daemon):
         try:
             tcp = _exchange((HOST, self.port), b"GET /ping HTTP/1.0\r\n\r\n")
             unix = _exchange(self.socket_path, b"GET /ping HTTP/1.0\r\n\r\n")
+            controller = _exchange((HOST, self.controller_port), b"GET /ping HTTP/1.0\r\n\r\n")
         except OSError:
             return False
-        return b"pong" in tcp and b"pong" in unix
+        return b"pong" in tcp and b"pong" in unix and b"pong" in controller
 
 
 # -- clamd --------------------------------------------------------------------------------------
@@ -423,9 +470,24 @@ def spamd() -> Iterator[Spamd]:
 
 
 @pytest.fixture(scope="session")
+def spamd_without_tell() -> Iterator[Spamd]:
+    """A spamd started without --allow-tell: it checks mail but refuses to learn."""
+    binary = find_binary("spamd", "spamd")
+    yield from _serve(lambda: Spamd(binary, allow_tell=False))  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
 def rspamd() -> Iterator[Rspamd]:
+    from helpers.redis_server import Redis  # it builds on Daemon, defined here
+
     binary = find_binary("rspamd", "rspamd")
-    yield from _serve(lambda: Rspamd(binary))  # type: ignore[misc]
+    redis_binary = find_binary("redis-server", "redis-server")
+    redis_daemon = _serve(lambda: Redis(redis_binary))
+    redis = next(redis_daemon)
+    try:
+        yield from _serve(lambda: Rspamd(binary, redis.address))  # type: ignore[misc]
+    finally:
+        redis_daemon.close()  # stops redis (by its process group) after rspamd
 
 
 @pytest.fixture(scope="session")

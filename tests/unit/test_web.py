@@ -172,7 +172,7 @@ def test_release_and_train_with_the_token(console):
         token = csrf_of(c.get("/").text)
         reply = c.post(f"/train/alice/held/{keys['alice']}", data={"csrf": token, "label": "spam"})
         assert reply.status_code == 200 and "learnt 1 spam and 0 ham" in reply.text
-        assert c.get("/api/status").json()["trained"] == {"spam": 1, "ham": 0}
+        assert c.get("/api/status").json()["trained"] == {"backend": "builtin", "spam": 1, "ham": 0}
         reply = c.post(f"/held/alice/{keys['alice']}/release", data={"csrf": token})
         assert "released" in reply.text
     assert HeldStore(root, "alice").list() == []
@@ -227,7 +227,7 @@ def test_form_body_limit(console):
         assert reply.status_code == 200 and "learnt 0 spam and 1 ham" in reply.text
         reply = c.post(f"/train/alice/held/{keys['alice']}", content=at_limit + "x", headers=headers)
         assert reply.status_code == 413
-        assert c.get("/api/status").json()["trained"] == {"spam": 0, "ham": 1}
+        assert c.get("/api/status").json()["trained"] == {"backend": "builtin", "spam": 0, "ham": 1}
 
 
 def test_pages_forbid_scripts(console):
