@@ -104,6 +104,14 @@ const configuration = {
 
 const provider = new Provider(issuer, configuration);
 
+// Device flow clients poll every second here (RFC 8628's default, without an interval, is 5 s).
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.path === '/device/auth' && ctx.body && typeof ctx.body === 'object' && ctx.body.device_code) {
+    ctx.body.interval = 1;
+  }
+});
+
 // The automated end user: sign in and grant what was asked.
 provider.use(async (ctx, next) => {
   const match = ctx.path.match(/^\/interaction\/([^/]+)$/);
