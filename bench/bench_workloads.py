@@ -247,6 +247,30 @@ def w3_login_latency(bench: Bench) -> None:
         _failure_notes(row, failures)
         bench.add(row)
         bench.say(f"  {row.workload}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.values.items() if v))
+    _w3_auth_cache(bench, name, password, samples.get("dovecot", []))
+
+
+def _w3_auth_cache(bench: Bench, name: str, password: str, direct: list[float]) -> None:
+    """The same logins through a pop3proxy with sync.auth_cache_ttl: served at once, checked behind."""
+    row = Row("w3.cached", "3. login latency with sync.auth_cache_ttl = 300, median", "ms", False)
+    cached = Pop3proxy(bench.tmp / "pop3proxy-authcache", upstream_port=bench.dovecot.port,
+                       extra={"sync": {"auth_cache_ttl": 300}})
+    values: list[float] = []
+    try:
+        cached.start()
+        bc.login_latency(cached.port, name, password)  # the first login asks the provider: the entry
+        for _ in range(max(10, bench.scale.logins)):
+            values.append(bc.login_latency(cached.port, name, password))
+    except (ServerUnavailable, bc.Pop3Error, OSError) as exc:
+        row.notes.append(f"not available: {type(exc).__name__}: {str(exc)[:160]}")
+    finally:
+        cached.stop()
+    row.values = {"dovecot": None if not direct else median(direct) * 1000,
+                  "pop3proxy": None if not values else median(values) * 1000}
+    row.runs = {"dovecot": len(direct), "pop3proxy": len(values)}
+    row.notes.append("the provider is asked in the background after each login (new mail shows at the next)")
+    bench.add(row)
+    bench.say(f"  {row.workload}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.values.items() if v))
 
 
 # --- 4: many concurrent sessions -----------------------------------------------------------------------

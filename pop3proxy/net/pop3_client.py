@@ -10,7 +10,7 @@ import hashlib
 import inspect
 import logging
 import operator
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar
 
 import trio
@@ -44,6 +44,8 @@ _T = TypeVar("_T")
 RECEIVE_SIZE = 256 * 1024  # octets asked for per read
 SINK_CHUNK = 64 * 1024  # message data is handed to a sink in pieces of at least this size
 LISTING_OCTETS = 64 * 1024  # the most a CAPA (or any other small multi-line answer) may send
+RETR_WINDOW = 16  # RETR commands in flight at once (when the provider offers PIPELINING)
+RETR_WINDOW_OCTETS = 1 << 20  # ... and no more than this many announced octets beyond the first
 LISTING_LINE = 84  # octets per LIST/UIDL entry at most: number, space, a 70-octet id, CRLF
 HEADER_DIGEST_PREFIX = "hd-"
 Sink = Callable[[bytes], object | Awaitable[object]]
@@ -351,6 +353,52 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         if not reply.ok:
             raise self._command_error("RETR", reply)
         return size
+
+    @property
+    def pipelining(self) -> bool:
+        return self.capabilities is not None and "PIPELINING" in self.capabilities
+
+    async def retr_many(self, numbers: Sequence[int], begin: Callable[[int, int], Sink],
+                        end: Callable[[int, UpstreamCommandError | None], Awaitable[None]],
+                        window: int = RETR_WINDOW, sizes: dict[int, int] | None = None,
+                        window_octets: int = RETR_WINDOW_OCTETS) -> None:
+        """RETR each of `numbers`, in order, with up to `window` commands in flight (and no more than
+        `window_octets` of announced sizes, beyond the first) when the provider offers PIPELINING.
+
+        For each message: ``begin(number, index)`` gives the sink its body goes to, then
+        ``await end(number, None)`` once it is complete; a message the provider refuses gets
+        ``await end(number, error)`` and no ``begin``. A failure of the connection raises, and the
+        message being received then is a fragment (its sink's owner throws it away).
+        """
+        numbers = [_message_number(n) for n in numbers]
+        if not self.pipelining:
+            window = 1
+        sizes = sizes or {}
+        if self._broken is not None:
+            raise UpstreamUnavailable(f"{self.endpoint.where}: {self._broken}", self._broken)
+        sent = done = 0
+        finished = False
+        try:
+            while done < len(numbers):
+                lines, flight = [], sum(sizes.get(n, 0) for n in numbers[done:sent])
+                while sent < len(numbers) and sent - done < window and (sent == done or flight < window_octets):
+                    lines.append(self._conn.send("RETR", numbers[sent], pipelined=True))
+                    flight += sizes.get(numbers[sent], 0)
+                    sent += 1
+                if lines:
+                    await self._send(b"".join(lines))
+                number = numbers[done]
+                reply = await self._reply()
+                if self._conn.in_data:
+                    await self._drain(begin(number, done), "RETR", self.endpoint.max_message_size)
+                    await end(number, None)
+                else:
+                    await end(number, self._command_error("RETR", reply))
+                done += 1
+            finished = True
+        finally:
+            if not finished and self._broken is None:
+                self._broken = "RETR did not complete"
 
     async def retr_bytes(self, number: int) -> bytes:
         """Message `number`, whole, unstuffed, CRLF line endings kept."""

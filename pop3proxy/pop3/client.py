@@ -27,12 +27,14 @@ class ClientConnection(ReplyReader):
         super().__init__()
         self.expect(False)
 
-    def send(self, command: str, *args: str | int, sasl: bool = False) -> bytes:
+    def send(self, command: str, *args: str | int, sasl: bool = False, pipelined: bool = False) -> bytes:
         """The command line to write; queues the right kind of reply.
 
-        With `sasl`, `command` is a SASL response line (RFC 5034), which may be empty.
+        With `sasl`, `command` is a SASL response line (RFC 5034), which may be empty. With `pipelined`
+        (a server that offers PIPELINING, RFC 2449), it may follow commands whose replies are pending;
+        the replies are read in order.
         """
-        if self.pending:
+        if self.pending and not pipelined:
             raise LocalProtocolError("cannot send a command while a reply is pending")
         parts = [command, *(str(arg) for arg in args)]
         for part in parts:

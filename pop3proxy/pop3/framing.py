@@ -54,6 +54,11 @@ class LineReader:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def in_data(self) -> bool:
+        """True while the body of a multi-line reply is being read."""
+        return self._in_data
+
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
 
@@ -159,6 +164,16 @@ class ReplyReader:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    @property
+    def in_data(self) -> bool:
+        """True while the body of a multi-line reply is being read."""
+        return self._in_data
+
+    @property
+    def in_data(self) -> bool:
+        """True while the body of a multi-line reply is being read."""
+        return self._in_data
 
     def expect(self, multiline: bool) -> None:
         """Queue the kind of the next reply (multi-line if positive)."""

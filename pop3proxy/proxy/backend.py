@@ -28,6 +28,7 @@ from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.ops import metrics
 from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.accounts import _Account, read_password_source
+from pop3proxy.proxy.auth_cache import AuthCache
 from pop3proxy.proxy.cache_ids import migrate_cache_ids
 from pop3proxy.proxy.credentials import hash_password, kdf_limiter, verify_password
 from pop3proxy.proxy.early_logins import CHALLENGE_MECHANISMS, EarlyLogins
@@ -49,7 +50,7 @@ OFFLINE_HASH = "offline_hash"
 LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
 
 
-class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
+class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
     accepts_bearer = True  # AUTH XOAUTH2 / OAUTHBEARER tokens are passed upstream
     def __init__(self, settings: Settings, pipeline: Pipeline | None = None) -> None:
         self.settings = settings
@@ -111,7 +112,8 @@ class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
         if self._auth_cached(route, password):
             maildrop = await self._cached_session(route, password, "")
             assert self._nursery is not None, "ProxyBackend.attach() was not called"
-            self._nursery.start_soon(self._check_in_background, route, password)
+            client = await early.take(route.endpoint) if early is not None and early.ready.is_set() else None
+            self._nursery.start_soon(self._check_in_background, route, password, client)
             return maildrop
         started = time.monotonic()
         try:
@@ -148,17 +150,17 @@ class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
             self._auth_cache[route.cache_id] = (self._keyed(password), time.monotonic())
         return await self._online_session(route, client, password)
 
-    async def _open_local(self, route: Route, account: _Account) -> tuple[Mailbox, UserState]:
-        def open_files() -> tuple[Mailbox, UserState]:
-            mailbox = open_store(self.root, route.cache_id, self.store_backend)
-            try:
-                state = UserState(user_dir(self.root, route.cache_id) / "state.db")
-            except BaseException:
-                mailbox.close()
-                raise
-            return mailbox, state
+    def _open_files(self, route: Route) -> tuple[Mailbox, UserState]:
+        mailbox = open_store(self.root, route.cache_id, self.store_backend)
+        try:
+            state = UserState(user_dir(self.root, route.cache_id) / "state.db")
+        except BaseException:
+            mailbox.close()
+            raise
+        return mailbox, state
 
-        return await trio.to_thread.run_sync(open_files)
+    async def _open_local(self, route: Route, account: _Account) -> tuple[Mailbox, UserState]:
+        return await trio.to_thread.run_sync(self._open_files, route)
 
     async def _online_session(self, route: Route, client: UpstreamClient, password: str) -> Maildrop:
         account = self._account(route.cache_id)
@@ -385,55 +387,28 @@ class ProxyBackend(EarlyLogins, OAuthLogins, Backend):
             await account.acquire(session=True)
         except MailboxBusy:
             raise LoginError("mailbox is in use by another session", "IN-USE") from None
+        syncing = account.sync_lock.locked()
+
+        def open_files():  # one worker-thread hop for the whole of it: this is every warm login's path
+            mailbox, state = self._open_files(route)
+            try:
+                if not syncing:
+                    recover(mailbox, state)
+                hidden = state.hidden_keys()
+                return mailbox, state, [info for info in mailbox.list() if info.key not in hidden]
+            except BaseException:
+                mailbox.close()
+                state.close()
+                raise
+
         try:
-            mailbox, state = await self._open_local(route, account)
-            if not account.sync_lock.locked():
-                await trio.to_thread.run_sync(recover, mailbox, state)
+            mailbox, state, messages = await trio.to_thread.run_sync(open_files)
         except (OSError, StateError) as exc:
             await account.release(session=True)
             log.error("cannot open the cache of %r: %s", route.cache_id, exc)
             raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
-        messages = await self._snapshot(mailbox, state)
         banner = f"{len(messages)} messages" + (f" {note}" if note else "")
         return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
-
-    def _keyed(self, password: str) -> bytes:
-        return hmac.new(self._memo_key, password.encode("utf-8"), "sha256").digest()
-
-    def _auth_cached(self, route: Route, password: str) -> bool:
-        """``sync.auth_cache_ttl``: this password was accepted by the provider for this account within
-        the TTL (a keyed digest in memory only, never the password)."""
-        entry = self._auth_cache.get(route.cache_id)
-        if entry is None or isinstance(password, BearerToken):
-            return False
-        if time.monotonic() - entry[1] > self.settings.sync.auth_cache_ttl:
-            del self._auth_cache[route.cache_id]
-            return False
-        return hmac.compare_digest(entry[0], self._keyed(password))
-
-    async def _check_in_background(self, route: Route, password: str) -> None:
-        """After a login served from the auth cache: log in at the provider (a refusal drops the entry)
-        and fetch new mail, which shows at the next login."""
-        account = self._account(route.cache_id)
-        try:
-            client = await connect(route.endpoint)
-        except UpstreamError as exc:
-            log.info("background check of %r: provider unreachable: %s", route.cache_id, exc)
-            return
-        try:
-            await client.login(route.remote_user, password)
-        except UpstreamError as exc:
-            await client.aclose()
-            if isinstance(exc, UpstreamAuthError) and exc.code == "AUTH":
-                self._auth_cache.pop(route.cache_id, None)
-                log.warning("the provider no longer accepts the cached password of %r: auth cache entry "
-                            "dropped (the login it served stays)", route.cache_id)
-            return
-        if account.sync_lock.locked():
-            await client.aclose()
-            return
-        await account.acquire(session=False)
-        await self._background_sync(route, account, client, password, trio.Event(), {})
 
     def _fresh_prefetch(self, route: Route, password: str) -> bool:
         """True when a login may be served from the cache without asking the provider: the account has

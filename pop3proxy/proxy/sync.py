@@ -31,7 +31,7 @@ import trio
 from pop3proxy.filtering.api import WARNING_HEADER, FilterContext, FilterResult
 from pop3proxy.filtering.headers import format_header
 from pop3proxy.filtering.pipeline import Pipeline
-from pop3proxy.net.endpoint import UpstreamCommandError, UpstreamTooLarge
+from pop3proxy.net.endpoint import UpstreamTooLarge
 from pop3proxy.net.pop3_client import UpstreamClient
 from pop3proxy.ops import metrics
 from pop3proxy.store.base import Mailbox
@@ -274,63 +274,78 @@ async def sync_mailbox(
     # disk from its first octet (an announced size is only a hint: the limit holds whatever comes).
     sizes = await client.list() if new else {}
 
-    async def receive_message(number: int) -> tuple[bytes | Spooled, str]:
-        """RETR into memory, or into a spool file once past max_filtered_size; (message, source digest)."""
-        spool = Spool(mailbox.spool_path(), max_filtered_size, unfiltered_mark, sizes.get(number, 0))
+    def refuse(uid: str, exc: Exception) -> None:
+        entry = refused.get(uid, {})
+        tries = int(entry.get("tries", 0)) + 1
+        delay = min(RETRY_FIRST * 2 ** (tries - 1), RETRY_MAX)
+        refused[uid] = {"tries": tries, "next": time.time() + delay, "reason": str(exc)}
+        result.remaining -= 1
+        log.warning("provider refused message %s of %r (try %d), skipped; retried in %g s: %s",
+                    uid, user, tries, delay, exc)
 
-        async def sink(chunk: bytes) -> None:
-            if spool.add(chunk):
-                await trio.to_thread.run_sync(spool.flush)
-
-        try:
-            await client.retr(number, sink)
-            message = await trio.to_thread.run_sync(spool.finish) if spool.spilled else spool.finish()
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(spool.discard)
-            raise
-        return message, spool.source.hexdigest()
+    async def take(number: int, uid: str, message: bytes | Spooled, source: str) -> None:
+        """A message received whole: known under an old UIDL, too big to filter, or filtered now."""
+        refused.pop(uid, None)
+        if orphans.get(source):
+            row = await trio.to_thread.run_sync(state.adopt, orphans[source].pop(0), uid)
+            if row is not None:
+                adopted.append((number, uid, row.status))
+                result.remaining -= 1
+                if isinstance(message, Spooled):
+                    await trio.to_thread.run_sync(_unlink, message.path)
+                return
+        if isinstance(message, Spooled):
+            log.warning("message %s of %r (%d octets) stored unfiltered: larger than "
+                        "sync.max_filtered_size (%d)", uid, user, message.size, max_filtered_size)
+            await send.send(_Item(number, uid, source, spooled=message))
+            return
+        context = FilterContext(user=user, uid=uid, removed_dir=removed_dir)
+        outcome = await pipeline.run(message, context)
+        del message
+        cached = normalise(outcome.data)
+        await waiting.reserve(len(cached))
+        await send.send(_Item(number, uid, source, outcome=outcome, cached=cached))
 
     async def fetch() -> None:
-        seen_in_pass: set[str] = set()
+        """RETR the new messages, pipelined when the provider allows it: each goes into memory, or into
+        a spool file once past max_filtered_size (from its first octet when LIST announced more)."""
+        todo: dict[int, str] = {}
+        seen: set[str] = set()
+        for number, uid in new:
+            if uid not in seen:  # two upstream messages with one id (header digests of twins)
+                seen.add(uid)
+                todo[number] = uid
+        receiving: dict[str, tuple[int, Spool]] = {}
+
+        def begin(number: int, index: int):
+            spool = Spool(mailbox.spool_path(), max_filtered_size, unfiltered_mark, sizes.get(number, 0))
+            receiving["now"] = (number, spool)
+
+            async def sink(chunk: bytes) -> None:
+                if spool.add(chunk):
+                    await trio.to_thread.run_sync(spool.flush)
+
+            return sink
+
+        async def end(number: int, error: Exception | None) -> None:
+            if error is not None:
+                refuse(todo[number], error)
+                return
+            _, spool = receiving.pop("now")
+            message = await trio.to_thread.run_sync(spool.finish) if spool.spilled else spool.finish()
+            await take(number, todo[number], message, spool.source.hexdigest())
+
         async with send:
-            for number, uid in new:
-                if uid in seen_in_pass:  # two upstream messages with one id (header digests of twins)
-                    continue
-                seen_in_pass.add(uid)
-                try:
-                    message, source = await receive_message(number)
-                except (UpstreamCommandError, UpstreamTooLarge) as exc:
-                    entry = refused.get(uid, {})
-                    tries = int(entry.get("tries", 0)) + 1
-                    delay = min(RETRY_FIRST * 2 ** (tries - 1), RETRY_MAX)
-                    refused[uid] = {"tries": tries, "next": time.time() + delay, "reason": str(exc)}
-                    result.remaining -= 1
-                    log.warning("provider refused message %s of %r (try %d), skipped; retried in %g s: %s",
-                                uid, user, tries, delay, exc)
-                    if isinstance(exc, UpstreamTooLarge):
-                        raise  # the session is out of step; later passes skip this message meanwhile
-                    continue
-                refused.pop(uid, None)
-                if orphans.get(source):
-                    row = await trio.to_thread.run_sync(state.adopt, orphans[source].pop(0), uid)
-                    if row is not None:
-                        adopted.append((number, uid, row.status))
-                        result.remaining -= 1
-                        if isinstance(message, Spooled):
-                            await trio.to_thread.run_sync(_unlink, message.path)
-                        continue
-                if isinstance(message, Spooled):
-                    log.warning("message %s of %r (%d octets) stored unfiltered: larger than "
-                                "sync.max_filtered_size (%d)", uid, user, message.size, max_filtered_size)
-                    await send.send(_Item(number, uid, source, spooled=message))
-                    continue
-                context = FilterContext(user=user, uid=uid, removed_dir=removed_dir)
-                outcome = await pipeline.run(message, context)
-                del message
-                cached = normalise(outcome.data)
-                await waiting.reserve(len(cached))
-                await send.send(_Item(number, uid, source, outcome=outcome, cached=cached))
+            try:
+                await client.retr_many(list(todo), begin, end, sizes=sizes)
+            except UpstreamTooLarge as exc:
+                if "now" in receiving:  # the session is out of step; later passes skip this message
+                    refuse(todo[receiving["now"][0]], exc)
+                raise
+            finally:
+                if "now" in receiving:  # a fragment: thrown away
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(receiving.pop("now")[1].discard)
 
     async def keep() -> None:
         async with receive:

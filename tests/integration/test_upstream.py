@@ -576,3 +576,61 @@ def test_endpoint_rejects_bad_values(options):
     values = {"host": "pop.example.com", "port": 995, "tls": "implicit", **options}
     with pytest.raises(ValueError):
         Endpoint(**values)
+
+
+# --- pipelined RETR ---------------------------------------------------------------------
+
+
+@real
+@pytest.mark.parametrize("window", [1, 4, 16])
+async def test_pipelined_retr_keeps_order_and_the_window(dovecot, window):
+    data = [message(f"p{i}", "x" * (i * 500)) for i in range(20)]
+    for m in data:
+        dovecot.deliver(dovecot.user, m)
+    async with await connect(at_dovecot(dovecot, "none")) as client:
+        await client.login(dovecot.user, dovecot.password)
+        assert client.pipelining  # Dovecot offers PIPELINING
+        sent = 0
+        send = client._conn.send
+
+        def counting(*args, **kwargs):
+            nonlocal sent
+            sent += 1
+            return send(*args, **kwargs)
+
+        client._conn.send = counting
+        got: dict[int, list[bytes]] = {}
+        in_flight: list[int] = []
+
+        def begin(number, index):
+            in_flight.append(sent - index)
+            got[number] = []
+            return got[number].append
+
+        async def end(number, error):
+            assert error is None
+
+        await client.retr_many(list(range(1, 21)), begin, end, window=window)
+        await client.quit()
+    assert [b"".join(got[n]) for n in range(1, 21)] == data
+    assert max(in_flight) == window  # up to the window, never beyond
+
+
+async def test_pipelined_retr_passes_a_refused_message_on_and_goes_on():
+    messages = {f"u{i}": message(f"f{i}", "hi") for i in range(1, 4)}
+    async with faulty_server(messages=messages, refuse_retr={"u2"}) as server:
+        async with await connect(at_fake(server, timeout=5)) as client:
+            await client.login("alice", "secret")
+            got, errors = {}, {}
+
+            def begin(number, index):
+                got[number] = []
+                return got[number].append
+
+            async def end(number, error):
+                if error is not None:
+                    errors[number] = error
+
+            await client.retr_many([1, 2, 3], begin, end)
+    assert {n: b"".join(v) for n, v in got.items()} == {1: messages["u1"], 3: messages["u3"]}
+    assert list(errors) == [2] and isinstance(errors[2], UpstreamCommandError)

@@ -254,6 +254,11 @@ class FakeUpstream:
     async def header_digest(self, number: int) -> str:
         raise AssertionError("this server has UIDL")
 
+    async def retr_many(self, numbers, begin, end, **window) -> None:
+        for index, number in enumerate(numbers):
+            await self.retr(number, begin(number, index))
+            await end(number, None)
+
     async def retr(self, number: int, sink) -> int:
         uid = self._numbers()[number]
         self.retrieved.append(uid)
