@@ -95,7 +95,7 @@ def _parse_entity(data: bytes, start: int, end: int, default_type: str, *, is_me
     block = data[start:header_end]
     headers = _HEADER_PARSER.parsebytes(block)
     headers.set_default_type(default_type)
-    alt_headers = _alt_headers(block, default_type)
+    alt_headers = _alt_headers(block, default_type, headers)
     content_type = headers.get_content_type()
     entity = Entity(start, header_end, body_start, end, headers, content_type, "leaf", is_message, depth, alt_headers)
     multipart = _multipart(data, entity)
@@ -116,8 +116,41 @@ def _parse_entity(data: bytes, start: int, end: int, default_type: str, *, is_me
     return entity
 
 
-def _alt_headers(block: bytes, default_type: str) -> Message | None:
-    """The header block as the ``default`` policy reads it; None where that parser fails on junk."""
+# A Content-Type or Content-Disposition value both policies read alike: a token, then `; name=value`
+# parameters whose values are tokens or quoted strings without escapes; ASCII, no RFC 2231 `*` or `'`,
+# no encoded words, no comments. Real mail almost always looks like this; whatever does not is read twice.
+_PLAIN_VALUE = re.compile(
+    r"[ \t]*[A-Za-z0-9!#$%&+.^_`{|}~/-]+[ \t]*"
+    r"(?:;[ \t]*[A-Za-z0-9!#$%&+.^_`{|}~-]+=(?:[A-Za-z0-9!#$%&+.^_`{|}~-]+|\"[^\"\\\x00-\x1f\x7f-\uffff]*\")[ \t]*)*"
+    r";?[ \t]*"
+)
+
+
+_PARAM_NAME = re.compile(r""";[ \t]*([A-Za-z0-9!#$%&+.^_`{|}~-]+)=""")
+
+
+def _plainly_alike(headers: Message) -> bool:
+    """True when the ``default`` policy would read this block's Content-Type and Content-Disposition
+    exactly as ``compat32`` does (so parsing it a second time can be skipped)."""
+    for name in ("content-type", "content-disposition"):
+        values = headers.get_all(name) or []
+        if len(values) > 1:
+            return False
+        if values:
+            value = _FOLD.sub("", str(values[0]))
+            if "=?" in value or not _PLAIN_VALUE.fullmatch(value):
+                return False
+            names = [n.lower() for n in _PARAM_NAME.findall(value)]
+            if len(names) != len(set(names)):  # compat32 takes the first of a repeated parameter, default the last
+                return False
+    return True
+
+
+def _alt_headers(block: bytes, default_type: str, headers: Message | None = None) -> Message | None:
+    """The header block as the ``default`` policy reads it (``headers`` itself when its reading cannot
+    differ, see `_plainly_alike`); None where that parser fails on junk."""
+    if headers is not None and _plainly_alike(headers):
+        return headers
     try:
         headers = _ALT_HEADER_PARSER.parsebytes(block)
         headers.set_default_type(default_type)
