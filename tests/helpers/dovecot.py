@@ -563,11 +563,11 @@ class DovecotAccount:
         return getattr(self.server, attr)
 
 
-@pytest.fixture(scope="session")
-def dovecot_server() -> Iterator[Dovecot]:
+def running_dovecot(**options) -> Iterator[Dovecot]:
+    """For a fixture: a started `Dovecot(**options)`, stopped afterwards; a clear failure if it cannot run."""
     if find_dovecot() is None:
         pytest.fail(NOT_INSTALLED, pytrace=False)
-    server = Dovecot()
+    server = Dovecot(**options)
     try:
         server.start()
     except DovecotError as exc:
@@ -575,6 +575,11 @@ def dovecot_server() -> Iterator[Dovecot]:
         pytest.fail(str(exc), pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot_server() -> Iterator[Dovecot]:
+    yield from running_dovecot()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 from helpers.common import HOST, require_tool, wait_for
-from helpers.dovecot import Dovecot, DovecotError
+from helpers.dovecot import running_dovecot
 from helpers.faulty_upstream import GREETING, faulty_server
 from helpers.proxy import Proxy, retr_all, sample
 
@@ -53,12 +53,17 @@ def test_apop_with_curl(proxy, dovecot):
     curl = require_tool("curl", "curl")
     dovecot.deliver(dovecot.user, sample(2))
     proxy.start()
+    assert curl_first_message(curl, proxy, dovecot, "AUTH=+APOP") == sample(2)
+    assert f"Login: user=<{dovecot.user}>, method=APOP" in dovecot.log_text()  # checked there
+
+
+def curl_first_message(curl: str, proxy, dovecot, login_options: str) -> bytes:
+    """Message 1 through the proxy, as curl fetches it with ``--login-options``."""
     url = f"pop3://{HOST}:{proxy.process.port}/1"
-    out = subprocess.run([curl, "-s", "-S", "--max-time", "20", "--login-options", "AUTH=+APOP",
+    out = subprocess.run([curl, "-s", "-S", "--max-time", "20", "--login-options", login_options,
                           "-u", f"{dovecot.user}:{dovecot.password}", url], capture_output=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == sample(2)
-    assert f"Login: user=<{dovecot.user}>, method=APOP" in dovecot.log_text()  # checked there
+    return out.stdout
 
 
 def cram_md5(client: poplib.POP3, user: str, password: str) -> bytes:
@@ -87,11 +92,7 @@ def test_cram_md5_relays_the_providers_challenge(proxy, dovecot):
     assert cram_md5(client, dovecot.user, dovecot.password).startswith(b"+OK")
     assert retr_all(client) == [sample(3)]
     client.quit()
-    url = f"pop3://{HOST}:{proxy.process.port}/1"
-    out = subprocess.run([curl, "-s", "-S", "--max-time", "20", "--login-options", "AUTH=CRAM-MD5",
-                          "-u", f"{dovecot.user}:{dovecot.password}", url], capture_output=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == sample(3)
+    assert curl_first_message(curl, proxy, dovecot, "AUTH=CRAM-MD5") == sample(3)
     assert f"Login: user=<{dovecot.user}>, method=CRAM-MD5" in dovecot.log_text()
 
 
@@ -126,14 +127,7 @@ class FromAddress(poplib.POP3):
 
 @pytest.fixture(scope="module")
 def trusting_dovecot():
-    server = Dovecot(pool_size=2, trusted_networks="127.0.0.1/32")
-    try:
-        server.start()
-    except DovecotError as exc:
-        server.stop()
-        pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
+    yield from running_dovecot(pool_size=2, trusted_networks="127.0.0.1/32")
 
 
 @pytest.mark.parametrize("forward", [True, False])
