@@ -6,11 +6,13 @@ import logging
 import signal
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import trio
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError, StartupError
+from pop3proxy.net.gate import Gate
 from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
 from pop3proxy.net.maildrop import Backend
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
@@ -86,20 +88,11 @@ def build_ssl_context(settings: Settings):
         raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
 
 
-async def run_service(
-    settings: Settings,
-    backend: Backend | None = None,
-    *,
-    task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run until cancelled. ``task_status.started`` reports the bound ports (port 0 works)."""
-    backend = backend or build_backend(settings)
-    from pop3proxy.ops.logs import add_secrets
-
-    add_secrets(getattr(backend, "passwords", {}).values())  # masked should they ever reach a log line
-    state = ServerState(build_server_config(settings), backend)
+async def open_pop3_listeners(settings: Settings) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
+    """The POP3 listeners the settings ask for: (plain, implicit TLS); a clear error if one cannot be bound."""
     listen = settings.listen
-    plain, tls = [], []
+    plain: list[trio.SocketListener] = []
+    tls: list[trio.SocketListener] = []
     port = listen.port
     try:
         if listen.port is not None:
@@ -112,33 +105,67 @@ async def run_service(
             await listener.aclose()
         reason = (exc.strerror or str(exc)).lower()
         raise ListenError(f"cannot listen on {listen.host}:{port}: {reason}") from None
-    ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
+    return plain, tls
+
+
+def log_listening(settings: Settings, ports: Ports, stls: bool) -> None:
+    host = settings.listen.host
     if ports.plain is not None:
-        stls = " (STLS available)" if state.config.ssl_context else ""
-        log.info("listening for POP3 on %s port %d%s", listen.host, ports.plain, stls)
+        log.info("listening for POP3 on %s port %d%s", host, ports.plain, " (STLS available)" if stls else "")
     if ports.tls is not None:
-        log.info("listening for POP3S on %s port %d", listen.host, ports.tls)
+        log.info("listening for POP3S on %s port %d", host, ports.tls)
+
+
+async def start_services(nursery: trio.Nursery, settings: Settings, backend: Backend, gate: Gate,
+                         tls_context: Callable[[], object], ports: Ports) -> None:
+    """What runs once per service whatever the number of POP3 workers: the SMTP relay with its queue
+    runner, the metrics endpoint and the web console (which shares the POP3 logins' gate)."""
+    if settings.smtp.port is not None:
+        from pop3proxy.submission.bridge import run_smtp
+
+        # the POP3 side's TLS context, asked per connection: a certificate reload applies to both
+        ports.smtp = await nursery.start(partial(run_smtp, settings, backend, tls_context=tls_context))
+    if settings.metrics.port is not None:
+        from pop3proxy.ops.metrics_http import serve_metrics
+
+        ports.metrics = await nursery.start(serve_metrics, settings)
+    if settings.web.port is not None:
+        from pop3proxy.web import serve_web
+
+        ports.web = await nursery.start(partial(serve_web, settings, backend, gate))
+
+
+async def run_service(
+    settings: Settings,
+    backend: Backend | None = None,
+    *,
+    listeners: tuple[list[trio.SocketListener], list[trio.SocketListener]] | None = None,
+    gate: Gate | None = None,
+    primary: bool = True,
+    task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled. ``task_status.started`` reports the bound ports (port 0 works).
+
+    A worker process of a multi-process service passes the ``listeners`` it inherited, the parent's
+    ``gate``, and ``primary=False``: the services that run once (SMTP, metrics, web, prefetch) are
+    the parent's."""
+    backend = backend or build_backend(settings)
+    from pop3proxy.ops.logs import add_secrets
+
+    add_secrets(getattr(backend, "passwords", {}).values())  # masked should they ever reach a log line
+    state = ServerState(build_server_config(settings), backend, gate=gate)
+    plain, tls = listeners if listeners is not None else await open_pop3_listeners(settings)
+    ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
+    if primary:
+        log_listening(settings, ports, state.config.ssl_context is not None)
     try:
         async with trio.open_nursery() as nursery:
-            backend.attach(nursery)
+            backend.attach(nursery, background=primary)
             nursery.start_soon(serve_listeners, state, plain, tls)
-            if settings.smtp.port is not None:
-                from pop3proxy.submission.bridge import run_smtp
-
-                # the POP3 side's TLS context, asked per connection: a certificate reload applies to both
-                ports.smtp = await nursery.start(
-                    partial(run_smtp, settings, backend, tls_context=lambda: state.config.ssl_context)
-                )
-            if settings.metrics.port is not None:
-                from pop3proxy.ops.metrics_http import serve_metrics
-
-                ports.metrics = await nursery.start(serve_metrics, settings)
-            if settings.web.port is not None:
-                from pop3proxy.web import serve_web
-
-                ports.web = await nursery.start(
-                    partial(serve_web, settings, backend, state.config.throttle)  # POP3's throttle
-                )
+            if primary:
+                assert state.gate is not None
+                await start_services(nursery, settings, backend, state.gate,
+                                     lambda: state.config.ssl_context, ports)
             task_status.started(ports)
     finally:
         with trio.CancelScope(shield=True):

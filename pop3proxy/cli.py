@@ -68,6 +68,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pop3proxy.ops.logs import setup_logging
 
     setup_logging(settings.log)
+    from pop3proxy.workers import serve, worker_count
+
+    workers = worker_count(settings)
+    if workers > 1:
+        serve(settings, workers, _run)
+        return 0
     from pop3proxy.app import run_until_signal
 
     _run(lambda: run_until_signal(settings))

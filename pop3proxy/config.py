@@ -39,6 +39,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+MAX_WORKERS = 64
+
+
 class ListenSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the POP3 listeners bind to.")
     port: int | None = Field(1110, ge=0, le=65535, description="Plain POP3 port (STLS offered when a certificate is set); empty to disable.")
@@ -66,6 +69,11 @@ class ListenSettings(_Section):
     )
     max_sessions_per_address: int = Field(50, ge=1, description="Concurrent sessions from one client address.")
     max_bad_commands: int = Field(20, ge=1, description="Invalid commands a session may send before it is closed.")
+    workers: int = Field(
+        0, ge=0, le=MAX_WORKERS,
+        description="Processes serving POP3 clients, sharing the listening sockets (`serve` only); 0 = one per CPU, "
+                    "1 = everything in one process.",
+    )
 
     @model_validator(mode="after")
     def _tls_needs_cert(self) -> "ListenSettings":

@@ -61,8 +61,9 @@ class Backend:
         one key. By default the name itself, case folded."""
         return user.lower()
 
-    def attach(self, nursery: trio.Nursery) -> None:
-        """Called once before serving, with a nursery for background work that outlives a session."""
+    def attach(self, nursery: trio.Nursery, *, background: bool = True) -> None:
+        """Called once before serving, with a nursery for work that outlives a session. ``background``:
+        also start the work that runs once per service (False in the workers of a multi-process one)."""
 
     async def aclose(self) -> None:
         pass

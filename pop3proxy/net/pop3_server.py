@@ -20,6 +20,7 @@ from pop3proxy import pop3 as p
 from pop3proxy.errors import LoginError
 from pop3proxy.net.addresses import is_loopback
 from pop3proxy.net.early import EarlyUpstream
+from pop3proxy.net.gate import Gate
 from pop3proxy.net.maildrop import Backend, Maildrop
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
@@ -56,11 +57,15 @@ class ServerState:
 
     config: ServerConfig
     backend: Backend
+    gate: Gate | None = None  # sessions per address and the login throttle; built from config if None
     sessions: int = 0
-    per_address: dict[str, int] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0, "evicted": 0})
     # Connections still in AUTHORIZATION, oldest first (dicts keep insertion order).
     unauthenticated: dict["_Connection", None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.gate is None:
+            self.gate = Gate(self.config.throttle, self.config.max_sessions_per_address, self.config.max_sessions)
 
     def make_room(self) -> bool:
         """Close the oldest pre-login connection that has waited for input at least EVICT_AFTER
@@ -247,14 +252,14 @@ class _Connection:
 
     async def _login(self, action: s.Authenticate) -> list[s.Action]:
         await self.flush()
-        throttle = self.config.throttle
+        assert self.state.gate is not None
         address = self.peer[0]
         account = self.state.backend.account_key(action.user)  # name variants of one account count as one
-        if throttle.blocked(address, account):
-            log.warning("login of %r from %s refused: too many failed logins", action.user, address)
-            return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
-        with throttle.attempt(address, account):
-            await trio.sleep(throttle.account_delay(account))  # an account being guessed at: slowed, not refused
+        async with self.state.gate.login(address, account) as attempt:
+            if attempt.blocked:
+                log.warning("login of %r from %s refused: too many failed logins", action.user, address)
+                return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
+            await trio.sleep(attempt.delay)  # an account being guessed at: slowed, not refused
             try:
                 maildrop = await self.state.backend.login(action.user, action.password, address,
                                                           mechanism=action.mechanism, early=self.early)
@@ -263,9 +268,9 @@ class _Connection:
                          extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
                 metrics.login("failed")
                 if (exc.code == "AUTH" or exc.guess) and not exc.verified:
-                    await trio.sleep(throttle.failed(address, account))
+                    await trio.sleep(await attempt.failed())
                 return self.session.login_failed(exc.text, exc.code)
-        throttle.succeeded(address, account)
+            attempt.succeeded()
         self.maildrop = maildrop
         if self.early is not None:  # the login used it, or did not need it: no provider connection waits
             await self.early.aclose()
@@ -419,16 +424,16 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
     try:
         _set_nodelay(stream)
         address = _peer_of(stream)[0]
-        if state.sessions >= state.config.max_sessions and not state.make_room():
+        assert state.gate is not None
+        verdict = await state.gate.admit(address)
+        if verdict == "full" and state.make_room():  # the session closed for room leaves soon
+            verdict = await state.gate.admit(address, force=True)
+        if verdict != "ok":
+            refusal = "too many sessions, try again later" if verdict == "full" else "too many sessions from your address"
             with trio.move_on_after(5):
-                await stream.send_all(p.err("too many sessions, try again later", "SYS/TEMP"))
-            return
-        if state.per_address.get(address, 0) >= state.config.max_sessions_per_address:
-            with trio.move_on_after(5):
-                await stream.send_all(p.err("too many sessions from your address", "SYS/TEMP"))
+                await stream.send_all(p.err(refusal, "SYS/TEMP"))
             return
         state.sessions += 1
-        state.per_address[address] = state.per_address.get(address, 0) + 1
         metrics.session_started()
         try:
             if implicit_tls:
@@ -441,9 +446,7 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         finally:
             metrics.session_ended()
             state.sessions -= 1
-            state.per_address[address] -= 1
-            if not state.per_address[address]:
-                del state.per_address[address]
+            state.gate.leave(address)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass  # the client went away or was too slow; nothing to tell it
     except Exception:

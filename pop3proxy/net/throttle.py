@@ -79,17 +79,24 @@ class Throttle:
         """Seconds to wait before asking the provider about this account (it is being guessed at)."""
         return self.max_delay if self._recent(self._keys("", account)[2]) >= self.max_failures else 0.0
 
+    def enter(self, address: str, account: str) -> None:
+        """Count a login in flight while the provider is asked (until `leave`)."""
+        self._in_flight[self._keys(address, account)[0]] += 1
+
+    def leave(self, address: str, account: str) -> None:
+        pair = self._keys(address, account)[0]
+        self._in_flight[pair] -= 1
+        if self._in_flight[pair] <= 0:
+            del self._in_flight[pair]
+
     @contextmanager
     def attempt(self, address: str, account: str) -> Iterator[None]:
         """Count a login in flight while the provider is asked."""
-        pair = self._keys(address, account)[0]
-        self._in_flight[pair] += 1
+        self.enter(address, account)
         try:
             yield
         finally:
-            self._in_flight[pair] -= 1
-            if not self._in_flight[pair]:
-                del self._in_flight[pair]
+            self.leave(address, account)
 
     def failed(self, address: str, account: str) -> float:
         """Record a failure; returns the delay to wait before answering it."""

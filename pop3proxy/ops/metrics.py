@@ -30,7 +30,9 @@ ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 
 SESSIONS = Counter("pop3proxy_sessions", "POP3 client connections accepted.", registry=REGISTRY)
-SESSIONS_ACTIVE = Gauge("pop3proxy_sessions_active", "POP3 sessions open right now.", registry=REGISTRY)
+# multiprocess_mode: how the values of several worker processes add up (`listen.workers`)
+SESSIONS_ACTIVE = Gauge("pop3proxy_sessions_active", "POP3 sessions open right now.", registry=REGISTRY,
+                        multiprocess_mode="livesum")
 LOGINS = Counter("pop3proxy_logins", "POP3 logins by result (ok, failed).", ["result"], registry=REGISTRY)
 UPSTREAM_LATENCY = Histogram(
     "pop3proxy_upstream_latency_seconds",
@@ -64,7 +66,7 @@ SMTP_MESSAGES = Counter(
 OAUTH2_NEEDS_AUTHORISATION = Gauge(
     "pop3proxy_oauth2_needs_authorisation",
     "1 for an OAuth2 account whose grant the authorization server refused (run `pop3proxy oauth login`).",
-    ["account"], registry=REGISTRY,
+    ["account"], registry=REGISTRY, multiprocess_mode="mostrecent",
 )
 OAUTH2_REFRESHES = Counter(
     "pop3proxy_oauth2_refreshes", "OAuth2 token refreshes by result (ok, transient, invalid_grant).",

@@ -13,7 +13,10 @@ from pathlib import Path
 import trio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily
 
@@ -141,9 +144,24 @@ def watch_disk(cache_root: Path, queue_dir: Path) -> None:
             _disk_collector.cache_root, _disk_collector.queue_dir = Path(cache_root), Path(queue_dir)
 
 
+_combined: CollectorRegistry | None = None
+
+
 def render() -> bytes:
-    """The current metrics in the Prometheus text format."""
-    return generate_latest(REGISTRY)
+    """The current metrics in the Prometheus text format. With several worker processes
+    (``PROMETHEUS_MULTIPROC_DIR`` set) the counters and gauges of all of them, added up."""
+    global _combined
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return generate_latest(REGISTRY)
+    with _disk_lock:
+        if _combined is None:
+            _combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(_combined, path)
+            ProcessCollector(registry=_combined)  # this process's: the supervising parent
+            if _disk_collector is not None:
+                _combined.register(_disk_collector)
+    return generate_latest(_combined)
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:

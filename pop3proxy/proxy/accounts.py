@@ -20,6 +20,24 @@ log = logging.getLogger("pop3proxy.proxy")
 if TYPE_CHECKING:
     from pop3proxy.proxy.backend import ProxyBackend
 
+# A login waits this long for a mailbox lock held by another process: with several worker processes,
+# a client that reconnects at once after QUIT may reach another worker while the first one is still
+# closing the mailbox. flock() cannot be waited for asynchronously (nor cancelled), so it is polled.
+LOCK_WAIT = 2.0
+LOCK_POLL = 0.02
+
+
+async def lock_waiting(root: Path, cache_id: str, wait: float = LOCK_WAIT) -> MailboxLock:
+    """`lock_mailbox`, waiting up to ``wait`` seconds for another process to give the lock back."""
+    deadline = trio.current_time() + wait
+    while True:
+        try:
+            return await trio.to_thread.run_sync(lock_mailbox, root, cache_id)
+        except MailboxBusy:
+            if trio.current_time() >= deadline:
+                raise
+        await trio.sleep(LOCK_POLL)
+
 
 def read_password_source(name: str, account: AccountSettings) -> str | None:
     """An account's stored password (file or environment), or None. Raises ValueError if unsafe."""
@@ -59,7 +77,10 @@ class _Account:
             if session and self.session_active:
                 raise MailboxBusy(self.cache_id)
             if self.holders == 0:
-                self.lock = await trio.to_thread.run_sync(lock_mailbox, self.backend.root, self.cache_id)
+                if session:
+                    self.lock = await lock_waiting(self.backend.root, self.cache_id)
+                else:  # a sync of its own (prefetch) does not wait for a session elsewhere
+                    self.lock = await trio.to_thread.run_sync(lock_mailbox, self.backend.root, self.cache_id)
                 self.backend._accounts[self.cache_id] = self  # a release may have unlisted it meanwhile
             self.holders += 1
             if session:

@@ -74,9 +74,13 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             if password is not None:
                 self.passwords[name] = password
 
-    def attach(self, nursery: trio.Nursery) -> None:
-        """Give the backend a nursery for background syncs and the prefetch loop."""
+    def attach(self, nursery: trio.Nursery, *, background: bool = True) -> None:
+        """Give the backend a nursery for background syncs, and unless ``background`` is False start the
+        prefetch loop and the OAuth2 renewals (once per service; a worker's logins renew on demand, under
+        the token file's lock)."""
         self._nursery = nursery
+        if not background:
+            return
         if self.oauth.accounts:
             nursery.start_soon(self.oauth.run)
         if self.passwords or self.oauth.accounts:

@@ -10,10 +10,11 @@ import trio
 
 from pop3proxy.errors import LoginError
 from pop3proxy.net.maildrop import Backend, Maildrop
+from pop3proxy.proxy.accounts import lock_waiting
 from pop3proxy.proxy.credentials import kdf_limiter, read_users, verify_password
 from pop3proxy.store import open_store
 from pop3proxy.store.base import MessageInfo
-from pop3proxy.store.locks import MailboxBusy, lock_mailbox
+from pop3proxy.store.locks import MailboxBusy, MailboxLock
 
 log = logging.getLogger("pop3proxy")
 
@@ -73,8 +74,7 @@ _DUMMY_HASH = "$scrypt$n=16384,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAA
 async def open_maildrop(root: Path, user: str, backend: str, banner: str = "") -> StoreMaildrop:
     """Lock ``user``'s mailbox and take the session's snapshot of it."""
 
-    def open_locked() -> StoreMaildrop:
-        lock = lock_mailbox(root, user)
+    def open_locked(lock: MailboxLock) -> StoreMaildrop:
         try:
             mailbox = open_store(root, user, backend)
             try:
@@ -87,7 +87,8 @@ async def open_maildrop(root: Path, user: str, backend: str, banner: str = "") -
             raise
 
     try:
-        return await trio.to_thread.run_sync(open_locked)
+        lock = await lock_waiting(root, user)
+        return await trio.to_thread.run_sync(open_locked, lock)
     except MailboxBusy:
         raise LoginError("mailbox is in use by another session", "IN-USE") from None
     except OSError as exc:

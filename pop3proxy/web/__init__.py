@@ -12,8 +12,8 @@ import trio
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError
+from pop3proxy.net.gate import Gate
 from pop3proxy.net.maildrop import Backend
-from pop3proxy.net.throttle import Throttle
 
 log = logging.getLogger("pop3proxy")
 
@@ -23,7 +23,7 @@ __all__ = ["serve_web"]
 async def serve_web(
     settings: Settings,
     backend: Backend,
-    throttle: Throttle,
+    gate: Gate,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -43,7 +43,7 @@ async def serve_web(
     if listen.certfile is not None:
         config.certfile = str(listen.certfile)
         config.keyfile = str(listen.keyfile or listen.certfile)
-    app = build_app(settings, backend, throttle, secure=listen.certfile is not None)
+    app = build_app(settings, backend, gate, secure=listen.certfile is not None)
 
     class Status:
         def started(self, binds: list[str]) -> None:

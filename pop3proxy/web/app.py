@@ -22,8 +22,8 @@ from starlette.templating import Jinja2Templates
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import LoginError
+from pop3proxy.net.gate import Gate
 from pop3proxy.net.maildrop import Backend
-from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops.units import human_size, utc
 from pop3proxy.store.held import HeldError
 from pop3proxy.store.locks import MailboxBusy
@@ -46,7 +46,7 @@ class TooLarge(Forbidden):
     status = 413
 
 
-def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secure: bool,
+def build_app(settings: Settings, backend: Backend, gate: Gate, *, secure: bool,
               sessions: Sessions | None = None) -> Starlette:
     web = settings.web
     sessions = sessions or Sessions(web.session_lifetime, web.max_sessions)
@@ -134,22 +134,22 @@ def build_app(settings: Settings, backend: Backend, throttle: Throttle, *, secur
         if not user or not password:
             return await login_page(request, "give your user name and password", 400)
         account = backend.account_key(user)  # the same keys as POP3 logins: one throttle for both doors
-        if throttle.blocked(address, account):
-            log.warning("console sign-in of %r from %s refused: too many failed logins", user, address)
-            return await login_page(request, "too many failed logins, try again later", 429)
-        with throttle.attempt(address, account):
-            await trio.sleep(throttle.account_delay(account))
+        async with gate.login(address, account) as attempt:
+            if attempt.blocked:
+                log.warning("console sign-in of %r from %s refused: too many failed logins", user, address)
+                return await login_page(request, "too many failed logins, try again later", 429)
+            await trio.sleep(attempt.delay)
             try:
                 maildrop = await backend.login(user, password, address)
             except LoginError as exc:
                 log.info("console sign-in failed for %r from %s: %s", user, address, exc.text)
                 if (exc.code == "AUTH" or exc.guess) and not exc.verified:
-                    await trio.sleep(throttle.failed(address, account))
+                    await trio.sleep(await attempt.failed())
                 if exc.code == "AUTH" and not exc.verified:
                     return await login_page(request, "invalid user name or password", 401)
                 return await login_page(request, f"cannot sign in now: {exc.text}", 503)
+            attempt.succeeded()
         await maildrop.close()  # the console reads the store itself; the mailbox lock is given back
-        throttle.succeeded(address, account)
         log.info("console sign-in of %r from %s", user, address)
         response = RedirectResponse("/", status_code=303)
         cookie(response, COOKIE, sessions.create(user, user in admins), int(web.session_lifetime))

@@ -43,7 +43,10 @@ def toml_value(value) -> str:
 
 
 def write_config(path: Path, sections: dict[str, dict]) -> Path:
-    """Write a TOML file from {"section": {key: value}} (dotted section names allowed)."""
+    """Write a TOML file from {"section": {key: value}} (dotted section names allowed). A server runs
+    as one process (``listen.workers = 1``) unless the test asks for workers."""
+    if "listen" in sections and "workers" not in sections["listen"]:
+        sections = {**sections, "listen": {**sections["listen"], "workers": 1}}
     lines = []
     for section, values in sections.items():
         if section == "filters":
@@ -55,6 +58,20 @@ def write_config(path: Path, sections: dict[str, dict]) -> Path:
         lines.extend(f"{toml_key(k)} = {toml_value(v)}" for k, v in values.items() if v is not None)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a server's worker processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
 
 
 _READY = re.compile(r"listening for (POP3S?) on \S+ port (\d+)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers.common import HOST, wait_for, write_config
+from helpers.common import HOST, children_of, wait_for, write_config
 
 pytestmark = pytest.mark.dovecot
 
@@ -34,24 +34,32 @@ def message(user: str, i: int) -> bytes:
     )
 
 
+def family(pid: int) -> list[int]:
+    """The server process and its worker processes (``listen.workers``)."""
+    return [pid, *children_of(pid)]
+
+
 def cache_files_open(pid: int, cache: Path) -> list[str]:
-    """Files below the cache root that the process holds open (a session still closing holds some)."""
+    """Files below the cache root that the server's processes hold open (a session still closing holds some)."""
     out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(str(cache)):
-            out.append(target)
+    for member in family(pid):
+        for fd in os.listdir(f"/proc/{member}/fd"):
+            try:
+                target = os.readlink(f"/proc/{member}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(cache)):
+                out.append(target)
     return out
 
 
 def proc_status(pid: int) -> tuple[int, int]:
-    """(open file descriptors, resident memory in KiB) of a process."""
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-               if line.startswith("VmRSS:"))
+    """(open file descriptors, resident memory in KiB) of the server's processes together."""
+    fds = rss = 0
+    for member in family(pid):
+        fds += len(os.listdir(f"/proc/{member}/fd"))
+        rss += next(int(line.split()[1]) for line in Path(f"/proc/{member}/status").read_text().splitlines()
+                    if line.startswith("VmRSS:"))
     return fds, rss
 
 
@@ -117,7 +125,8 @@ async def session(port: int, user: str, password: str, expected: dict[str, str],
         stats.errors.append(f"{user}: {type(exc).__name__}: {exc}")
 
 
-def test_concurrent_clients_through_the_proxy(dovecot, server_process, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_clients_through_the_proxy(dovecot, server_process, tmp_path, workers):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     began = time.monotonic()
@@ -131,7 +140,8 @@ def test_concurrent_clients_through_the_proxy(dovecot, server_process, tmp_path)
     config = write_config(
         tmp_path / "proxy.toml",
         {
-            "listen": {"host": HOST, "port": 0, "max_sessions": CLIENTS * 2, "max_sessions_per_address": CLIENTS * 2},
+            "listen": {"host": HOST, "port": 0, "max_sessions": CLIENTS * 2, "max_sessions_per_address": CLIENTS * 2,
+                       "workers": workers},
             "upstream": {"host": HOST, "port": dovecot.port, "tls": "none", "timeout": 60},
             "cache": {"root": tmp_path / "cache"},
             "log": {"level": "info"},
@@ -140,6 +150,7 @@ def test_concurrent_clients_through_the_proxy(dovecot, server_process, tmp_path)
     prepared = time.monotonic()
     proxy = server_process(config).start()
     pid = proxy.proc.pid
+    assert len(family(pid)) == (1 if workers == 1 else 1 + workers), family(pid)
     samples = []
     totals = Stats()
     for round_number in range(ROUNDS):
@@ -160,7 +171,7 @@ def test_concurrent_clients_through_the_proxy(dovecot, server_process, tmp_path)
         totals.sessions += stats.sessions
         totals.messages += stats.messages
         totals.errors += stats.errors
-        print(f"load round {round_number + 1}: {stats.sessions} sessions, {stats.messages} messages, "
+        print(f"load round {round_number + 1} ({workers} worker processes): {stats.sessions} sessions, {stats.messages} messages, "
               f"{len(stats.errors)} errors in {took:.1f} s; proxy fds={samples[-1][0]} rss={samples[-1][1]} KiB")
     print(f"load setup took {prepared - began:.1f} s")
     summary = (f"load: {totals.sessions} sessions completed, {totals.messages} messages checked, "

@@ -26,6 +26,7 @@ from pop3proxy.filtering.loader import load_filter
 from pop3proxy.filters._rspamd import RspamdError, parse_stat
 from pop3proxy.filters._spamd import SpamdError, build_tell, parse_tell_reply
 from pop3proxy.filters.spam import LearnError, SpamFilter
+from pop3proxy.net.gate import Gate
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.proxy.credentials import hash_password
 from pop3proxy.proxy.local import LocalBackend
@@ -275,7 +276,7 @@ def console(tmp_path: Path, spam: dict) -> tuple[TestClient, str]:
     open_store(root, "alice").close()
     message = spam_message()
     key = HeldStore(root, "alice").add(message, "uid-1", FilterResult(message, action="hold", verdicts=["spam"]))
-    app = build_app(settings, LocalBackend(users, root), Throttle(), secure=False)
+    app = build_app(settings, LocalBackend(users, root), Gate(Throttle()), secure=False)
     client = TestClient(app, backend="trio", follow_redirects=False)
     form = client.get("/login")
     csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)

@@ -10,6 +10,7 @@ from starlette.testclient import TestClient
 
 from pop3proxy.config import Settings
 from pop3proxy.filtering.api import FilterResult
+from pop3proxy.net.gate import Gate
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.proxy.credentials import hash_password, set_password
 from pop3proxy.proxy.local import LocalBackend
@@ -44,7 +45,7 @@ def console(tmp_path: Path):
     throttle = Throttle(max_failures=3, window=900, base_delay=0, max_delay=0)
     clock = [0.0]
     sessions = Sessions(lifetime=60, limit=10, clock=lambda: clock[0])
-    app = build_app(settings, LocalBackend(users, root), throttle, secure=False, sessions=sessions)
+    app = build_app(settings, LocalBackend(users, root), Gate(throttle), secure=False, sessions=sessions)
     return app, keys, clock, root
 
 
@@ -99,7 +100,7 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_sign_out_ends_it(console):
 def test_cookie_is_secure_with_tls(console, tmp_path):
     settings_app = build_app(Settings(listen={"port": 0}, local={"users_file": tmp_path / "users"},
                                       cache={"root": tmp_path / "cache"}),
-                             LocalBackend(tmp_path / "users", tmp_path / "cache"), Throttle(), secure=True)
+                             LocalBackend(tmp_path / "users", tmp_path / "cache"), Gate(Throttle()), secure=True)
     with TestClient(settings_app, backend="trio", follow_redirects=False, base_url="https://testserver") as c:
         assert "secure" in sign_in(c, "alice").headers["set-cookie"].lower()
 
@@ -281,7 +282,7 @@ def test_overview_shows_the_token_state_of_oauth2_accounts(tmp_path):
     )
     save_tokens(root, "carol", TokenSet(access_token="secret-access", refresh_token="secret-refresh",
                                         expires_at=time.time() + 3600))
-    app = build_app(settings, LocalBackend(users, root), Throttle(), secure=False)
+    app = build_app(settings, LocalBackend(users, root), Gate(Throttle()), secure=False)
     with client(app) as c:
         form = c.get("/login")
         c.post("/login", data={"user": "root", "password": "rootpw", "csrf": csrf_of(form.text)})

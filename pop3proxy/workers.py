@@ -1,0 +1,320 @@
+"""Several processes serving POP3 (``listen.workers``): a supervising parent and its workers.
+
+The parent binds the listening sockets, keeps the `Gate` (sessions per address, the login throttle)
+and runs what must run once per service (SMTP relay and queue runner, metrics, web console, the
+prefetch loop and OAuth2 renewals). Each worker is ``python -m pop3proxy.workers`` started with the
+listening sockets and one end of a socket pair to the parent; it accepts clients and serves them, and
+asks the parent's gate over that pair. A worker that dies is replaced (after a pause that grows while
+workers keep dying young); the sessions of the other workers go on. When the parent goes away, its
+workers stop. Counters and gauges of all processes are added up by prometheus_client's multiprocess
+mode (``PROMETHEUS_MULTIPROC_DIR``, a private directory the parent sets up and removes).
+
+``max_unauthenticated`` and ``upstream.early_connections`` are shared out among the workers (each
+worker evicts its own idle pre-login connections); ``max_sessions``, the per-address and the login
+limits hold for the whole service.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from typing import Any, Callable
+
+import trio
+
+from pop3proxy.config import Settings
+from pop3proxy.errors import StartupError
+from pop3proxy.net.gate import Gate
+from pop3proxy.net.shared import GateServer, RemoteGate
+
+log = logging.getLogger("pop3proxy")
+
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+STARTUP_TIMEOUT = 60.0  # seconds a new worker has to start serving
+STOP_TIMEOUT = 10.0  # seconds a worker has to stop after SIGTERM before it is killed
+RESTART_FIRST = 0.5  # pause before replacing a worker that died young, doubling up to RESTART_MAX
+RESTART_MAX = 30.0
+YOUNG = 10.0  # a worker that dies within this many seconds of its start died young
+
+
+def worker_count(settings: Settings) -> int:
+    """``listen.workers``, with 0 meaning one per CPU this process may run on."""
+    wanted = settings.listen.workers
+    if wanted:
+        return wanted
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare_metrics() -> str:
+    """Point prometheus_client at a fresh private directory (before it is imported); returns it."""
+    path = tempfile.mkdtemp(prefix="pop3proxy-metrics-")
+    os.environ[METRICS_ENV] = path
+    return path
+
+
+def worker_settings(settings: Settings, workers: int) -> Settings:
+    """A worker's share of the per-process limits."""
+    listen = settings.listen.model_copy(update={
+        "max_unauthenticated": math.ceil(settings.listen.max_unauthenticated / workers),
+    })
+    upstream = settings.upstream.model_copy(update={
+        "early_connections": math.ceil(settings.upstream.early_connections / workers),
+    })
+    return settings.model_copy(update={"listen": listen, "upstream": upstream})
+
+
+# -- the parent ------------------------------------------------------------------------------------
+
+
+class Worker:
+    """One worker slot: its current process, replaced when it dies."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: trio.Process | None = None
+        self.ready = trio.Event()
+        self.restarts = 0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, workers: int, listeners: tuple[list, list], gate: Gate) -> None:
+        self.settings = settings
+        self.count = workers
+        self.plain, self.tls = listeners
+        self.server = GateServer(gate)
+        self.workers = [Worker(i) for i in range(workers)]
+        self.stopping = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep ``count`` workers running; started once all of them serve (a StartupError if one dies
+        first)."""
+        async with trio.open_nursery() as nursery:
+            for worker in self.workers:
+                nursery.start_soon(self._keep, worker)
+            with trio.fail_after(STARTUP_TIMEOUT):
+                for worker in self.workers:
+                    await worker.ready.wait()
+            task_status.started()
+
+    def signal_all(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.send_signal(signum)
+
+    async def _keep(self, worker: Worker) -> None:
+        pause = RESTART_FIRST
+        while True:
+            started = time.monotonic()
+            code = await self._run_one(worker)
+            if self.stopping:
+                return
+            if not worker.ready.is_set():
+                raise StartupError(f"worker process {worker.index} stopped before serving ({_exit(code)})")
+            worker.restarts += 1
+            young = time.monotonic() - started < YOUNG
+            wait = pause if young else 0.0
+            pause = min(RESTART_MAX, pause * 2) if young else RESTART_FIRST
+            log.warning("worker process %d stopped (%s); starting a new one%s", worker.index, _exit(code),
+                        f" in {wait:g} s" if wait else "")
+            await trio.sleep(wait)
+
+    async def _run_one(self, worker: Worker) -> int:
+        ours, theirs = socket.socketpair()
+        listening = [listener.socket.fileno() for listener in self.plain + self.tls]
+        theirs_fd = theirs.fileno()
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "pop3proxy.workers"], stdin=subprocess.PIPE, pass_fds=[*listening, theirs_fd])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker.process = process
+        payload = pickle.dumps({
+            "settings": worker_settings(self.settings, self.count), "index": worker.index,
+            "plain": listening[: len(self.plain)], "tls": listening[len(self.plain):], "control": theirs_fd,
+        })
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        try:
+            assert process.stdin is not None
+            async with process.stdin:
+                await process.stdin.send_all(payload)
+            await self.server.serve(stream, worker.ready.set)
+            return await process.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await _stop(process)  # before its channel closes: a worker told to stop is not "orphaned"
+                await stream.aclose()
+                _metrics_gone(process.pid)
+
+
+async def _stop(process: trio.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_TIMEOUT):
+            await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+def _exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _metrics_gone(pid: int) -> None:
+    path = os.environ.get(METRICS_ENV)
+    if path:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)  # its live gauges (sessions open) no longer count
+
+
+async def run_supervised(settings: Settings, workers: int,
+                         on_ready: Callable[[Any], None] | None = None) -> None:
+    """The parent of a multi-process service, in the foreground; SIGINT/SIGTERM stop it and its workers,
+    SIGHUP reloads the certificate here and in every worker."""
+    from pop3proxy.app import (
+        Ports,
+        build_backend,
+        build_server_config,
+        log_listening,
+        open_pop3_listeners,
+        reload_tls,
+        start_services,
+    )
+    from pop3proxy.net.listeners import listener_port
+    from pop3proxy.net.pop3_server import ServerState
+    from pop3proxy.ops.logs import add_secrets
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        backend = build_backend(settings)
+        add_secrets(getattr(backend, "passwords", {}).values())
+        state = ServerState(build_server_config(settings), backend)
+        assert state.gate is not None
+        plain, tls = await open_pop3_listeners(settings)
+        supervisor = Supervisor(settings, workers, (plain, tls), state.gate)
+        ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
+        try:
+            async with trio.open_nursery() as nursery:
+                backend.attach(nursery)
+                await nursery.start(supervisor.run)
+                await start_services(nursery, settings, backend, state.gate, lambda: state.config.ssl_context, ports)
+                log_listening(settings, ports, state.config.ssl_context is not None)
+                log.info("serving with %d worker processes", workers)
+                if on_ready is not None:
+                    on_ready(ports)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        nursery.start_soon(reload_tls, settings, state)
+                        supervisor.signal_all(signal.SIGHUP)
+                        continue
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    supervisor.stopping = True
+                    nursery.cancel_scope.cancel()
+                    break
+        finally:
+            supervisor.stopping = True
+            with trio.CancelScope(shield=True):
+                await backend.aclose()
+                for listener in plain + tls:
+                    await listener.aclose()
+
+
+def serve(settings: Settings, workers: int, run: Callable[[Callable[[], Any]], None]) -> None:
+    """`pop3proxy serve` with ``workers`` > 1; ``run`` runs a trio main function (the CLI's runner)."""
+    metrics_dir = prepare_metrics()
+    try:
+        from pop3proxy.app import limit_malloc_arenas, raise_file_limit
+
+        raise_file_limit()
+        limit_malloc_arenas()
+        run(partial(run_supervised, settings, workers))
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+# -- a worker --------------------------------------------------------------------------------------
+
+
+def _stream_from(fd: int) -> trio.SocketStream:
+    return trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+
+
+def _listener_from(fd: int) -> trio.SocketListener:
+    return trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+
+
+async def run_worker(payload: dict[str, Any]) -> None:
+    from pop3proxy.app import reload_tls, run_service
+
+    settings: Settings = payload["settings"]
+    gate = RemoteGate(_stream_from(payload["control"]))
+    plain = [_listener_from(fd) for fd in payload["plain"]]
+    tls = [_listener_from(fd) for fd in payload["tls"]]
+    # SIGINT (^C in a terminal reaches the whole process group) is the parent's to act on: it stops
+    # the workers itself, after it has stopped replacing them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_parent() -> None:
+                await gate.run()
+                nursery.cancel_scope.cancel()  # the parent is gone: stop
+
+            nursery.start_soon(watch_parent)
+            ports = await nursery.start(partial(run_service, settings, listeners=(plain, tls), gate=gate,
+                                                primary=False))
+            gate.ready()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    nursery.start_soon(reload_tls, settings, ports.state)
+                    continue
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main() -> int:
+    payload = pickle.load(sys.stdin.buffer)
+    sys.stdin.close()
+    from pop3proxy.app import limit_malloc_arenas, raise_file_limit
+    from pop3proxy.ops.logs import setup_logging
+
+    setup_logging(payload["settings"].log)
+    raise_file_limit()
+    limit_malloc_arenas()
+    try:
+        trio.run(run_worker, payload)
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # logged in one line: no traceback on the user's terminal
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        log.error("worker process %d failed: %s: %s", payload.get("index", -1), type(exc).__name__, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
