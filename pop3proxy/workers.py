@@ -1,10 +1,12 @@
 """Several processes serving POP3 (``listen.workers``): a supervising parent and its workers.
 
-The parent binds the listening sockets, keeps the `Gate` (sessions per address, the login throttle)
+The parent reserves the POP3 ports (bound, not listening), keeps the `Gate` (sessions per address, the login throttle)
 and runs what must run once per service (SMTP relay and queue runner, metrics, web console, the
 prefetch loop and OAuth2 renewals). Each worker is ``python -m pop3proxy.workers`` started with the
-listening sockets and one end of a socket pair to the parent; it accepts clients and serves them, and
-asks the parent's gate over that pair. A worker that dies is replaced (after a pause that grows while
+addresses and one end of a socket pair to the parent; it listens on the same ports with SO_REUSEPORT
+(the kernel spreads new connections evenly over the workers' sockets; with one shared socket the
+worker that happens to be awake takes nearly every connection), serves its clients, and asks the
+parent's gate over that pair. Only processes of the same user can join those ports. A worker that dies is replaced (after a pause that grows while
 workers keep dying young); the sessions of the other workers go on. When the parent goes away, its
 workers stop. Counters and gauges of all processes are added up by prometheus_client's multiprocess
 mode (``PROMETHEUS_MULTIPROC_DIR``, a private directory the parent sets up and removes).
@@ -90,10 +92,10 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int, listeners: tuple[list, list], gate: Gate) -> None:
+    def __init__(self, settings: Settings, workers: int, addresses: list[tuple[int, Any, bool]], gate: Gate) -> None:
         self.settings = settings
         self.count = workers
-        self.plain, self.tls = listeners
+        self.addresses = addresses  # (family, address, implicit TLS)
         self.server = GateServer(gate)
         self.workers = [Worker(i) for i in range(workers)]
         self.stopping = False
@@ -133,11 +135,10 @@ class Supervisor:
 
     async def _run_one(self, worker: Worker) -> int:
         ours, theirs = socket.socketpair()
-        listening = [listener.socket.fileno() for listener in self.plain + self.tls]
         theirs_fd = theirs.fileno()
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "pop3proxy.workers"], stdin=subprocess.PIPE, pass_fds=[*listening, theirs_fd])
+                [sys.executable, "-m", "pop3proxy.workers"], stdin=subprocess.PIPE, pass_fds=[theirs_fd])
         except BaseException:
             ours.close()
             raise
@@ -146,7 +147,7 @@ class Supervisor:
         worker.process = process
         payload = pickle.dumps({
             "settings": worker_settings(self.settings, self.count), "index": worker.index,
-            "plain": listening[: len(self.plain)], "tls": listening[len(self.plain):], "control": theirs_fd,
+            "addresses": self.addresses, "control": theirs_fd,
         })
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         try:
@@ -191,6 +192,56 @@ def _metrics_gone(pid: int) -> None:
         multiprocess.mark_process_dead(pid, path)  # its live gauges (sessions open) no longer count
 
 
+def _port_socket(family: int, proto: int) -> trio.socket.SocketType:
+    sock = trio.socket.socket(family, socket.SOCK_STREAM, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return sock
+
+
+async def reserve(host: str, port: int) -> list[trio.socket.SocketType]:
+    """Bound sockets (not listening) on every address of ``host``: the port stays ours while workers
+    come and go. Port 0: the port the first address got, on all of them."""
+    found = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    reserved: list[trio.socket.SocketType] = []
+    try:
+        for family, _, proto, _, address in found:
+            sock = _port_socket(family, proto)
+            reserved.append(sock)
+            if port == 0 and len(reserved) > 1:
+                address = (address[0], reserved[0].getsockname()[1], *address[2:])
+            await sock.bind(address)
+    except BaseException:
+        for sock in reserved:
+            sock.close()
+        raise
+    return reserved
+
+
+async def reserve_ports(settings: Settings) -> tuple[list[trio.socket.SocketType], list[tuple[int, Any, bool]]]:
+    """The POP3 ports reserved, and the (family, address, implicit TLS) the workers listen on."""
+    from pop3proxy.errors import ListenError
+
+    listen = settings.listen
+    reserved: list[trio.socket.SocketType] = []
+    addresses: list[tuple[int, Any, bool]] = []
+    for port, tls in ((listen.port, False), (listen.tls_port, True)):
+        if port is None:
+            continue
+        try:
+            socks = await reserve(listen.host, port)
+        except OSError as exc:
+            for sock in reserved:
+                sock.close()
+            reason = (exc.strerror or str(exc)).lower()
+            raise ListenError(f"cannot listen on {listen.host}:{port}: {reason}") from None
+        reserved += socks
+        addresses += [(sock.family, sock.getsockname(), tls) for sock in socks]
+    return reserved, addresses
+
+
 async def run_supervised(settings: Settings, workers: int,
                          on_ready: Callable[[Any], None] | None = None) -> None:
     """The parent of a multi-process service, in the foreground; SIGINT/SIGTERM stop it and its workers,
@@ -200,11 +251,9 @@ async def run_supervised(settings: Settings, workers: int,
         build_backend,
         build_server_config,
         log_listening,
-        open_pop3_listeners,
         reload_tls,
         start_services,
     )
-    from pop3proxy.net.listeners import listener_port
     from pop3proxy.net.pop3_server import ServerState
     from pop3proxy.ops.logs import add_secrets
 
@@ -213,9 +262,11 @@ async def run_supervised(settings: Settings, workers: int,
         add_secrets(getattr(backend, "passwords", {}).values())
         state = ServerState(build_server_config(settings), backend)
         assert state.gate is not None
-        plain, tls = await open_pop3_listeners(settings)
-        supervisor = Supervisor(settings, workers, (plain, tls), state.gate)
-        ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
+        reserved, addresses = await reserve_ports(settings)
+        supervisor = Supervisor(settings, workers, addresses, state.gate)
+        plain = next((address[1][1] for address in addresses if not address[2]), None)
+        tls = next((address[1][1] for address in addresses if address[2]), None)
+        ports = Ports(plain, tls, state=state)
         try:
             async with trio.open_nursery() as nursery:
                 backend.attach(nursery)
@@ -238,8 +289,8 @@ async def run_supervised(settings: Settings, workers: int,
             supervisor.stopping = True
             with trio.CancelScope(shield=True):
                 await backend.aclose()
-                for listener in plain + tls:
-                    await listener.aclose()
+                for sock in reserved:
+                    sock.close()
 
 
 def serve(settings: Settings, workers: int, run: Callable[[Callable[[], Any]], None]) -> None:
@@ -262,8 +313,15 @@ def _stream_from(fd: int) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
 
 
-def _listener_from(fd: int) -> trio.SocketListener:
-    return trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+async def _listen(family: int, address: Any) -> trio.SocketListener:
+    sock = _port_socket(family, 0)
+    try:
+        await sock.bind(address)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 async def run_worker(payload: dict[str, Any]) -> None:
@@ -271,8 +329,8 @@ async def run_worker(payload: dict[str, Any]) -> None:
 
     settings: Settings = payload["settings"]
     gate = RemoteGate(_stream_from(payload["control"]))
-    plain = [_listener_from(fd) for fd in payload["plain"]]
-    tls = [_listener_from(fd) for fd in payload["tls"]]
+    plain = [await _listen(family, address) for family, address, tls in payload["addresses"] if not tls]
+    tls = [await _listen(family, address) for family, address, tls in payload["addresses"] if tls]
     # SIGINT (^C in a terminal reaches the whole process group) is the parent's to act on: it stops
     # the workers itself, after it has stopped replacing them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
