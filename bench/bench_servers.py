@@ -319,6 +319,7 @@ class Pop3proxy(Managed):
         module: str = "pop3proxy",
         python_args: list[str] = (),
         env: dict[str, str] | None = None,
+        workers: int = 0,
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -331,6 +332,7 @@ class Pop3proxy(Managed):
             "max_sessions": 15000,
             "max_sessions_per_address": 15000,
             "idle_timeout": 900,
+            "workers": workers,  # 0: one process per CPU, as installed; 1 where one process is profiled
         }
         if certs is not None:
             listen.update(tls_port=0, certfile=str(certs.certfile), keyfile=str(certs.keyfile))
@@ -377,8 +379,9 @@ class Pop3proxy(Managed):
         self.stop()
         raise ServerUnavailable(f"pop3proxy did not start:\n{tail}")
 
-    def memory_kb(self) -> tuple[int, int, int]:
-        return rss_kb(self.pid), pss_kb(self.pid), 1
+    def pids(self) -> list[int]:
+        """The supervising process and its workers (``listen.workers``), or the one process."""
+        return _process_group_members(self.pid) or [self.pid]
 
     def forget_cache(self, user: str) -> None:
         """Drop one user's cache (the next login fetches everything again: a cold start)."""

@@ -165,10 +165,10 @@ def _downloads(bench: Bench, key: str, title: str, user: tuple[str, str], count:
 
             def run(server: str) -> float:
                 port, ctx = bench.endpoint(server, tls)
-                c0 = cpu_seconds(bench.proxy.pid)
+                c0 = sum(map(cpu_seconds, bench.proxy.pids()))
                 d = bc.download(port, name, password, pipelined=pipelined, context=ctx, expect=count)
                 if server == "pop3proxy":
-                    proxy_cpu.append((cpu_seconds(bench.proxy.pid) - c0) / (d.octets / MB))
+                    proxy_cpu.append((sum(map(cpu_seconds, bench.proxy.pids())) - c0) / (d.octets / MB))
                 if server == "dovecot" and not tls:
                     direct_times.setdefault(shape, []).append(d.total)
                 return d.octets / d.total / MB
@@ -310,7 +310,22 @@ def w4_concurrent(bench: Bench) -> None:
     cold.labels["dovecot"] = "direct"
     rate.notes.append("one run each, all sessions started at once by one trio client (1 login per user: "
                       "pop3proxy allows one session per mailbox)")
-    for row in (rate, errors, cold):
+    # The same swarms against pop3proxy in one process (listen.workers = 1): what the workers bring.
+    single = Pop3proxy(bench.tmp / "pop3proxy-single", upstream_port=bench.dovecot.port, workers=1).start()
+    try:
+        single_cold = bc.swarm(single.port, users)
+        single_warm = bc.swarm(single.port, users)
+    finally:
+        single.stop()
+    singles = []
+    for key, kind, r in (("w4.single", "warm", single_warm), ("w4.single_cold", "cold", single_cold)):
+        one = Row(key, f"{title}: sessions/s, pop3proxy {kind} in one process (listen.workers = 1)",
+                  "sessions/s", True, labels={"pop3proxy": f"{kind}, 1 process", "dovecot": "direct"})
+        one.values = {"pop3proxy": r.ok / r.seconds if r.seconds else None, "dovecot": rate.values.get("dovecot")}
+        if r.errors:
+            one.notes.append(f"errors: {r.errors}")
+        singles.append(one)
+    for row in (rate, errors, cold, *singles):
         bench.add(row)
         bench.say(f"  {row.workload}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.values.items() if v is not None))
 
@@ -352,17 +367,19 @@ def w5_huge_mailbox(bench: Bench, standalone: Pop3proxy, name: str, password: st
 
 
 class PeakSampler:
-    """Samples a process's VmRSS every few milliseconds (a cross-check of VmHWM)."""
+    """Samples processes' VmRSS every few milliseconds (a cross-check of VmHWM): ``peak`` maps each pid
+    to the largest value seen."""
 
-    def __init__(self, pid: int, interval: float = 0.005) -> None:
-        self.pid, self.interval = pid, interval
-        self.peak = 0
+    def __init__(self, pids: list[int], interval: float = 0.005) -> None:
+        self.pids, self.interval = pids, interval
+        self.peak = dict.fromkeys(pids, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_kb(self.pid))
+            for pid in self.pids:
+                self.peak[pid] = max(self.peak[pid], rss_kb(pid))
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakSampler:
@@ -375,15 +392,16 @@ class PeakSampler:
 
 
 def _retr_with_memory(bench: Bench, port: int, name: str, password: str) -> tuple[float, float]:
-    """(seconds of the RETR session, pop3proxy's peak RSS growth in MB during it)."""
-    pid = bench.proxy.pid
-    hwm_ok = reset_hwm(pid)
+    """(seconds of the RETR session, pop3proxy's peak RSS growth in MB during it: the largest growth of
+    one of its processes, the one that served the session)."""
+    pids = bench.proxy.pids()
+    hwm_ok = {pid: reset_hwm(pid) for pid in pids}
     time.sleep(0.05)
-    base = rss_kb(pid)
-    with PeakSampler(pid) as sampler:
+    base = {pid: rss_kb(pid) for pid in pids}
+    with PeakSampler(pids) as sampler:
         d = bc.download(port, name, password, pipelined=False, expect=1)
-    peak = max(hwm_kb(pid) if hwm_ok else 0, sampler.peak)
-    return d.total, (peak - base) / 1024
+    growth = max(max(hwm_kb(pid) if hwm_ok[pid] else 0, sampler.peak[pid]) - base[pid] for pid in pids)
+    return d.total, growth / 1024
 
 
 def w6_giant_message(bench: Bench) -> None:

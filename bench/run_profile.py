@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def profile(tmp: Path, out: Path, dovecot: BenchDovecot, user, count: int, runs: int) -> None:
     say(f"== profile: warm downloads of {count} × 20 KB through pop3proxy (py-spy, CPU samples)")
-    proxy = Pop3proxy(tmp / "profiled", upstream_port=dovecot.port).start()
+    proxy = Pop3proxy(tmp / "profiled", upstream_port=dovecot.port, workers=1).start()
     try:
         bc.download(proxy.port, *user, pipelined=False, expect=count)  # cold: fills the cache
         for shape, pipelined in (("unpipelined", False), ("pipelined", True)):
@@ -206,7 +206,7 @@ def profile(tmp: Path, out: Path, dovecot: BenchDovecot, user, count: int, runs:
     say()
     say("== pyinstrument: the serve process run under it (main thread, wall-clock)")
     report = out / "pyinstrument-warm.txt"
-    proxy = Pop3proxy(tmp / "pyinstrument", upstream_port=dovecot.port,
+    proxy = Pop3proxy(tmp / "pyinstrument", upstream_port=dovecot.port, workers=1,
                       python_args=["-m", "pyinstrument", "--renderer", "text", "--outfile", str(report)]).start()
     try:
         bc.download(proxy.port, *user, pipelined=False, expect=count)
@@ -230,7 +230,7 @@ def prototypes(tmp: Path, dovecot: BenchDovecot, small, big, count: int, runs: i
     say("== prototypes: warm downloads, interleaved, same run (MB/s wall median; proxy CPU ms per MB)")
     proxies = {}
     for name, patches in VARIANTS:
-        proxy = Pop3proxy(tmp / f"proto-{name}", upstream_port=dovecot.port, module="bench.bench_prototypes",
+        proxy = Pop3proxy(tmp / f"proto-{name}", upstream_port=dovecot.port, workers=1, module="bench.bench_prototypes",
                           env={"BENCH_PATCHES": patches}).start()
         bc.download(proxy.port, *small, pipelined=False, expect=count)
         bc.download(proxy.port, *big, pipelined=False)
@@ -273,7 +273,7 @@ def login_prototypes(tmp: Path, dovecot: BenchDovecot, user, count: int, logins:
     direct: list[float] = []
     try:
         for name, patches in variants:
-            proxies[name] = Pop3proxy(tmp / f"login-{name}", upstream_port=dovecot.port,
+            proxies[name] = Pop3proxy(tmp / f"login-{name}", upstream_port=dovecot.port, workers=1,
                                       module="bench.bench_prototypes", env={"BENCH_PATCHES": patches}).start()
             bc.download(proxies[name].port, *user, pipelined=True, expect=count)
             bc.login_latency(proxies[name].port, *user)
@@ -316,7 +316,7 @@ def huge_mailbox(tmp: Path, count: int, runs: int) -> None:
     proxies = {}
     try:
         for name, patches in variants:
-            proxies[name] = Pop3proxy(root / name, users_file=users, module="bench.bench_prototypes",
+            proxies[name] = Pop3proxy(root / name, users_file=users, workers=1, module="bench.bench_prototypes",
                                       env={"BENCH_PATCHES": patches}, extra={"cache": {"root": str(cache)}}).start()
             first[name] = bc.login_stat_uidl(proxies[name].port, "bulk", "bulk-password")[0]
         for _ in range(runs):

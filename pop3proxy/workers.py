@@ -92,8 +92,10 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int, addresses: list[tuple[int, Any, bool]], gate: Gate) -> None:
+    def __init__(self, settings: Settings, workers: int, addresses: list[tuple[int, Any, bool]], gate: Gate,
+                 memo_key: bytes | None = None) -> None:
         self.settings = settings
+        self.memo_key = memo_key
         self.count = workers
         self.addresses = addresses  # (family, address, implicit TLS)
         self.server = GateServer(gate)
@@ -147,7 +149,7 @@ class Supervisor:
         worker.process = process
         payload = pickle.dumps({
             "settings": worker_settings(self.settings, self.count), "index": worker.index,
-            "addresses": self.addresses, "control": theirs_fd,
+            "addresses": self.addresses, "control": theirs_fd, "memo_key": self.memo_key,
         })
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         try:
@@ -263,7 +265,7 @@ async def run_supervised(settings: Settings, workers: int,
         state = ServerState(build_server_config(settings), backend)
         assert state.gate is not None
         reserved, addresses = await reserve_ports(settings)
-        supervisor = Supervisor(settings, workers, addresses, state.gate)
+        supervisor = Supervisor(settings, workers, addresses, state.gate, getattr(backend, "memo_key", None))
         plain = next((address[1][1] for address in addresses if not address[2]), None)
         tls = next((address[1][1] for address in addresses if address[2]), None)
         ports = Ports(plain, tls, state=state)
@@ -325,9 +327,12 @@ async def _listen(family: int, address: Any) -> trio.SocketListener:
 
 
 async def run_worker(payload: dict[str, Any]) -> None:
-    from pop3proxy.app import reload_tls, run_service
+    from pop3proxy.app import build_backend, reload_tls, run_service
 
     settings: Settings = payload["settings"]
+    backend = build_backend(settings)
+    if payload.get("memo_key") is not None and hasattr(backend, "memo_key"):
+        backend.memo_key = payload["memo_key"]
     gate = RemoteGate(_stream_from(payload["control"]))
     plain = [await _listen(family, address) for family, address, tls in payload["addresses"] if not tls]
     tls = [await _listen(family, address) for family, address, tls in payload["addresses"] if tls]
@@ -342,7 +347,7 @@ async def run_worker(payload: dict[str, Any]) -> None:
                 nursery.cancel_scope.cancel()  # the parent is gone: stop
 
             nursery.start_soon(watch_parent)
-            ports = await nursery.start(partial(run_service, settings, listeners=(plain, tls), gate=gate,
+            ports = await nursery.start(partial(run_service, settings, backend, listeners=(plain, tls), gate=gate,
                                                 primary=False))
             gate.ready()
             async for signum in signals:

@@ -26,7 +26,7 @@ class AuthCache:
     """Mixed into `ProxyBackend`."""
 
     def _keyed(self, password: str) -> bytes:
-        return hmac.new(self._memo_key, password.encode("utf-8"), "sha256").digest()
+        return hmac.new(self.memo_key, password.encode("utf-8"), "sha256").digest()
 
     def _auth_cached(self, route: Route, password: str) -> bool:
         """``sync.auth_cache_ttl``: this password was accepted by the provider for this account within

@@ -47,6 +47,7 @@ from pop3proxy.store.state import StateError, UserState
 log = logging.getLogger("pop3proxy.proxy")
 
 OFFLINE_HASH = "offline_hash"
+OFFLINE_MEMO = "offline_memo"  # keyed digest of (hash, password): the hash matches, no scrypt needed
 LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
 
 
@@ -60,7 +61,9 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         self.pipeline = pipeline if pipeline is not None else build_pipeline(settings.filters)
         self._accounts: dict[str, _Account] = {}
         self._nursery: trio.Nursery | None = None
-        self._memo_key = secrets.token_bytes(32)
+        # Keys the digests of passwords kept to skip scrypt (memory only; the worker processes of one
+        # service share it, so a digest one of them wrote to a state database serves them all).
+        self.memo_key = secrets.token_bytes(32)
         self._memo: dict[tuple[str, str], bytes] = {}
         self._prefetched: dict[str, float] = {}  # cache id -> when its last complete prefetch ended
         self._auth_cache: dict[str, tuple[bytes, float]] = {}  # cache id -> (keyed password digest, when)
@@ -318,12 +321,17 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         whether the stored hash already matches.
         """
         stored = state.get_meta(OFFLINE_HASH)
-        memo = self._keyed(password)
+        memo = self._keyed(f"{stored}\0{password}")
         if stored is not None and hmac.compare_digest(self._memo.get((cache_id, stored), b""), memo):
+            return
+        if stored is not None and hmac.compare_digest((state.get_meta(OFFLINE_MEMO) or "").encode(), memo.hex().encode()):
+            self._memo[(cache_id, stored)] = memo  # checked by another worker process of this service
             return
         if stored is None or not verify_password(password, stored):
             stored = hash_password(password)
             state.set_meta(OFFLINE_HASH, stored)
+            memo = self._keyed(f"{stored}\0{password}")
+        state.set_meta(OFFLINE_MEMO, memo.hex())
         self._memo[(cache_id, stored)] = memo
 
     # -- offline ---------------------------------------------------------------------------------

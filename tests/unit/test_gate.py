@@ -82,6 +82,7 @@ async def test_failures_reported_by_workers_are_counted_once_for_all():
             async with remote.login("10.0.0.1", "acct") as attempt:
                 assert not attempt.blocked
                 assert await attempt.failed() == 0
+            await trio.testing.wait_all_tasks_blocked()  # the end of the attempt has reached the parent
         async with one.login("10.0.0.1", "acct") as attempt:
             assert attempt.blocked
         nursery.cancel_scope.cancel()
@@ -126,3 +127,29 @@ def test_the_worker_count_is_bounded():
     Settings(listen={"port": 0, "workers": MAX_WORKERS})
     with pytest.raises(ValueError, match="workers"):
         Settings(listen={"port": 0, "workers": MAX_WORKERS + 1})
+
+
+def test_worker_processes_share_the_check_that_skips_scrypt(tmp_path, monkeypatch):
+    # Two backends of one service (two worker processes, one memo key): after one of them checked a
+    # password against the offline hash, the other does not pay scrypt again for the same password.
+    from pop3proxy.proxy import backend as backend_module
+    from pop3proxy.proxy.backend import OFFLINE_HASH, ProxyBackend
+    from pop3proxy.store.state import UserState
+
+    settings = Settings(listen={"port": 0}, upstream={"host": "127.0.0.1", "tls": "none"},
+                        cache={"root": tmp_path / "cache"})
+    first, second = ProxyBackend(settings), ProxyBackend(settings)
+    second.memo_key = first.memo_key
+    calls = []
+    real = backend_module.verify_password
+    monkeypatch.setattr(backend_module, "verify_password", lambda *a: calls.append(a) or real(*a))
+    with UserState(tmp_path / "state.db") as state:
+        first._remember_password("alice", state, "secret")  # first login ever: hashed, no check
+        stored = state.get_meta(OFFLINE_HASH)
+        second._remember_password("alice", state, "secret")
+        assert calls == [] and state.get_meta(OFFLINE_HASH) == stored
+        second._remember_password("alice", state, "other")  # a changed password is checked and stored
+        assert len(calls) == 1 and state.get_meta(OFFLINE_HASH) != stored
+        stranger = ProxyBackend(settings)  # another service (new key): checks once
+        stranger._remember_password("alice", state, "other")
+        assert len(calls) == 2
