@@ -16,7 +16,6 @@ from pop3proxy.filtering.api import (
     WARNING_HEADER,
     CommonOptions,
     FilterContext,
-    FilterOutcome,
     FilterResult,
 )
 from pop3proxy.filtering.headers import add_header

@@ -107,3 +107,25 @@ class Unpicklable:
 
     def __call__(self, message: bytes, context: FilterContext):
         return lambda: None
+
+
+class FifoGate:
+    """Holds the message whose Subject is ``subject`` until someone opens and closes the FIFO ``fifo``."""
+
+    name = "fifogate"
+    cpu_bound = True
+
+    class Config(BaseModel):
+        fifo: str
+        subject: str
+
+    def __init__(self, config: Config) -> None:
+        self.fifo = config.fifo
+        self.subject = f"Subject: {config.subject}\r\n".encode()
+
+    def __call__(self, message: bytes, context: FilterContext) -> FilterOutcome:
+        if self.subject in message:
+            with open(self.fifo, "rb") as f:  # blocks until the test opens the other end
+                f.read()
+            return FilterOutcome(add_header(message, "X-Gate", "passed"))
+        return FilterOutcome(message)
