@@ -199,6 +199,7 @@ class AttachmentsFilter:
 
     name = "attachments"
     Config = Config
+    cpu_bound = True  # MIME parsing computes: it runs in a pool process (filters processes > 0)
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else Config()

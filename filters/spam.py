@@ -243,6 +243,7 @@ class SpamFilter:
                 Path(os.path.expanduser(taught)) if taught else default_database().with_name("spamd-taught.json")
             )
         self.bayes: Bayes | None = None
+        self.cpu_bound = config.backend == "builtin"  # the Bayes backend computes: a pool process
         if config.backend == "builtin":
             path = Path(os.path.expanduser(config.database)) if config.database else default_database()
             self.bayes = Bayes(path)

@@ -222,6 +222,17 @@ class SyncSettings(_Section):
         32 * 1024 * 1024, ge=1024,
         description="Largest message held in memory and passed through the filters; a larger one is streamed "
                     "to the cache unfiltered, marked with an X-POP3Proxy-Warning header.")
+    filter_processes: int | Literal["auto"] = Field(
+        "auto",
+        description="Worker processes for filters that compute (the built-in Bayes spam check, attachments): "
+                    "at most this many; \"auto\" is one per CPU; 0 runs every filter in a thread.")
+
+    @field_validator("filter_processes")
+    @classmethod
+    def _processes_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 0 or more, or \"auto\"")
+        return value
 
 
 class OfflineSettings(_Section):

@@ -1,5 +1,6 @@
-"""The filter pipeline: every message through each filter once, in worker threads with a
-concurrency limit and a per-filter timeout; `on_error` decides what a failure means.
+"""The filter pipeline: every message through each filter once, in worker threads (or, for filters
+that compute, in a pool of worker processes) with a concurrency limit and a per-filter timeout;
+`on_error` decides what a failure means.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ from typing import Any, Sequence
 import trio
 
 from pop3proxy.filtering.api import (
-    ACTIONS,
     WARNING_HEADER,
     CommonOptions,
     FilterContext,
-    FilterOutcome,
     FilterResult,
 )
 from pop3proxy.filtering.headers import add_header
 from pop3proxy.filtering.loader import load_filter
+from pop3proxy.filtering.pool import (
+    PoolFilterError,
+    ProcessPool,
+    check_outcome,
+    cpu_bound,
+    describe,
+    resolve_processes,
+)
 from pop3proxy.ops import metrics
 
 log = logging.getLogger("pop3proxy.filters")
@@ -45,32 +52,39 @@ def _thread_options(thread_name: str) -> dict[str, Any]:
     return options
 
 
-def _check_outcome(outcome: object, before: bytes) -> str:
-    """Why a filter's return value is unusable, or "" if it is fine."""
-    if not isinstance(outcome, FilterOutcome):
-        return f"returned {type(outcome).__name__}, not a FilterOutcome"
-    if not isinstance(outcome.data, (bytes, bytearray, memoryview)):
-        return f"returned data of type {type(outcome.data).__name__}, not bytes"
-    if before and not outcome.data:
-        return "returned an empty message"
-    if outcome.action not in ACTIONS:
-        return f"returned the unknown action {outcome.action!r}"
-    if not isinstance(outcome.verdict, str):
-        return f"returned a verdict of type {type(outcome.verdict).__name__}, not str"
-    return ""
-
-
 class Pipeline:
     """An ordered chain of filters with their failure policies.
 
-    At most ``concurrency`` filter calls run at once (in worker threads, across all messages). A filter
-    that overruns its timeout is abandoned: its message goes on as if the filter had failed.
+    At most ``concurrency`` filter calls run at once in worker threads, across all messages. With
+    ``processes`` > 0 and the ``tables`` the filters were built from, a filter that says it is
+    ``cpu_bound`` runs in a pool of at most ``processes`` worker processes instead (rebuilt there from its
+    table). A filter that overruns its timeout is abandoned (a thread) or killed (a process): its message
+    goes on as if the filter had failed.
     """
 
-    def __init__(self, filters: Sequence[tuple[Any, CommonOptions]] = (), concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        filters: Sequence[tuple[Any, CommonOptions]] = (),
+        concurrency: int = 2,
+        *,
+        processes: int = 0,
+        tables: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
         self.filters = list(filters)
         self.limiter = trio.CapacityLimiter(concurrency)
         self._threads = trio.CapacityLimiter(concurrency + MAX_ABANDONED_THREADS)
+        # Per filter: its table when it runs in the pool, else None.
+        self._pooled: list[dict[str, Any] | None] = [None] * len(self.filters)
+        if processes > 0 and tables is not None and len(tables) == len(self.filters):
+            self._pooled = [dict(table) if cpu_bound(flt) else None
+                            for table, (flt, _) in zip(tables, self.filters)]
+        self.pool = ProcessPool(processes) if any(t is not None for t in self._pooled) else None
+        self.concurrency = concurrency
+
+    @property
+    def parallelism(self) -> int:
+        """How many messages are worth filtering at once."""
+        return max(self.concurrency, self.pool.processes if self.pool is not None else 0)
 
     def __bool__(self) -> bool:
         return bool(self.filters)
@@ -79,8 +93,12 @@ class Pipeline:
     def names(self) -> list[str]:
         return [getattr(flt, "name", options.use) for flt, options in self.filters]
 
-    async def _call(self, flt: Any, name: str, data: bytes, context: FilterContext, timeout: float) -> Any:
-        """The filter's return value; raises what it raised, or trio.TooSlowError."""
+    async def _call(self, index: int, flt: Any, name: str, data: bytes, context: FilterContext,
+                    timeout: float) -> Any:
+        """The filter's return value; raises what it raised, PoolFilterError, or trio.TooSlowError."""
+        table = self._pooled[index]
+        if table is not None and self.pool is not None:
+            return await self.pool.call(table, index, data, context, timeout)
         # The concurrency slot is taken outside the timeout (waiting for a busy pipeline is no failure)
         # and given back as soon as the call returns or is abandoned.
         async with self.limiter:
@@ -91,18 +109,20 @@ class Pipeline:
 
     async def run(self, data: bytes, context: FilterContext) -> FilterResult:
         result = FilterResult(data)
-        for flt, options in self.filters:
+        for index, (flt, options) in enumerate(self.filters):
             name = getattr(flt, "name", options.use)
             outcome: Any = None
             error = ""
             try:
-                outcome = await self._call(flt, name, result.data, context, options.timeout)
+                outcome = await self._call(index, flt, name, result.data, context, options.timeout)
             except trio.TooSlowError:
                 error = f"timed out after {options.timeout:g} s"
+            except PoolFilterError as exc:
+                error = str(exc)
             except (Exception, SystemExit) as exc:  # a filter's bug must never cost a message
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                error = describe(exc)
             else:
-                error = _check_outcome(outcome, result.data)
+                error = check_outcome(outcome, result.data)
             if error:
                 log.warning("filter %s failed on %s of %r: %s", name, context.uid, context.user, error)
                 result.errors.append(f"{name}: {error}")
@@ -127,6 +147,12 @@ class Pipeline:
         return trio.run(self.run, data, context)
 
 
-def build_pipeline(tables: Sequence[dict[str, Any]], concurrency: int = 2) -> Pipeline:
-    """The pipeline the configuration asks for; a filter that cannot be loaded is a startup error."""
-    return Pipeline([load_filter(dict(table), index) for index, table in enumerate(tables)], concurrency)
+def build_pipeline(
+    tables: Sequence[dict[str, Any]], concurrency: int = 2, processes: int | str = "auto"
+) -> Pipeline:
+    """The pipeline the configuration asks for; a filter that cannot be loaded is a startup error.
+
+    ``processes``: at most this many pool processes for CPU-bound filters; 0 runs every filter in a
+    thread; "auto" is one per CPU (a caller running several server processes passes its share)."""
+    filters = [load_filter(dict(table), index) for index, table in enumerate(tables)]
+    return Pipeline(filters, concurrency, processes=resolve_processes(processes), tables=tables)

@@ -58,7 +58,8 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         self.root = settings.cache.root
         self.store_backend = settings.cache.backend
         migrate_cache_ids(settings, self.root)
-        self.pipeline = pipeline if pipeline is not None else build_pipeline(settings.filters)
+        self.pipeline = pipeline if pipeline is not None else build_pipeline(
+            settings.filters, processes=settings.sync.filter_processes)
         self._accounts: dict[str, _Account] = {}
         self._nursery: trio.Nursery | None = None
         # Keys the digests of passwords kept to skip scrypt (memory only; the worker processes of one

@@ -28,14 +28,16 @@ from typing import Callable
 
 import trio
 
-from pop3proxy.filtering.api import WARNING_HEADER, FilterContext, FilterResult
+from pop3proxy.filtering.api import WARNING_HEADER, FilterResult
 from pop3proxy.filtering.headers import format_header
 from pop3proxy.filtering.pipeline import Pipeline
 from pop3proxy.net.endpoint import UpstreamTooLarge
 from pop3proxy.net.pop3_client import UpstreamClient
 from pop3proxy.ops import metrics
+from pop3proxy.proxy.stages import FilterStage, Item, digest, store_batch  # noqa: F401  (digest: re-exported)
+from pop3proxy.proxy.stages import Window as _Window
+from pop3proxy.proxy.stages import unlink as _unlink
 from pop3proxy.store.base import Mailbox
-from pop3proxy.store.crlf import normalise
 from pop3proxy.store.spool import Spool, Spooled
 from pop3proxy.store.state import UserState
 
@@ -43,8 +45,8 @@ log = logging.getLogger("pop3proxy.proxy.sync")
 
 POLICIES = ("mirror", "after_fetch", "never")
 VANISHED = ("keep", "drop")
-PIPELINE_DEPTH = 64  # fetched messages waiting to be stored
-QUEUED_BYTES = 64 << 20  # octets of fetched messages waiting to be stored
+PIPELINE_DEPTH = 64  # fetched messages waiting to be filtered or stored
+QUEUED_BYTES = 64 << 20  # octets of fetched messages waiting to be filtered or stored
 MAX_FILTERED_SIZE = 32 << 20  # default of sync.max_filtered_size
 STORE_BATCH = 32  # messages made durable with one flush
 REFUSED = "refused_messages"  # state meta, JSON: uid -> {"tries", "next", "reason"}
@@ -75,58 +77,6 @@ def _first_error(exc: BaseException) -> BaseException:
         if not isinstance(found, trio.Cancelled):
             return found
     return exc
-
-
-@dataclass
-class _Item:
-    """A fetched message on its way to the cache: filtered in memory, or spooled to a file."""
-
-    number: int
-    uid: str
-    source: str  # digest of the message as the provider sent it
-    outcome: FilterResult | None = None
-    cached: bytes | None = None  # the filtered message in CRLF form
-    spooled: Spooled | None = None
-    held: bool = False
-
-    @property
-    def size(self) -> int:
-        return self.spooled.size if self.spooled is not None else len(self.cached or b"")
-
-    @property
-    def digest(self) -> str:
-        return self.spooled.cached if self.spooled is not None else digest(self.cached or b"")
-
-
-class _Window:
-    """Octets of fetched messages waiting to be stored, bounded (one message may always go)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._changed = trio.Condition()
-
-    async def reserve(self, size: int) -> None:
-        async with self._changed:
-            while self.used and self.used + size > self.limit:
-                await self._changed.wait()
-            self.used += size
-
-    async def release(self, size: int) -> None:
-        async with self._changed:
-            self.used -= size
-            self._changed.notify_all()
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def recover(mailbox: Mailbox, state: UserState) -> tuple[int, int]:
@@ -261,12 +211,14 @@ async def sync_mailbox(
         await client.dele(number)
         deleted_uids.append(uid)
 
-    # Fetching (network) and storing (disk, fsync) overlap: while one message is written and fsync'ed in
-    # a worker thread, the next ones are already being fetched and filtered. What waits in between is
+    # Fetching (network), filtering (threads, pool processes) and storing (disk, fsync) overlap: while
+    # messages are filtered, later ones keep arriving, and while a batch is written and fsync'ed, the next
+    # ones are filtered. They are stored in provider order. What waits between receiving and storing is
     # bounded by count and by octets (a message bigger than max_filtered_size waits on disk, not here).
     stored: list[tuple[int, str]] = []
-    send, receive = trio.open_memory_channel[_Item](PIPELINE_DEPTH)
-    waiting = _Window(QUEUED_BYTES)
+    send, receive = trio.open_memory_channel[Item](STORE_BATCH)
+    waiting = _Window(QUEUED_BYTES, PIPELINE_DEPTH)
+    filtering = FilterStage(pipeline, waiting, user, removed_dir, PIPELINE_DEPTH)
     unfiltered_mark = (format_header(WARNING_HEADER, f"not filtered: larger than {max_filtered_size} octets")
                        if pipeline.filters else b"")
 
@@ -283,8 +235,8 @@ async def sync_mailbox(
         log.warning("provider refused message %s of %r (try %d), skipped; retried in %g s: %s",
                     uid, user, tries, delay, exc)
 
-    async def take(number: int, uid: str, message: bytes | Spooled, source: str) -> None:
-        """A message received whole: known under an old UIDL, too big to filter, or filtered now."""
+    async def take(nursery: trio.Nursery, number: int, uid: str, message: bytes | Spooled, source: str) -> None:
+        """A message received whole: known under an old UIDL, too big to filter, or to be filtered."""
         refused.pop(uid, None)
         if orphans.get(source):
             row = await trio.to_thread.run_sync(state.adopt, orphans[source].pop(0), uid)
@@ -297,16 +249,11 @@ async def sync_mailbox(
         if isinstance(message, Spooled):
             log.warning("message %s of %r (%d octets) stored unfiltered: larger than "
                         "sync.max_filtered_size (%d)", uid, user, message.size, max_filtered_size)
-            await send.send(_Item(number, uid, source, spooled=message))
+            await filtering.add(nursery, Item(number, uid, source, spooled=message), None)
             return
-        context = FilterContext(user=user, uid=uid, removed_dir=removed_dir)
-        outcome = await pipeline.run(message, context)
-        del message
-        cached = normalise(outcome.data)
-        await waiting.reserve(len(cached))
-        await send.send(_Item(number, uid, source, outcome=outcome, cached=cached))
+        await filtering.add(nursery, Item(number, uid, source), message)
 
-    async def fetch() -> None:
+    async def fetch(nursery: trio.Nursery) -> None:
         """RETR the new messages, pipelined when the provider allows it: each goes into memory, or into
         a spool file once past max_filtered_size (from its first octet when LIST announced more)."""
         todo: dict[int, str] = {}
@@ -333,9 +280,9 @@ async def sync_mailbox(
                 return
             _, spool = receiving.pop("now")
             message = await trio.to_thread.run_sync(spool.finish) if spool.spilled else spool.finish()
-            await take(number, todo[number], message, spool.source.hexdigest())
+            await take(nursery, number, todo[number], message, spool.source.hexdigest())
 
-        async with send:
+        async with filtering.send:
             try:
                 await client.retr_many(list(todo), begin, end, sizes=sizes)
             except UpstreamTooLarge as exc:
@@ -360,37 +307,10 @@ async def sync_mailbox(
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
 
-                def store() -> list[_Item]:
-                    """Claim, write, settle, for the whole batch in one worker-thread hop: one flush to
-                    disk for all the messages. If this fails (or the process dies) between claim and
-                    settle, claims stay 'fetching' and recover() settles them."""
-                    granted = state.begin_fetch_many([(item.uid, item.digest) for item in batch],
-                                                     [item.source for item in batch])
-                    mine = [item for item, ok in zip(batch, granted) if ok]
-                    for item, ok in zip(batch, granted):
-                        if not ok and item.spooled is not None:
-                            _unlink(item.spooled.path)
-                    settled = []
-                    small = []
-                    for item in mine:
-                        if item.outcome is not None and item.outcome.hold and hold is not None:
-                            item.held = True
-                            settled.append((item.uid, hold(item.cached, item.uid, item.outcome), item.size, "held"))
-                        elif item.outcome is not None:
-                            small.append(item)
-                    infos = mailbox.add_many([item.cached for item in small])
-                    settled += [(item.uid, info.key, info.size, "cached") for item, info in zip(small, infos)]
-                    for item in mine:
-                        if item.spooled is not None:
-                            info = mailbox.add_file(item.spooled.path, item.spooled.size)
-                            settled.append((item.uid, info.key, info.size, "cached"))
-                    state.finish_fetch_many(settled)
-                    return mine
-
                 try:
-                    mine = await trio.to_thread.run_sync(store)
+                    mine = await trio.to_thread.run_sync(store_batch, state, mailbox, hold, batch)
                 finally:
-                    await waiting.release(sum(len(item.cached) for item in batch if item.cached is not None))
+                    await waiting.release(sum(item.reserved for item in batch), len(batch))
                 for item in mine:
                     stored.append((item.number, item.uid))
                     if item.held:
@@ -406,7 +326,8 @@ async def sync_mailbox(
         progress(0, len(new))
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(fetch)
+            nursery.start_soon(fetch, nursery)
+            nursery.start_soon(filtering.in_order, send)
             nursery.start_soon(keep)
     except BaseException as exc:
         # Callers handle UpstreamError, OSError and StateError: hand them the first real error, not a
