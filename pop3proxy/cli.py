@@ -106,7 +106,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from pop3proxy.filtering.pipeline import build_pipeline
 
     try:
-        build_pipeline(settings.filters)
+        build_pipeline(settings.filters, processes=settings.sync.filter_processes)
     except FilterConfigError as exc:
         raise CliError(f"config error: {exc}", EXIT_USAGE) from None
     print(f"# effective configuration from {source or '(built-in defaults)'} and POP3PROXY_* variables")
@@ -242,7 +242,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     from pop3proxy.filtering.summary import change_summary
 
     try:
-        pipeline = build_pipeline(settings.filters)
+        pipeline = build_pipeline(settings.filters, processes=settings.sync.filter_processes)
     except FilterConfigError as exc:
         raise CliError(f"config error: {exc}", EXIT_USAGE) from None
     messages = []

@@ -223,9 +223,10 @@ class SyncSettings(_Section):
         description="Largest message held in memory and passed through the filters; a larger one is streamed "
                     "to the cache unfiltered, marked with an X-POP3Proxy-Warning header.")
     filter_processes: int | Literal["auto"] = Field(
-        "auto",
-        description="Worker processes for filters that compute (the built-in Bayes spam check, attachments): "
-                    "at most this many; \"auto\" is one per CPU; 0 runs every filter in a thread.")
+        0,
+        description="Processes for filters that compute (the built-in Bayes spam check, attachments): at most "
+                    "this many per POP3 worker; \"auto\" shares the CPUs among the workers; 0 (default) runs "
+                    "every filter in a thread (faster where no core is idle: see docs/BENCHMARKS.md).")
 
     @field_validator("filter_processes")
     @classmethod

@@ -51,9 +51,10 @@ YOUNG = 10.0  # a worker that dies within this many seconds of its start died yo
 
 def worker_count(settings: Settings) -> int:
     """``listen.workers``, with 0 meaning one per CPU this process may run on."""
-    wanted = settings.listen.workers
-    if wanted:
-        return wanted
+    return settings.listen.workers or cpu_count()
+
+
+def cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -75,7 +76,10 @@ def worker_settings(settings: Settings, workers: int) -> Settings:
     upstream = settings.upstream.model_copy(update={
         "early_connections": math.ceil(settings.upstream.early_connections / workers),
     })
-    return settings.model_copy(update={"listen": listen, "upstream": upstream})
+    sync = settings.sync
+    if sync.filter_processes == "auto":  # the CPUs shared among the workers, one filter process each at least
+        sync = sync.model_copy(update={"filter_processes": max(1, cpu_count() // workers)})
+    return settings.model_copy(update={"listen": listen, "upstream": upstream, "sync": sync})
 
 
 # -- the parent ------------------------------------------------------------------------------------
