@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import trio
@@ -61,9 +62,21 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+METRICS_PREFIX = "pop3proxy-metrics-"
+
+
 def prepare_metrics() -> str:
-    """Point prometheus_client at a fresh private directory (before it is imported); returns it."""
-    path = tempfile.mkdtemp(prefix="pop3proxy-metrics-")
+    """Point prometheus_client at a fresh private directory (before it is imported); returns it.
+    Directories left by a supervisor that was killed (its pid is in the name) are removed first."""
+    base = Path(tempfile.gettempdir())
+    for stale in base.glob(METRICS_PREFIX + "*"):
+        pid = stale.name[len(METRICS_PREFIX):].split("-", 1)[0]
+        try:
+            if pid.isdigit() and stale.stat().st_uid == os.getuid() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            continue
+    path = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     os.environ[METRICS_ENV] = path
     return path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 import trio.testing
@@ -166,3 +168,23 @@ def test_a_worker_gets_its_share_of_the_per_process_limits():
     assert share.sync.filter_processes == max(1, cpu_count() // 2)
     assert worker_settings(settings.model_copy(update={"sync": settings.sync.model_copy(
         update={"filter_processes": 3})}), 2).sync.filter_processes == 3
+
+
+def test_metrics_directories_of_killed_supervisors_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from pop3proxy import workers
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{workers.METRICS_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{workers.METRICS_PREFIX}{os.getpid()}-def"
+    for path in (stale, live):
+        path.mkdir()
+        (path / "counter_1.db").write_bytes(b"x")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(workers.METRICS_ENV, raising=False)
+    made = workers.prepare_metrics()
+    assert os.environ[workers.METRICS_ENV] == made and os.path.isdir(made)
+    assert not stale.exists() and live.exists()
