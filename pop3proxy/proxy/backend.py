@@ -47,7 +47,8 @@ from pop3proxy.store.state import StateError, UserState
 log = logging.getLogger("pop3proxy.proxy")
 
 OFFLINE_HASH = "offline_hash"
-OFFLINE_MEMO = "offline_memo"  # keyed digest of (hash, password): the hash matches, no scrypt needed
+OFFLINE_MEMO = "offline_memo"
+PREFETCHED = ".prefetched"  # in the account's cache directory: when its last complete prefetch ended  # keyed digest of (hash, password): the hash matches, no scrypt needed
 LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
 
 
@@ -425,14 +426,22 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
 
     def _fresh_prefetch(self, route: Route, password: str) -> bool:
         """True when a login may be served from the cache without asking the provider: the account has
-        a configured password, the client gave exactly it, and the background sync succeeded recently."""
+        a configured password, the client gave exactly it, and the background sync succeeded recently
+        (here, or in the supervising process of a multi-process service: the mark file's time)."""
         configured = self.passwords.get(route.cache_id)
-        synced = self._prefetched.get(route.cache_id)
-        if configured is None or synced is None:
+        if configured is None:
             return False
-        if time.monotonic() - synced > self.settings.sync.interval * 1.5:
+        synced = self._prefetched.get(route.cache_id)
+        age = time.monotonic() - synced if synced is not None else self._prefetch_mark_age(route.cache_id)
+        if age > self.settings.sync.interval * 1.5:
             return False
         return hmac.compare_digest(configured.encode("utf-8"), password.encode("utf-8"))
+
+    def _prefetch_mark_age(self, cache_id: str) -> float:
+        try:
+            return time.time() - (user_dir(self.root, cache_id) / PREFETCHED).stat().st_mtime
+        except OSError:
+            return float("inf")
 
     # -- background prefetch ---------------------------------------------------------------------
 
@@ -452,6 +461,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
                     result = await self._sync(route, client, secret, progress)
             if not result.remaining and password is not None:
                 self._prefetched[route.cache_id] = time.monotonic()
+                await trio.to_thread.run_sync((user_dir(self.root, route.cache_id) / PREFETCHED).touch)
                 log.info("prefetch of %r complete: logins with its configured password are served from "
                          "the cache until the next interval", route.cache_id)
             return result

@@ -361,9 +361,11 @@ def test_curl_and_fetchmail_through_the_proxy(proxy, dovecot, tmp_path):
     assert dovecot.messages(dovecot.user) == []
 
 
-def test_fresh_prefetch_serves_login_without_asking_the_provider(proxy, dovecot, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fresh_prefetch_serves_login_without_asking_the_provider(proxy, dovecot, tmp_path, workers):
     """An account with a configured password, synced in the background moments ago, logs in from the
-    cache: no provider round trip (the warm-login latency that users feel)."""
+    cache: no provider round trip (the warm-login latency that users feel). With worker processes the
+    supervisor prefetches and the workers serve."""
     messages = [sample(i) for i in range(3)]
     for m in messages:
         dovecot.deliver(dovecot.user, m)
@@ -372,6 +374,7 @@ def test_fresh_prefetch_serves_login_without_asking_the_provider(proxy, dovecot,
     secret.chmod(0o600)
     proxy.start(
         sync={"interval": 60},
+        listen={"host": HOST, "port": 0, "workers": workers},
         **{f'accounts."{dovecot.user}"': {"password_file": str(secret)}},
     )
     wait_for(lambda: "prefetch of" in proxy.output() and "complete" in proxy.output(), timeout=20)
