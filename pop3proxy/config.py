@@ -42,6 +42,14 @@ class _Section(BaseModel):
 MAX_WORKERS = 64
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``listen.workers = 0``, ``sync.filter_processes = "auto"``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 class ListenSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the POP3 listeners bind to.")
     port: int | None = Field(1110, ge=0, le=65535, description="Plain POP3 port (STLS offered when a certificate is set); empty to disable.")

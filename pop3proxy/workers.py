@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import trio
 
-from pop3proxy.config import Settings
+from pop3proxy.config import Settings, usable_cpus
 from pop3proxy.errors import StartupError
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.shared import GateServer, RemoteGate
@@ -56,10 +56,7 @@ def worker_count(settings: Settings) -> int:
 
 
 def cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    return usable_cpus()
 
 
 METRICS_PREFIX = "pop3proxy-metrics-"

@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 import trio_parallel
 
+from pop3proxy.config import usable_cpus
 from pop3proxy.filtering.api import ACTIONS, FilterContext, FilterOutcome
 from pop3proxy.filtering.loader import load_filter
 
@@ -39,10 +39,7 @@ def cpu_bound(flt: Any) -> bool:
 def resolve_processes(value: int | str) -> int:
     """``filters`` processes as configured: "auto" is the number of CPUs this process may use."""
     if value == "auto":
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):
-            return max(1, os.cpu_count() or 1)
+        return usable_cpus()
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"filter processes must be a number >= 0 or 'auto', not {value!r}")
     return value

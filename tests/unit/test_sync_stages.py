@@ -72,6 +72,8 @@ async def test_filtered_messages_leave_in_the_order_they_came():
         for i, item in enumerate(items):
             await stage.add(nursery, item, message(i))
         await stage.send.aclose()
+        for item in items[1:]:  # filtered (in threads or pool processes) while message 0 waits
+            await item.ready.wait()
         await trio.testing.wait_all_tasks_blocked()
         assert [item.ready.is_set() for item in items] == [False, True, True, True]
         assert out_receive.statistics().current_buffer_used == 0
