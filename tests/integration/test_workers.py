@@ -36,9 +36,9 @@ def socket_inode(server_port: int, client_port: int) -> str | None:
     return None
 
 
-def serving_worker(server, client: poplib.POP3) -> int:
-    """The pid of the worker process that serves ``client``."""
-    inode = socket_inode(server.port, client.sock.getsockname()[1])
+def serving_worker(server, client: poplib.POP3, port: int | None = None) -> int:
+    """The pid of the worker process that serves ``client`` (connected to ``port``, the plain one by default)."""
+    inode = socket_inode(port or server.port, client.sock.getsockname()[1])
     assert inode is not None, "the server side of the connection is not in /proc/net/tcp"
     for pid in children_of(server.proc.pid):
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -221,3 +221,43 @@ def test_the_parent_alone_runs_what_runs_once(tmp_path, server_process):
     assert out.count("listening for SMTP") == 1 and out.count("listening for metrics") == 1
     assert out.count("listening for POP3") == 1
     assert "serving with 2 worker processes" in out
+
+
+def test_tls_and_certificate_reload_in_every_worker(tmp_path, server_process, server_cert, ca):
+    import ssl
+
+    certfile, keyfile, ca_file = server_cert
+    live_cert, live_key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    live_cert.write_bytes(certfile.read_bytes())
+    live_key.write_bytes(keyfile.read_bytes())
+    users_file = tmp_path / "users"
+    set_password(users_file, "alice", "pw")
+    config = write_config(tmp_path / "pop3proxy.toml", {
+        "listen": {"host": HOST, "port": 0, "tls_port": 0, "workers": 2, "certfile": live_cert, "keyfile": live_key},
+        "local": {"users_file": users_file}, "cache": {"root": tmp_path / "cache"}})
+    server = server_process(config).start(tls=True)
+    context = ssl.create_default_context(cafile=str(ca_file))
+
+    def serial_numbers() -> set[int]:
+        seen, workers = set(), set()
+        for _ in range(40):
+            client = poplib.POP3_SSL(HOST, server.tls_port, context=context, timeout=10)
+            workers.add(serving_worker(server, client, server.tls_port))
+            seen.add(ssl.DER_cert_to_PEM_cert(client.sock.getpeercert(True)))
+            client.user("alice")
+            client.pass_("pw")
+            client.quit()
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2, "every TLS session went to one worker"
+        return seen
+
+    assert serial_numbers() == {certfile.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"}
+    fresh = ca.issue_cert("localhost", "127.0.0.1")
+    fresh.cert_chain_pems[0].write_to_path(str(live_cert))
+    for pem in fresh.cert_chain_pems[1:]:
+        pem.write_to_path(str(live_cert), append=True)
+    fresh.private_key_pem.write_to_path(str(live_key))
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: server.output().count("SIGHUP: certificate reloaded") == 3)  # supervisor and both workers
+    assert serial_numbers() == {fresh.cert_chain_pems[0].bytes().decode()}
