@@ -54,7 +54,18 @@ async def serve_web(
 
     try:
         await serve(app, config, task_status=Status())
-    except OSError as exc:
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _only_os_error(exc)
+        if error is None:
+            raise
         raise ListenError(
-            f"cannot listen for the web console on {web.host}:{web.port}: {(exc.strerror or str(exc)).lower()}"
+            f"cannot listen for the web console on {web.host}:{web.port}: {(error.strerror or str(error)).lower()}"
         ) from None
+
+
+def _only_os_error(exc: BaseException) -> OSError | None:
+    """The OSError that ``exc`` is, or that is all a (nested) exception group holds (newer trio versions
+    wrap hypercorn's failure to bind in its nursery's group)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
