@@ -1,8 +1,9 @@
 """``sync.auth_cache_ttl``: a login whose password the provider accepted within the TTL is served from
 the cache at once; the provider is asked in the background, and an entry it refuses is dropped.
 
-Only a keyed digest of each password is kept (the key is random and lives in memory only); a different
-password never uses an entry. The trade-off (a password changed at the provider keeps opening the cache
+Only a keyed digest of each password is kept (the key is random and lives in memory only, shared by the
+worker processes of one service); a different password never uses an entry. An entry is a small file in
+the account's cache directory, so that every worker process serves from it and a drop holds for all. The trade-off (a password changed at the provider keeps opening the cache
 until the entry expires or the background check sees it refused) is in SECURITY.md.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
+from pathlib import Path
 
 import trio
 
@@ -18,8 +21,12 @@ from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamError
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.routing import Route
+from pop3proxy.store.paths import make_user_dir, user_dir
 
 log = logging.getLogger("pop3proxy.proxy")
+
+
+AUTH_CACHE_FILE = ".auth-cache"  # in the account's cache directory: "<keyed digest> <time accepted>"
 
 
 class AuthCache:
@@ -28,16 +35,36 @@ class AuthCache:
     def _keyed(self, password: str) -> bytes:
         return hmac.new(self.memo_key, password.encode("utf-8"), "sha256").digest()
 
+    def _auth_entry(self, cache_id: str) -> Path:
+        return user_dir(self.root, cache_id) / AUTH_CACHE_FILE
+
+    def _auth_remember(self, route: Route, password: str) -> None:
+        """The provider accepted ``password`` just now (written atomically; an error only costs the entry)."""
+        try:
+            directory = make_user_dir(self.root, route.cache_id)
+            temporary = directory / f"{AUTH_CACHE_FILE}.{os.getpid()}"
+            temporary.write_text(f"{self._keyed(password).hex()} {time.time():.6f}\n")
+            temporary.replace(directory / AUTH_CACHE_FILE)
+        except OSError as exc:
+            log.warning("auth cache entry of %r not kept: %s", route.cache_id, exc)
+
+    def _auth_forget(self, route: Route) -> None:
+        self._auth_entry(route.cache_id).unlink(missing_ok=True)
+
     def _auth_cached(self, route: Route, password: str) -> bool:
         """``sync.auth_cache_ttl``: this password was accepted by the provider for this account within
-        the TTL (a keyed digest in memory only, never the password)."""
-        entry = self._auth_cache.get(route.cache_id)
-        if entry is None or isinstance(password, BearerToken):
+        the TTL (a keyed digest, never the password)."""
+        if isinstance(password, BearerToken):
             return False
-        if time.monotonic() - entry[1] > self.settings.sync.auth_cache_ttl:
-            del self._auth_cache[route.cache_id]
+        try:
+            digest, accepted = self._auth_entry(route.cache_id).read_text().split()
+            age = time.time() - float(accepted)
+        except (OSError, ValueError):
             return False
-        return hmac.compare_digest(entry[0], self._keyed(password))
+        if not 0 <= age <= self.settings.sync.auth_cache_ttl:
+            self._auth_forget(route)
+            return False
+        return hmac.compare_digest(digest.encode(), self._keyed(password).hex().encode())
 
     async def _check_in_background(self, route: Route, password: str, client: UpstreamClient | None) -> None:
         """After a login served from the auth cache: log in at the provider (a refusal drops the entry)
@@ -53,7 +80,7 @@ class AuthCache:
         except UpstreamError as exc:
             await client.aclose()
             if isinstance(exc, UpstreamAuthError) and exc.code == "AUTH":
-                self._auth_cache.pop(route.cache_id, None)
+                self._auth_forget(route)
                 log.warning("the provider no longer accepts the cached password of %r: auth cache entry "
                             "dropped (the login it served stays)", route.cache_id)
             return

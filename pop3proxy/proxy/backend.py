@@ -68,7 +68,6 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         self.memo_key = secrets.token_bytes(32)
         self._memo: dict[tuple[str, str], bytes] = {}
         self._prefetched: dict[str, float] = {}  # cache id -> when its last complete prefetch ended
-        self._auth_cache: dict[str, tuple[bytes, float]] = {}  # cache id -> (keyed password digest, when)
         self.passwords: dict[str, str] = {}
         # Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console.
         self.syncing: dict[str, tuple[int, int]] = {}
@@ -156,7 +155,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             raise
         metrics.upstream_latency(time.monotonic() - started)
         if self.settings.sync.auth_cache_ttl > 0:
-            self._auth_cache[route.cache_id] = (self._keyed(password), time.monotonic())
+            self._auth_remember(route, password)
         return await self._online_session(route, client, password)
 
     def _open_files(self, route: Route) -> tuple[Mailbox, UserState]:

@@ -9,7 +9,7 @@ from helpers.common import HOST, wait_for
 from helpers.proxy import cached, retr_all, sample
 
 from pop3proxy.config import Settings
-from pop3proxy.proxy import backend as backend_module
+from pop3proxy.proxy import auth_cache as auth_cache_module
 from pop3proxy.proxy.backend import ProxyBackend
 from pop3proxy.proxy.routing import resolve
 
@@ -59,10 +59,24 @@ def test_an_entry_is_used_up_to_the_ttl_and_not_after(tmp_path, monkeypatch):
     backend = ProxyBackend(settings)
     route = resolve("alice", settings)
     now = [1000.0]
-    monkeypatch.setattr(backend_module.time, "monotonic", lambda: now[0])
-    backend._auth_cache[route.cache_id] = (backend._keyed("pw"), 1000.0)
+    monkeypatch.setattr(auth_cache_module.time, "time", lambda: now[0])
+    backend._auth_remember(route, "pw")
     assert not backend._auth_cached(route, "other")
     now[0] = 1060.0  # exactly the TTL
     assert backend._auth_cached(route, "pw")
     now[0] = 1060.001
-    assert not backend._auth_cached(route, "pw") and route.cache_id not in backend._auth_cache
+    assert not backend._auth_cached(route, "pw") and not backend._auth_entry(route.cache_id).exists()
+
+
+def test_an_entry_serves_logins_on_every_worker(proxy, dovecot):
+    # Two worker processes: a login on either is served from the entry made by a provider login on one
+    # of them (new connections land on both; each login finds one new message not yet cached).
+    dovecot.deliver(dovecot.user, sample(1))
+    proxy.start(sync={"auth_cache_ttl": 300}, listen={"host": HOST, "port": 0, "workers": 2})
+    proxy.client(dovecot.user, dovecot.password).quit()  # asks the provider: the entry is made
+    for i in range(2, 10):
+        dovecot.deliver(dovecot.user, sample(i))
+        client = proxy.client(dovecot.user, dovecot.password)
+        assert client.stat()[0] == i - 1, f"login {i} was not served from the auth cache"
+        client.quit()
+        wait_for(lambda: len(cached(proxy, dovecot.user)) == i, timeout=10)  # fetched in the background
