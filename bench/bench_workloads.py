@@ -253,18 +253,29 @@ def w3_login_latency(bench: Bench) -> None:
 def _w3_auth_cache(bench: Bench, name: str, password: str, direct: list[float]) -> None:
     """The same logins through a pop3proxy with sync.auth_cache_ttl: served at once, checked behind."""
     row = Row("w3.cached", "3. login latency with sync.auth_cache_ttl = 300, median", "ms", False)
-    cached = Pop3proxy(bench.tmp / "pop3proxy-authcache", upstream_port=bench.dovecot.port,
-                       extra={"sync": {"auth_cache_ttl": 300}})
-    values: list[float] = []
-    try:
-        cached.start()
-        bc.login_latency(cached.port, name, password)  # the first login asks the provider: the entry
-        for _ in range(max(10, bench.scale.logins)):
-            values.append(bc.login_latency(cached.port, name, password))
-    except (ServerUnavailable, bc.Pop3Error, OSError) as exc:
-        row.notes.append(f"not available: {type(exc).__name__}: {str(exc)[:160]}")
-    finally:
-        cached.stop()
+
+    def measure(workers: int) -> list[float]:
+        cached = Pop3proxy(bench.tmp / f"pop3proxy-authcache-{workers}", upstream_port=bench.dovecot.port,
+                           extra={"sync": {"auth_cache_ttl": 300}}, workers=workers)
+        values: list[float] = []
+        try:
+            cached.start()
+            bc.login_latency(cached.port, name, password)  # the first login asks the provider: the entry
+            for _ in range(max(10, bench.scale.logins)):
+                values.append(bc.login_latency(cached.port, name, password))
+        except (ServerUnavailable, bc.Pop3Error, OSError) as exc:
+            row.notes.append(f"not available: {type(exc).__name__}: {str(exc)[:160]}")
+        finally:
+            cached.stop()
+        return values
+
+    values = measure(0)
+    single = measure(1)
+    if single:
+        row.notes.append(f"in one process (listen.workers = 1): {median(single) * 1000:.2f} ms. With several, a "
+                         "login that reaches another worker than the previous login of the same account waits for "
+                         "that login's background check (the mailbox lock is per process), as here where one "
+                         "user logs in again and again")
     row.values = {"dovecot": None if not direct else median(direct) * 1000,
                   "pop3proxy": None if not values else median(values) * 1000}
     row.runs = {"dovecot": len(direct), "pop3proxy": len(values)}

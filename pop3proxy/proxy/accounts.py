@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # a client that reconnects at once after QUIT may reach another worker while the first one is still
 # closing the mailbox. flock() cannot be waited for asynchronously (nor cancelled), so it is polled.
 LOCK_WAIT = 2.0
-LOCK_POLL = 0.02
+LOCK_POLL = 0.005
 
 
 async def lock_waiting(root: Path, cache_id: str, wait: float = LOCK_WAIT) -> MailboxLock:
