@@ -101,9 +101,9 @@ def parse(message: bytes) -> email.message.Message:
     return email.message_from_bytes(message, policy=email.policy.compat32)
 
 
-def tokens(message: bytes) -> set[str]:
-    """The set of tokens that stand for a message."""
-    msg = parse(message)
+def tokens(message: bytes, msg: email.message.Message | None = None) -> set[str]:
+    """The set of tokens that stand for a message (``msg``: the message already parsed by `parse`)."""
+    msg = msg if msg is not None else parse(message)
     found: set[str] = set()
     for name in _HEADERS:
         for value in msg.get_all(name, []) or []:
@@ -132,13 +132,14 @@ def tokens(message: bytes) -> set[str]:
     return found
 
 
-def has_gtube(message: bytes) -> bool:
-    """Whether the message carries the GTUBE test string, raw or in a decoded text part."""
+def has_gtube(message: bytes, msg: email.message.Message | None = None) -> bool:
+    """Whether the message carries the GTUBE test string, raw or in a decoded text part (``msg``: the
+    message already parsed by `parse`)."""
     if GTUBE in message:
         return True
     gtube = GTUBE.decode("ascii")
     try:
-        for part in parse(message).walk():
+        for part in (msg if msg is not None else parse(message)).walk():
             if part.get_content_maintype() == "text" and gtube in _part_text(part):
                 return True
     except Exception:
@@ -272,7 +273,7 @@ class Bayes:
             return 0, 0  # an empty file: nothing trained
         return rows.get("spam", 0), rows.get("ham", 0)
 
-    def classify(self, message: bytes) -> Classification:
+    def classify(self, message: bytes, msg: email.message.Message | None = None) -> Classification:
         db = self._connect(create=False)
         if db is None:
             return Classification(0.5, 0, 0)
@@ -280,7 +281,7 @@ class Bayes:
             nspam, nham = self._counts(db)
             if not nspam or not nham:
                 return Classification(0.5, nspam, nham)
-            words = sorted(tokens(message))
+            words = sorted(tokens(message, msg))
             probabilities = []
             for start in range(0, len(words), 500):
                 batch = words[start:start + 500]

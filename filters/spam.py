@@ -51,7 +51,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pop3proxy.filtering import FilterContext, FilterOutcome, add_header, header_end
-from pop3proxy.filters._bayes import Bayes, default_database, has_gtube, train_command
+from pop3proxy.filters._bayes import Bayes, default_database, has_gtube, parse, train_command
 from pop3proxy.filters._net import parse_address
 from pop3proxy.filters._rspamd import RspamdClient, RspamdController, RspamdError
 from pop3proxy.filters._spamd import SpamdClient, SpamdError
@@ -329,9 +329,13 @@ class SpamFilter:
     def _builtin(self, message: bytes) -> Report:
         assert self.bayes is not None
         score, tests = 0.0, []
-        if has_gtube(message):
+        try:  # parsed once for both the GTUBE look and the tokens (the parse is most of their cost)
+            msg = parse(message)
+        except Exception:
+            msg = None
+        if has_gtube(message, msg):
             score, tests = 1000.0, ["GTUBE"]
-        result = self.bayes.classify(message)
+        result = self.bayes.classify(message, msg)
         note = ""
         if result.nspam >= self.config.min_trained and result.nham >= self.config.min_trained:
             score += round(20.0 * (result.probability - 0.5), 1)
