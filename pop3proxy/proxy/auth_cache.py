@@ -21,6 +21,7 @@ from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamError
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.routing import Route
+from pop3proxy.store.locks import MailboxBusy
 from pop3proxy.store.paths import make_user_dir, user_dir
 
 log = logging.getLogger("pop3proxy.proxy")
@@ -87,5 +88,11 @@ class AuthCache:
         if account.sync_lock.locked():
             await client.aclose()
             return
-        await account.acquire(session=False)
+        try:
+            await account.acquire(session=False)
+        except MailboxBusy:  # another process (a worker, `pop3proxy sync`) has the mailbox: it is its turn
+            await client.aclose()
+            log.info("background check of %r: password accepted; fetch skipped: the mailbox is in use "
+                     "elsewhere (the next login fetches)", route.cache_id)
+            return
         await self._background_sync(route, account, client, password, trio.Event(), {})

@@ -80,3 +80,25 @@ def test_an_entry_serves_logins_on_every_worker(proxy, dovecot):
         assert client.stat()[0] == i - 1, f"login {i} was not served from the auth cache"
         client.quit()
         wait_for(lambda: len(cached(proxy, dovecot.user)) == i, timeout=10)  # fetched in the background
+
+
+async def test_a_check_that_finds_the_mailbox_locked_elsewhere_is_skipped_not_fatal(dovecot, tmp_path, caplog):
+    # Another process (another worker, `pop3proxy sync`) holds the account's lock when the background
+    # check after an auth-cached login wants to fetch: the check skips its fetch instead of failing the
+    # task group it runs in (that took a whole worker process down, with every session on it).
+    import logging
+
+    import trio
+
+    from pop3proxy.store.locks import lock_mailbox
+
+    settings = Settings.model_validate({"upstream": {"host": HOST, "port": dovecot.port, "tls": "none"},
+                                        "cache": {"root": str(tmp_path)}, "sync": {"auth_cache_ttl": 300}})
+    backend = ProxyBackend(settings)
+    route = resolve(dovecot.user, settings)
+    caplog.set_level(logging.INFO, logger="pop3proxy")
+    with lock_mailbox(tmp_path, route.cache_id):  # as another process would
+        async with trio.open_nursery() as nursery:
+            backend.attach(nursery, background=False)
+            await backend._check_in_background(route, dovecot.password, None)
+    assert "fetch skipped" in caplog.text

@@ -95,13 +95,15 @@ def test_failed_logins_count_across_workers(tmp_path, server_process):
 def test_session_limits_hold_across_workers(tmp_path, server_process):
     server = local_server(tmp_path, server_process, users=[f"u{i}" for i in range(4)],
                           listen={"max_sessions_per_address": 4})
-    open_ = []
-    for i in range(4):  # logged in: never closed to make room
-        client = poplib.POP3(HOST, server.port, timeout=10)
-        client.user(f"u{i}")
-        client.pass_("pw")
-        open_.append(client)
-    assert len({serving_worker(server, c) for c in open_}) >= 1
+    for _ in range(20):  # four logged-in sessions (never closed to make room), on both workers
+        # (a slot given back by the previous try may still be on its way to the supervisor: retried)
+        open_ = [wait_for(lambda i=i: _logged_in(server.port, f"u{i}")) for i in range(4)]
+        if len({serving_worker(server, c) for c in open_}) == 2:
+            break
+        for client in open_:
+            client.quit()
+    else:
+        raise AssertionError("20 tries put all four sessions on one worker")
     with socket.create_connection((HOST, server.port), timeout=10) as extra:
         assert b"too many sessions from your address" in extra.recv(200)
     open_.pop().quit()
@@ -113,6 +115,18 @@ def test_session_limits_hold_across_workers(tmp_path, server_process):
 def _greeted(port: int) -> bool:
     with socket.create_connection((HOST, port), timeout=10) as sock:
         return sock.recv(200).startswith(b"+OK")
+
+
+def _logged_in(port: int, user: str) -> poplib.POP3 | None:
+    """A session of ``user``, or None when the server refused the connection for want of room."""
+    try:
+        client = poplib.POP3(HOST, port, timeout=10)
+    except poplib.error_proto as exc:
+        assert b"too many sessions" in exc.args[0], exc
+        return None
+    client.user(user)
+    client.pass_("pw")
+    return client
 
 
 @pytest.mark.dovecot
