@@ -220,10 +220,18 @@ async def run_until_signal(settings: Settings, backend: Backend | None = None, o
             ports = await nursery.start(run_service, settings, backend)
             if on_ready is not None:
                 on_ready(ports)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    nursery.start_soon(reload_tls, settings, ports.state)
-                    continue
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+            await until_stopped(signals, nursery, settings, ports.state)
+
+
+async def until_stopped(signals, nursery: trio.Nursery, settings: Settings, state: ServerState,
+                        on_reload: Callable[[], None] = lambda: None) -> None:
+    """Act on signals until one stops the service: SIGHUP reloads the certificate (and calls
+    ``on_reload``); SIGINT or SIGTERM cancels ``nursery``."""
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            nursery.start_soon(reload_tls, settings, state)
+            on_reload()
+            continue
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        nursery.cancel_scope.cancel()
+        return

@@ -29,3 +29,11 @@ class LoginError(Exception):
         # A password was tried even though the answer is not [AUTH] (the provider took it and did not
         # answer in time): the throttle counts it like a refused one.
         self.guess = guess
+
+
+def sole_exception(exc: BaseException) -> BaseException:
+    """What an exception group holding a single exception (nested any depth, as trio's nurseries make
+    them) holds; any other exception as it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -1,13 +1,14 @@
 """Several processes serving POP3 (``listen.workers``): a supervising parent and its workers.
 
-The parent reserves the POP3 ports (bound, not listening), keeps the `Gate` (sessions per address, the login throttle)
-and runs what must run once per service (SMTP relay and queue runner, metrics, web console, the
-prefetch loop and OAuth2 renewals). Each worker is ``python -m pop3proxy.workers`` started with the
-addresses and one end of a socket pair to the parent; it listens on the same ports with SO_REUSEPORT
-(the kernel spreads new connections evenly over the workers' sockets; with one shared socket the
-worker that happens to be awake takes nearly every connection), serves its clients, and asks the
-parent's gate over that pair. Only processes of the same user can join those ports. A worker that dies is replaced (after a pause that grows while
-workers keep dying young); the sessions of the other workers go on. When the parent goes away, its
+The parent reserves the POP3 ports (bound, not listening), keeps the `Gate` (sessions, sessions per
+address, the login throttle) and runs what must run once per service (SMTP relay and queue runner,
+metrics, web console, the prefetch loop and OAuth2 renewals). Each worker is ``python -m
+pop3proxy.workers`` started with the addresses and one end of a socket pair to the parent; it listens
+on the same ports with SO_REUSEPORT (the kernel spreads new connections evenly over the workers'
+sockets; with one shared socket the worker that happens to be awake takes nearly every connection),
+serves its clients, and asks the parent's gate over that pair. Only processes of the same user can
+join those ports. A worker that dies is replaced (after a pause that grows while workers keep dying
+young); the sessions of the other workers go on. When the parent goes away, its
 workers stop. Counters and gauges of all processes are added up by prometheus_client's multiprocess
 mode (``PROMETHEUS_MULTIPROC_DIR``, a private directory the parent sets up and removes).
 
@@ -36,7 +37,7 @@ from typing import Any, Callable
 import trio
 
 from pop3proxy.config import Settings, usable_cpus
-from pop3proxy.errors import StartupError
+from pop3proxy.errors import ListenError, StartupError, sole_exception
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.shared import GateServer, RemoteGate
 
@@ -52,11 +53,7 @@ YOUNG = 10.0  # a worker that dies within this many seconds of its start died yo
 
 def worker_count(settings: Settings) -> int:
     """``listen.workers``, with 0 meaning one per CPU this process may run on."""
-    return settings.listen.workers or cpu_count()
-
-
-def cpu_count() -> int:
-    return usable_cpus()
+    return settings.listen.workers or usable_cpus()
 
 
 METRICS_PREFIX = "pop3proxy-metrics-"
@@ -88,7 +85,7 @@ def worker_settings(settings: Settings, workers: int) -> Settings:
     })
     sync = settings.sync
     if sync.filter_processes == "auto":  # the CPUs shared among the workers, one filter process each at least
-        sync = sync.model_copy(update={"filter_processes": max(1, cpu_count() // workers)})
+        sync = sync.model_copy(update={"filter_processes": max(1, usable_cpus() // workers)})
     return settings.model_copy(update={"listen": listen, "upstream": upstream, "sync": sync})
 
 
@@ -102,7 +99,6 @@ class Worker:
         self.index = index
         self.process: trio.Process | None = None
         self.ready = trio.Event()
-        self.restarts = 0
 
 
 class Supervisor:
@@ -141,7 +137,6 @@ class Supervisor:
                 return
             if not worker.ready.is_set():
                 raise StartupError(f"worker process {worker.index} stopped before serving ({_exit(code)})")
-            worker.restarts += 1
             young = time.monotonic() - started < YOUNG
             wait = pause if young else 0.0
             pause = min(RESTART_MAX, pause * 2) if young else RESTART_FIRST
@@ -238,8 +233,6 @@ async def reserve(host: str, port: int) -> list[trio.socket.SocketType]:
 
 async def reserve_ports(settings: Settings) -> tuple[list[trio.socket.SocketType], list[tuple[int, Any, bool]]]:
     """The POP3 ports reserved, and the (family, address, implicit TLS) the workers listen on."""
-    from pop3proxy.errors import ListenError
-
     listen = settings.listen
     reserved: list[trio.socket.SocketType] = []
     addresses: list[tuple[int, Any, bool]] = []
@@ -267,8 +260,8 @@ async def run_supervised(settings: Settings, workers: int,
         build_backend,
         build_server_config,
         log_listening,
-        reload_tls,
         start_services,
+        until_stopped,
     )
     from pop3proxy.net.pop3_server import ServerState
     from pop3proxy.ops.logs import add_secrets
@@ -292,15 +285,8 @@ async def run_supervised(settings: Settings, workers: int,
                 log.info("serving with %d worker processes", workers)
                 if on_ready is not None:
                     on_ready(ports)
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        nursery.start_soon(reload_tls, settings, state)
-                        supervisor.signal_all(signal.SIGHUP)
-                        continue
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    supervisor.stopping = True
-                    nursery.cancel_scope.cancel()
-                    break
+                await until_stopped(signals, nursery, settings, state, lambda: supervisor.signal_all(signal.SIGHUP))
+                supervisor.stopping = True  # before the cancellation reaches the workers' keepers
         finally:
             supervisor.stopping = True
             with trio.CancelScope(shield=True):
@@ -386,8 +372,7 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # logged in one line: no traceback on the user's terminal
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
+        exc = sole_exception(exc)
         log.error("worker process %d failed: %s: %s", payload.get("index", -1), type(exc).__name__, exc)
         return 1
     return 0

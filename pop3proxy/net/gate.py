@@ -101,10 +101,8 @@ class Gate:
     async def login(self, address: str, account: str) -> AsyncIterator[Attempt]:
         blocked, delay = self.begin(address, account)
         attempt = Attempt(blocked, delay, _gate=self, _address=address, _account=account)
-        if blocked:
-            yield attempt
-            return
         try:
             yield attempt
         finally:
-            self.end(address, account, attempt.ok)
+            if not blocked:  # only an attempt that was let through is in flight
+                self.end(address, account, attempt.ok)

@@ -57,8 +57,7 @@ class ServerState:
 
     config: ServerConfig
     backend: Backend
-    gate: Gate | None = None  # sessions per address and the login throttle; built from config if None
-    sessions: int = 0
+    gate: Gate | None = None  # sessions (all, per address) and the login throttle; built from config if None
     stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0, "evicted": 0})
     # Connections still in AUTHORIZATION, oldest first (dicts keep insertion order).
     unauthenticated: dict["_Connection", None] = field(default_factory=dict)
@@ -433,7 +432,6 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
             with trio.move_on_after(5):
                 await stream.send_all(p.err(refusal, "SYS/TEMP"))
             return
-        state.sessions += 1
         metrics.session_started()
         try:
             if implicit_tls:
@@ -445,7 +443,6 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
             await conn.run()
         finally:
             metrics.session_ended()
-            state.sessions -= 1
             state.gate.leave(address)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass  # the client went away or was too slow; nothing to tell it

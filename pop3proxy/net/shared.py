@@ -154,13 +154,11 @@ class RemoteGate(Gate):
             raise
         attempt = Attempt(bool(reply.get("blocked")), float(reply.get("delay", 0.0)),
                           _gate=self, _address=address, _account=account)
-        if attempt.blocked:
-            yield attempt
-            return
         try:
             yield attempt
         finally:
-            self._notify({"op": "end", "ref": ident, "ok": attempt.ok})
+            if not attempt.blocked:
+                self._notify({"op": "end", "ref": ident, "ok": attempt.ok})
 
     async def failed_login(self, address: str, account: str) -> float:
         ident, event, box = self._start({"op": "failed", "addr": address, "acct": account})

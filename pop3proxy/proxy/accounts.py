@@ -77,10 +77,8 @@ class _Account:
             if session and self.session_active:
                 raise MailboxBusy(self.cache_id)
             if self.holders == 0:
-                if session:
-                    self.lock = await lock_waiting(self.backend.root, self.cache_id)
-                else:  # a sync of its own (prefetch) does not wait for a session elsewhere
-                    self.lock = await trio.to_thread.run_sync(lock_mailbox, self.backend.root, self.cache_id)
+                # a sync of its own (prefetch) does not wait for a session elsewhere
+                self.lock = await lock_waiting(self.backend.root, self.cache_id, LOCK_WAIT if session else 0.0)
                 self.backend._accounts[self.cache_id] = self  # a release may have unlisted it meanwhile
             self.holders += 1
             if session:

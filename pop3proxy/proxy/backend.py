@@ -66,8 +66,6 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         # Keys the digests of passwords kept to skip scrypt (memory only; the worker processes of one
         # service share it, so a digest one of them wrote to a state database serves them all).
         self.memo_key = secrets.token_bytes(32)
-        self._memo: dict[tuple[str, str], bytes] = {}
-        self._prefetched: dict[str, float] = {}  # cache id -> when its last complete prefetch ended
         self.passwords: dict[str, str] = {}
         # Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console.
         self.syncing: dict[str, tuple[int, int]] = {}
@@ -297,7 +295,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             )
             if password is not None and not isinstance(password, BearerToken) and self.settings.offline.enabled:
                 await trio.to_thread.run_sync(
-                    self._remember_password, route.cache_id, state, password, limiter=kdf_limiter()
+                    self._remember_password, state, password, limiter=kdf_limiter()
                 )
             summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
                                   "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
@@ -315,25 +313,20 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             self.syncing.pop(route.cache_id, None)
             await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
 
-    def _remember_password(self, cache_id: str, state: UserState, password: str) -> None:
+    def _remember_password(self, state: UserState, password: str) -> None:
         """Keep the scrypt hash for offline logins current, without paying scrypt on every login.
 
-        A keyed digest (random key, memory only) of the password last written for each account tells
-        whether the stored hash already matches.
+        A keyed digest of (hash, password) kept beside the hash tells whether the hash matches; its key is
+        random, lives in memory only and is shared by the worker processes of one service.
         """
         stored = state.get_meta(OFFLINE_HASH)
-        memo = self._keyed(f"{stored}\0{password}")
-        if stored is not None and hmac.compare_digest(self._memo.get((cache_id, stored), b""), memo):
-            return
-        if stored is not None and hmac.compare_digest((state.get_meta(OFFLINE_MEMO) or "").encode(), memo.hex().encode()):
-            self._memo[(cache_id, stored)] = memo  # checked by another worker process of this service
+        if stored is not None and hmac.compare_digest(
+                (state.get_meta(OFFLINE_MEMO) or "").encode(), self._keyed(f"{stored}\0{password}").hex().encode()):
             return
         if stored is None or not verify_password(password, stored):
             stored = hash_password(password)
             state.set_meta(OFFLINE_HASH, stored)
-            memo = self._keyed(f"{stored}\0{password}")
-        state.set_meta(OFFLINE_MEMO, memo.hex())
-        self._memo[(cache_id, stored)] = memo
+        state.set_meta(OFFLINE_MEMO, self._keyed(f"{stored}\0{password}").hex())
 
     # -- offline ---------------------------------------------------------------------------------
 
@@ -426,21 +419,17 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
     def _fresh_prefetch(self, route: Route, password: str) -> bool:
         """True when a login may be served from the cache without asking the provider: the account has
         a configured password, the client gave exactly it, and the background sync succeeded recently
-        (here, or in the supervising process of a multi-process service: the mark file's time)."""
+        (the time of the mark it leaves, seen by every process of the service)."""
         configured = self.passwords.get(route.cache_id)
         if configured is None:
             return False
-        synced = self._prefetched.get(route.cache_id)
-        age = time.monotonic() - synced if synced is not None else self._prefetch_mark_age(route.cache_id)
+        try:
+            age = time.time() - (user_dir(self.root, route.cache_id) / PREFETCHED).stat().st_mtime
+        except OSError:
+            return False
         if age > self.settings.sync.interval * 1.5:
             return False
         return hmac.compare_digest(configured.encode("utf-8"), password.encode("utf-8"))
-
-    def _prefetch_mark_age(self, cache_id: str) -> float:
-        try:
-            return time.time() - (user_dir(self.root, cache_id) / PREFETCHED).stat().st_mtime
-        except OSError:
-            return float("inf")
 
     # -- background prefetch ---------------------------------------------------------------------
 
@@ -459,7 +448,6 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
                     await client.login(route.remote_user, secret)
                     result = await self._sync(route, client, secret, progress)
             if not result.remaining and password is not None:
-                self._prefetched[route.cache_id] = time.monotonic()
                 await trio.to_thread.run_sync((user_dir(self.root, route.cache_id) / PREFETCHED).touch)
                 log.info("prefetch of %r complete: logins with its configured password are served from "
                          "the cache until the next interval", route.cache_id)

@@ -11,7 +11,7 @@ import logging
 import trio
 
 from pop3proxy.config import Settings
-from pop3proxy.errors import ListenError
+from pop3proxy.errors import ListenError, sole_exception
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.maildrop import Backend
 
@@ -55,17 +55,10 @@ async def serve_web(
     try:
         await serve(app, config, task_status=Status())
     except (OSError, BaseExceptionGroup) as exc:
-        error = _only_os_error(exc)
-        if error is None:
+        error = sole_exception(exc)
+        if not isinstance(error, OSError):  # hypercorn's failure to bind, bare or in a (nested) group
             raise
         raise ListenError(
             f"cannot listen for the web console on {web.host}:{web.port}: {(error.strerror or str(error)).lower()}"
         ) from None
 
-
-def _only_os_error(exc: BaseException) -> OSError | None:
-    """The OSError that ``exc`` is, or that is all a (nested) exception group holds (newer trio versions
-    wrap hypercorn's failure to bind in its nursery's group)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, OSError) else None

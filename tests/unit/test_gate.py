@@ -146,26 +146,27 @@ def test_worker_processes_share_the_check_that_skips_scrypt(tmp_path, monkeypatc
     real = backend_module.verify_password
     monkeypatch.setattr(backend_module, "verify_password", lambda *a: calls.append(a) or real(*a))
     with UserState(tmp_path / "state.db") as state:
-        first._remember_password("alice", state, "secret")  # first login ever: hashed, no check
+        first._remember_password(state, "secret")  # first login ever: hashed, no check
         stored = state.get_meta(OFFLINE_HASH)
-        second._remember_password("alice", state, "secret")
+        second._remember_password(state, "secret")
         assert calls == [] and state.get_meta(OFFLINE_HASH) == stored
-        second._remember_password("alice", state, "other")  # a changed password is checked and stored
+        second._remember_password(state, "other")  # a changed password is checked and stored
         assert len(calls) == 1 and state.get_meta(OFFLINE_HASH) != stored
         stranger = ProxyBackend(settings)  # another service (new key): checks once
-        stranger._remember_password("alice", state, "other")
+        stranger._remember_password(state, "other")
         assert len(calls) == 2
 
 
 def test_a_worker_gets_its_share_of_the_per_process_limits():
-    from pop3proxy.workers import cpu_count, worker_settings
+    from pop3proxy.config import usable_cpus
+    from pop3proxy.workers import worker_settings
 
     settings = Settings(listen={"port": 0, "max_unauthenticated": 201}, upstream={"host": "h", "early_connections": 64},
                         sync={"filter_processes": "auto"})
     share = worker_settings(settings, 2)
     assert share.listen.max_unauthenticated == 101 and share.upstream.early_connections == 32
     assert share.listen.max_sessions == settings.listen.max_sessions  # held by the parent for all workers
-    assert share.sync.filter_processes == max(1, cpu_count() // 2)
+    assert share.sync.filter_processes == max(1, usable_cpus() // 2)
     assert worker_settings(settings.model_copy(update={"sync": settings.sync.model_copy(
         update={"filter_processes": 3})}), 2).sync.filter_processes == 3
 
