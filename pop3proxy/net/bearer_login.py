@@ -46,7 +46,7 @@ class BearerLoginMixin:
                 if reply.ok:
                     raise self._unavailable(f"the provider accepted AUTH {mechanism} without credentials")
                 raise self._auth_error(mechanism.lower(), reply)
-            reply = await self._request(response, sasl=True)
+            reply = await self._request(response, sasl=True, secret=True)
             if reply.continuation:  # an error challenge: answer it, then the -ERR follows
                 reply = await self._request(OAUTHBEARER_ABORT if mechanism == OAUTHBEARER else "", sasl=True)
             if reply.continuation:

@@ -48,13 +48,21 @@ class UpstreamError(Exception):
 
 
 class UpstreamUnavailable(UpstreamError):
-    """The provider cannot be reached or misbehaves; ``reason`` says how, briefly."""
+    """The provider cannot be reached or misbehaves; ``reason`` says how, briefly.
+
+    ``transport`` is True when the connection itself failed (refused, timed out, reset, closed), as
+    opposed to something the provider said; ``closed`` when the provider closed or reset it (rather
+    than leaving a command unanswered).
+    """
 
     tls_verify_failed: bool = False
 
-    def __init__(self, message: str, reason: str, code: str | None = "SYS/TEMP") -> None:
+    def __init__(self, message: str, reason: str, code: str | None = "SYS/TEMP", *,
+                 transport: bool = False, closed: bool = False) -> None:
         super().__init__(message, code)
         self.reason = reason
+        self.transport = transport
+        self.closed = closed
 
 
 class UpstreamTooLarge(UpstreamUnavailable):
@@ -74,6 +82,26 @@ class UpstreamTLSError(UpstreamUnavailable):
     ) -> None:
         super().__init__(message, reason, code)
         self.tls_verify_failed = tls_verify_failed
+
+
+def may_go_offline(exc: BaseException) -> bool:
+    """Whether a failure towards the provider may lead to offline mode: the one place that says so.
+
+    ==========================================================  =====================================
+    failure                                                     a login gets
+    ==========================================================  =====================================
+    connection refused, timed out, reset or closed; garbage     the cache, offline (password checked
+    over an established session; an answer over a limit        against the offline hash)
+    (``UpstreamUnavailable``)
+    a certificate that fails verification, a broken TLS         ``-ERR [SYS/TEMP]`` and an ERROR log
+    handshake, STLS not offered, refused or tampered with       line; never offline: someone in the
+    (plain text injected after its ``+OK``, a garbled plain     middle can cause any of these at will
+    text exchange before it), an unloadable CA file
+    (``UpstreamTLSError``)
+    the provider refused the credentials (``UpstreamAuthError``)  ``-ERR [AUTH]`` (or its code)
+    ==========================================================  =====================================
+    """
+    return isinstance(exc, UpstreamUnavailable) and not isinstance(exc, UpstreamTLSError)
 
 
 class UpstreamAuthError(UpstreamError):

@@ -77,11 +77,11 @@ class PasswordLoginMixin:
 
     async def _login_plain(self, user: str, password: str, response: str) -> Status | None:
         if len(f"AUTH PLAIN {response}\r\n") <= MAX_COMMAND_LINE:
-            reply = await self._request("AUTH", "PLAIN", response)
+            reply = await self._request("AUTH", "PLAIN", response, secret=True)
         else:  # too long for an initial response (RFC 5034): wait for the empty challenge
             reply = await self._request("AUTH", "PLAIN")
             if reply.continuation:
-                reply = await self._request(response, sasl=True)
+                reply = await self._request(response, sasl=True, secret=True)
         if reply.continuation:
             raise self._unavailable("unexpected SASL challenge from the provider")
         if not reply.ok:
@@ -92,7 +92,7 @@ class PasswordLoginMixin:
         reply = await self._request("USER", user)
         if not reply.ok:
             return reply  # USER/PASS is not available (nothing was said about the password)
-        reply = await self._request("PASS", password)
+        reply = await self._request("PASS", password, secret=True)
         if not reply.ok:
             raise self._auth_error("user", reply)
         return None
@@ -100,7 +100,7 @@ class PasswordLoginMixin:
     async def _login_apop(self, user: str, password: str, response: str) -> Status | None:
         timestamp = self.apop_timestamp
         assert timestamp is not None
-        reply = await self._request("APOP", user, apop_digest(timestamp, password))
+        reply = await self._request("APOP", user, apop_digest(timestamp, password), secret=True)
         if not reply.ok:
             raise self._auth_error("apop", reply)
         return None
@@ -115,7 +115,7 @@ class PasswordLoginMixin:
         """APOP with a digest the client computed over this connection's greeting timestamp."""
         if self.apop_timestamp is None:
             raise UpstreamAuthError(f"{self.endpoint.where}: the provider offers no APOP", "SYS/PERM")
-        reply = await self._request("APOP", user, digest)
+        reply = await self._request("APOP", user, digest, secret=True)
         if not reply.ok:
             raise self._auth_error("apop", reply)
         self.auth_method = "apop"
@@ -130,7 +130,7 @@ class PasswordLoginMixin:
 
     async def cram_md5_answer(self, response: str) -> None:
         """The client's base64 answer to the challenge of `cram_md5_challenge`."""
-        reply = await self._request(response, sasl=True)
+        reply = await self._request(response, sasl=True, secret=True)
         if reply.continuation:
             raise self._unavailable("unexpected second SASL challenge from the provider")
         if not reply.ok:

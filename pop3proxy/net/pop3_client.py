@@ -103,6 +103,9 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         self._broken: str | None = None
         self._closed = False
         self._secrets: tuple[str, ...] = ()  # kept out of error messages while logging in
+        # True once a command carrying a credential (PASS, AUTH PLAIN's response, APOP, a SASL answer)
+        # was sent: from then on the provider may have counted the attempt, so it is never sent again.
+        self.secret_sent = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else (f"broken: {self._broken}" if self._broken else "open")
@@ -130,23 +133,36 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
     async def _start(self) -> None:
         if self.endpoint.tls == "implicit":
             await self._start_tls()
+        if self.endpoint.tls != "starttls":
+            await self._greeting()
+            return
+        try:
+            await self._greeting()
+            if self.capabilities is None or "STLS" not in self.capabilities:
+                raise self._tls_error("the provider does not offer STLS (refusing to go on without TLS)")
+            reply = await self._request("STLS")
+        except UpstreamTLSError:
+            raise
+        except UpstreamUnavailable as exc:
+            if exc.transport:  # refused, timed out, reset or closed: the network, not what was said
+                raise
+            # Anything said in plain text before STLS may come from someone in the middle.
+            raise self._tls_error(f"{exc.reason} before STLS (refusing to go on without TLS)") from None
+        if not reply.ok:
+            raise self._tls_error(f"the provider refused STLS: {reply.text}")
+        if self._conn.buffered:
+            # Plain text sent after the STLS reply would be read as if it came over TLS: tampering.
+            raise self._tls_error("the provider sent data after its STLS reply")
+        await self._start_tls()
+        await self._read_capabilities()
+
+    async def _greeting(self) -> None:
         greeting = await self._reply()
         if not greeting.ok:
             code = greeting.code if greeting.code in ("IN-USE", "SYS/TEMP", "SYS/PERM") else "SYS/TEMP"
             raise self._unavailable(f"the provider refused the session: {greeting.text}", code)
         self.greeting = greeting.text
         await self._read_capabilities()
-        if self.endpoint.tls == "starttls":
-            if self.capabilities is None or "STLS" not in self.capabilities:
-                raise self._tls_error("the provider does not offer STLS (refusing to go on without TLS)")
-            reply = await self._request("STLS")
-            if not reply.ok:
-                raise self._tls_error(f"the provider refused STLS: {reply.text}")
-            if self._conn.buffered:
-                # Plain text sent after the STLS reply would be read as if it came over TLS.
-                raise self._unavailable("the provider sent data after its STLS reply")
-            await self._start_tls()
-            await self._read_capabilities()
 
     async def _start_tls(self) -> None:
         try:
@@ -172,10 +188,11 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
                 text = text.replace(secret, "***")
         return text
 
-    def _unavailable(self, reason: str, code: str | None = "SYS/TEMP") -> UpstreamUnavailable:
+    def _unavailable(self, reason: str, code: str | None = "SYS/TEMP", *, transport: bool = False,
+                     closed: bool = False) -> UpstreamUnavailable:
         reason = self._scrub(reason)
         self._broken = self._broken or reason
-        return UpstreamUnavailable(f"{self.endpoint.where}: {reason}", reason, code)
+        return UpstreamUnavailable(f"{self.endpoint.where}: {reason}", reason, code, transport=transport, closed=closed)
 
     def _tls_error(self, reason: str, verify_failed: bool = False) -> UpstreamTLSError:
         reason = self._scrub(reason)
@@ -187,13 +204,13 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         try:
             yield
         except trio.TooSlowError:
-            raise self._unavailable(f"timed out {doing} (after {self.endpoint.timeout:g} s)") from None
+            raise self._unavailable(f"timed out {doing} (after {self.endpoint.timeout:g} s)", transport=True) from None
         except _IO_ERRORS as exc:
             reason, verify_failed = _describe(exc)
             if verify_failed or _is_tls_failure(exc):
                 # Not "unreachable": someone in the middle can cause it, so no offline fallback.
                 raise self._tls_error(f"{reason} {doing}", verify_failed=verify_failed) from None
-            raise self._unavailable(f"{reason} {doing}") from None
+            raise self._unavailable(f"{reason} {doing}", transport=True, closed=True) from None
 
     async def _send(self, line: bytes) -> None:
         with self._io_errors("while sending a command"):
@@ -205,7 +222,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             with trio.fail_after(self.endpoint.timeout):
                 data = await self._stream.receive_some(RECEIVE_SIZE)
         if not data:
-            raise self._unavailable("the provider closed the connection")
+            raise self._unavailable("the provider closed the connection", transport=True, closed=True)
         return data
 
     async def _event(self) -> Status | Data | EndOfData:
@@ -227,7 +244,8 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         return event
 
     async def _request(
-        self, command: str, *args: str | int, sink: Sink | None = None, sasl: bool = False, limit: int = 0
+        self, command: str, *args: str | int, sink: Sink | None = None, sasl: bool = False, limit: int = 0,
+        secret: bool = False,
     ) -> Status:
         """Send one command and read its reply; a multi-line body is handed to `sink`.
 
@@ -240,7 +258,9 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             raise self._unavailable("the provider sent data nobody asked for")
         finished = False
         try:
-            await self._send(self._conn.send(command, *args, sasl=sasl))
+            line = self._conn.send(command, *args, sasl=sasl)
+            self.secret_sent = self.secret_sent or secret
+            await self._send(line)
             reply = await self._reply()
             if self._conn.pending:  # the positive status line of a multi-line reply
                 if sink is None:

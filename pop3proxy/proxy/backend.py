@@ -20,7 +20,6 @@ from pop3proxy.net.endpoint import (
     AUTH_TEXT,
     UpstreamAuthError,
     UpstreamError,
-    UpstreamTLSError,
     UpstreamUnavailable,
 )
 from pop3proxy.net.maildrop import Backend, Maildrop
@@ -37,6 +36,7 @@ from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavail
 from pop3proxy.proxy.oauth.logins import OAuthLogins
 from pop3proxy.proxy.routing import Route, resolve
 from pop3proxy.proxy.sync import SyncResult, recover, sync_mailbox
+from pop3proxy.proxy.trust import refuse_untrusted
 from pop3proxy.store import open_store
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.held import hold_callback
@@ -129,10 +129,13 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         try:
             try:
                 await client.login(route.remote_user, password)
-            except UpstreamUnavailable:
-                if not was_early:
+            except UpstreamUnavailable as exc:
+                # A new connection only when the provider had dropped the waiting one: before the
+                # password went out, or by closing it unread. One that left the password unanswered may
+                # have counted it: it is never sent again for this attempt (a lock-out at the provider).
+                if not was_early or (client.secret_sent and not exc.closed):
                     raise
-                await client.aclose()  # the provider dropped the waiting connection: a new one
+                await client.aclose()
                 client, was_early = await self._connect_for_login(route, None, peer)
                 await client.login(route.remote_user, password)
         except UpstreamAuthError as exc:
@@ -352,13 +355,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             log.error("cannot drop the offline password of %r: %s", route.cache_id, exc)
 
     async def _offline_login(self, route: Route, password: str, reason: UpstreamUnavailable) -> Maildrop:
-        if isinstance(reason, UpstreamTLSError):
-            # A forged certificate, a stripped STLS or a broken handshake is what someone in the
-            # middle can cause at will: never a reason to serve offline (DESIGN: TLS never falls back).
-            log.error("provider %s:%d for %r cannot be trusted, login refused%s: %s",
-                      route.endpoint.host, route.endpoint.port, route.cache_id,
-                      " (possible interception)" if reason.tls_verify_failed else "", reason)
-            raise LoginError("the mail provider's TLS cannot be trusted, try again later", "SYS/TEMP")
+        refuse_untrusted(route, reason)
         log.warning("provider %s:%d unreachable for %r: %s", route.endpoint.host, route.endpoint.port,
                     route.cache_id, reason)
         if not self.settings.offline.enabled:

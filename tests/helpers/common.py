@@ -120,7 +120,7 @@ class ServerProcess:
 
         self._reader = threading.Thread(target=pump, daemon=True)
         self._reader.start()
-        if not ready.wait(timeout) or self.proc.poll() is not None:
+        if not ready.wait(timeout) or self.proc.poll() is not None or (want_plain and not self.port):
             output = "\n".join(self.log)
             self.stop()
             raise AssertionError(f"pop3proxy did not start:\n{output}")

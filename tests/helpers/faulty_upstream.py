@@ -52,6 +52,7 @@ class Behaviour:
     endless_on: str | None = None  # a keyword: answer "+OK", then one endless line until closed
     trickle_retr: float | None = None  # send RETR's answer one byte per this many seconds
     stall_on: str | None = None  # GREETING or a keyword: never answer it
+    drop_on: str | None = None  # a keyword: close the connection instead of answering it (once; then None)
     garbage_on: str | None = None  # GREETING or a keyword: answer it with `garbage`
     garbage: str = "* what? {args}"  # "{args}" becomes the command's arguments
 
@@ -123,6 +124,10 @@ class _Connection:
         """Stall or send garbage instead of the answer when told to; True when it did."""
         if self.b.stall_on == name:
             await trio.sleep_forever()
+        if self.b.drop_on == name:
+            self.b.drop_on = None
+            await self.stream.aclose()
+            return True
         if self.b.endless_on == name:
             await self.stream.send_all(ok("here it comes"))
             chunk = b"x" * 65536

@@ -23,6 +23,7 @@ from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.oauth.manager import NeedsAuthorisation, TokenManager, TokenUnavailable
 from pop3proxy.proxy.oauth.tokens import check_local_password
 from pop3proxy.proxy.routing import Route
+from pop3proxy.proxy.trust import refuse_untrusted
 
 log = logging.getLogger("pop3proxy.proxy")
 
@@ -110,7 +111,9 @@ class OAuthLogins:
         return await self._online_session(route, client, token)
 
     async def _offline_oauth(self, route: Route, reason: Exception) -> Maildrop:
-        """The local password was right but no upstream session is possible: serve the cache."""
+        """The local password was right but no upstream session is possible: serve the cache (not after
+        a TLS failure: `refuse_untrusted`)."""
+        refuse_untrusted(route, reason)
         log.warning("OAuth2 account %r cannot reach the provider now: %s", route.cache_id, reason)
         if not self.settings.offline.enabled:
             raise LoginError("the mail provider cannot be reached, try again later", "SYS/TEMP")
