@@ -126,7 +126,7 @@ async def start_services(nursery: trio.Nursery, settings: Settings, backend: Bac
         # the POP3 side's TLS context, asked per connection: a certificate reload applies to both
         ports.smtp = await nursery.start(partial(run_smtp, settings, backend, tls_context=tls_context))
     if settings.metrics.port is not None:
-        from pop3proxy.ops.metrics_http import serve_metrics
+        from pop3proxy.admin.metrics_http import serve_metrics
 
         ports.metrics = await nursery.start(serve_metrics, settings)
     if settings.web.port is not None:

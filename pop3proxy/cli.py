@@ -351,7 +351,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from pop3proxy.ops.status import status_command
+    from pop3proxy.admin.status import status_command
 
     return status_command(settings)
 

@@ -34,6 +34,7 @@ from pop3proxy.proxy.early_logins import CHALLENGE_MECHANISMS, EarlyLogins
 from pop3proxy.proxy.maildrop import ProxyMaildrop
 from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavailable
 from pop3proxy.proxy.oauth.logins import OAuthLogins
+from pop3proxy.proxy.offline import check_offline_password
 from pop3proxy.proxy.routing import Route, resolve
 from pop3proxy.proxy.sync import SyncResult, recover, sync_mailbox
 from pop3proxy.proxy.trust import refuse_untrusted
@@ -360,19 +361,9 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
                     route.cache_id, reason)
         if not self.settings.offline.enabled:
             raise LoginError("the mail provider cannot be reached, try again later", "SYS/TEMP")
-        path = user_dir(self.root, route.cache_id) / "state.db"
-
-        def check() -> bool | None:
-            if not path.exists():
-                return None
-            with UserState(path) as state:
-                stored = state.get_meta(OFFLINE_HASH)
-            if stored is None:
-                return None
-            return verify_password(password, stored)
-
         try:
-            verdict = await trio.to_thread.run_sync(check, limiter=kdf_limiter())
+            verdict = await trio.to_thread.run_sync(
+                check_offline_password, self.root, route.cache_id, password, limiter=kdf_limiter())
         except StateError:
             verdict = None
         if verdict is None:

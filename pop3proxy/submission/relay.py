@@ -14,8 +14,12 @@ from typing import Any, Callable, Mapping
 import trio
 
 from pop3proxy.config import queue_dir
+from pop3proxy.errors import LoginError
 from pop3proxy.ops import metrics
+from pop3proxy.proxy.accounts import read_password_source
 from pop3proxy.proxy.credentials import kdf_limiter
+from pop3proxy.proxy.offline import check_offline_password
+from pop3proxy.store.state import StateError
 from pop3proxy.submission.dsn import Failure, build_dsn, store_bounce
 from pop3proxy.submission.provider import (
     _ABANDON,
@@ -63,8 +67,6 @@ class AuthVerdict:
 
 def load_passwords(settings) -> dict[str, str]:
     """The password of every ``[accounts]`` entry with a password source (raises ValueError if unsafe)."""
-    from pop3proxy.proxy.accounts import read_password_source
-
     found = {}
     for name, account in settings.accounts.items():
         password = read_password_source(name, account)
@@ -90,8 +92,6 @@ class Relay:
     # -- AUTH ------------------------------------------------------------------------------------
 
     async def authenticate(self, name: str, password: str, peer: str) -> AuthVerdict:
-        from pop3proxy.errors import LoginError
-
         fields = {"user": name, "peer": peer, "protocol": "smtp"}
         try:
             route = submission_route(name, self.settings)
@@ -166,22 +166,10 @@ class Relay:
         if tls_failure:
             log.error("smtp login of %r: the provider's TLS could not be trusted, no offline check", name)
             return None
-        from pop3proxy.proxy.backend import OFFLINE_HASH
-        from pop3proxy.proxy.credentials import verify_password
-        from pop3proxy.store.paths import user_dir
-        from pop3proxy.store.state import StateError, UserState
-
-        path = user_dir(self.settings.cache.root, route.cache_id) / "state.db"
-        if not path.exists():
-            return None
         try:
-            with UserState(path) as state:
-                hashed = state.get_meta(OFFLINE_HASH)
+            return check_offline_password(self.settings.cache.root, route.cache_id, password)
         except (StateError, OSError):
             return None
-        if hashed is None:
-            return None
-        return verify_password(password, hashed)
 
     # -- DATA ------------------------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pop3proxy.admin.status import AccountStatus, collect_status
 from pop3proxy.config import Settings, masked
 from pop3proxy.filtering.loader import load_filter
-from pop3proxy.ops.status import AccountStatus, collect_status
 from pop3proxy.store.held import HeldItem, HeldStore, held_owners
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.paths import user_dir

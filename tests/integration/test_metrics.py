@@ -11,8 +11,9 @@ import pytest
 import trio
 from helpers.common import HOST, wait_for, write_config
 
+from pop3proxy.admin import metrics_http
 from pop3proxy.config import load_settings, queue_dir
-from pop3proxy.ops import metrics, metrics_http
+from pop3proxy.ops import metrics
 from pop3proxy.proxy.credentials import set_password
 from pop3proxy.store import open_store
 from pop3proxy.submission.queue import OutQueue

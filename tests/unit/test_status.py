@@ -11,8 +11,8 @@ from helpers.common import write_config
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pop3proxy.admin.status import collect_status, status_command
 from pop3proxy.config import load_settings, queue_dir
-from pop3proxy.ops.status import collect_status, status_command
 from pop3proxy.store import open_store
 from pop3proxy.store.paths import decode_user as decode_user_dir
 from pop3proxy.store.paths import encode_user as _encode_user

@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from pop3proxy.config import queue_dir
 from pop3proxy.ops.units import human_age, human_size, utc
+from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, load_tokens
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import REMOVED_DIRS, encode_user
 from pop3proxy.store.state_read import account_name, read_state
+from pop3proxy.submission.queue import OutQueue
 
 __all__ = ["AccountStatus", "collect_status", "status_command"]
 
@@ -93,9 +96,6 @@ def _account(directory: Path) -> AccountStatus:
 
 def collect_status(settings) -> list[AccountStatus]:
     """Every account the cache, the configuration or the queue knows, sorted by name."""
-    from pop3proxy.config import queue_dir
-    from pop3proxy.submission.queue import OutQueue
-
     root = Path(settings.cache.root)
     found: dict[str, AccountStatus] = {}
     by_dir: dict[str, AccountStatus] = {}
@@ -134,8 +134,6 @@ def _plural(n: int, word: str) -> str:
 
 
 def format_status(accounts: list[AccountStatus], settings, now: float | None = None) -> str:
-    from pop3proxy.config import queue_dir
-
     now = time.time() if now is None else now
     lines = [f"cache {settings.cache.root} ({settings.cache.backend}), outgoing queue {queue_dir(settings)}"]
     if not accounts:
@@ -189,8 +187,6 @@ def oauth2_state(settings, name: str, now: float) -> str:
     account = settings.accounts.get(name)
     if account is None or account.oauth2 is None:
         return ""
-    from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, load_tokens
-
     try:
         tokens = load_tokens(settings.cache.root, name)
     except ValueError as exc:

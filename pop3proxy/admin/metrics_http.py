@@ -20,7 +20,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from pop3proxy.config import queue_dir
+from pop3proxy.errors import ListenError
 from pop3proxy.ops.metrics import REGISTRY
+from pop3proxy.store.state_read import account_name
+from pop3proxy.submission.queue import valid_id
 
 log = logging.getLogger("pop3proxy.metrics")
 
@@ -51,6 +55,8 @@ def _maildir_totals(maildir: Path) -> tuple[int, int]:
         except (FileNotFoundError, NotADirectoryError):
             continue
     return count, octets
+
+
 _memo_lock = threading.Lock()
 
 
@@ -90,9 +96,6 @@ class DiskCollector:
         return []
 
     def collect(self):
-        from pop3proxy.store.state_read import account_name
-        from pop3proxy.submission.queue import valid_id
-
         queue = GaugeMetricFamily("pop3proxy_queue_size", "Messages waiting in the outgoing SMTP queue.")
         try:
             queue.add_metric([], sum(1 for name in os.listdir(self.queue_dir) if valid_id(name)))
@@ -128,6 +131,8 @@ class DiskCollector:
             reported += 1
         yield messages
         yield octets
+
+
 _disk_collector: "DiskCollector | None" = None
 _disk_lock = threading.Lock()
 
@@ -208,8 +213,6 @@ async def _handle(stream: trio.abc.Stream) -> None:
 
 async def serve_metrics(settings, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``GET /metrics`` on ``[metrics] host/port`` until cancelled; ``started(port)`` (0 works)."""
-    from pop3proxy.config import queue_dir
-
     host, port = settings.metrics.host, settings.metrics.port
     if port is None:
         raise ValueError("metrics.port is not set: the metrics endpoint is disabled")
@@ -217,8 +220,6 @@ async def serve_metrics(settings, *, task_status: trio.TaskStatus[int] = trio.TA
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        from pop3proxy.errors import ListenError
-
         raise ListenError(f"cannot listen for metrics on {host}:{port}: {(exc.strerror or str(exc)).lower()}") from None
     bound = listeners[0].socket.getsockname()[1]
     log.info("listening for metrics on %s port %d", host, bound)

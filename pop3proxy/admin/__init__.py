@@ -1,0 +1,1 @@
+"""Administration: `pop3proxy status` and the metrics endpoint, above the layers they read."""
