@@ -101,7 +101,7 @@ def test_wheel_installs_filters_under_the_package_with_entry_points(wheel: Path)
     assert top_level == {"pop3proxy", entry_points_file.split("/")[0]}, sorted(top_level)
     for module in ("__init__", "spam", "attachments", "clamav", "headers", "_bayes", "_mime"):
         assert f"pop3proxy/filters/{module}.py" in names, module
-    for package in ("pop3", "store", "filtering", "net", "proxy", "submission", "ops"):
+    for package in ("pop3", "store", "filtering", "net", "proxy", "submission", "ops", "admin"):
         assert f"pop3proxy/{package}/__init__.py" in names, package
     parser = configparser.ConfigParser(delimiters=("=",))
     parser.optionxform = str  # entry point names are case-sensitive
