@@ -13,6 +13,7 @@ import logging
 import trio
 
 from pop3proxy.net.endpoint import Endpoint, UpstreamError
+from pop3proxy.net import password_login
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 
 log = logging.getLogger("pop3proxy.upstream")
@@ -35,7 +36,7 @@ class EarlyUpstream:
         try:
             client = await connect(self.endpoint)
             if self.forward_client:
-                await client.forward_client(*self.peer)
+                await password_login.forward_client(client, *self.peer)
             self.client = client
         except UpstreamError as exc:
             self.error = exc
@@ -59,7 +60,7 @@ class EarlyUpstream:
 
     @property
     def offers_cram_md5(self) -> bool:
-        return self.client is not None and self.client.offers_cram_md5()
+        return self.client is not None and password_login.offers_cram_md5(self.client)
 
     def matches(self, endpoint: Endpoint) -> bool:
         return (endpoint.host.lower(), endpoint.port, endpoint.tls) == (

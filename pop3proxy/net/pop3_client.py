@@ -6,7 +6,6 @@ and trio's errors are mapped to `UpstreamError`s.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import logging
 import operator
@@ -15,7 +14,7 @@ from typing import TypeVar
 
 import trio
 
-from pop3proxy.net.bearer_login import BearerLoginMixin
+from pop3proxy.net import bearer_login, password_login
 from pop3proxy.net.endpoint import (
     _IO_ERRORS,
     Endpoint,
@@ -26,7 +25,6 @@ from pop3proxy.net.endpoint import (
     _describe,
     _is_tls_failure,
 )
-from pop3proxy.net.password_login import PasswordLoginMixin
 from pop3proxy.pop3.client import (
     ClientConnection,
     parse_capa,
@@ -34,9 +32,10 @@ from pop3proxy.pop3.client import (
     parse_scan_listing,
     parse_uidl_listing,
 )
-from pop3proxy.pop3.dotstuff import to_crlf
+from pop3proxy.pop3.client import header_digest as digest_of_headers
 from pop3proxy.pop3.errors import RemoteProtocolError
 from pop3proxy.pop3.framing import NEED_DATA, Data, EndOfData, Status
+from pop3proxy.pop3.sasl import BearerToken
 
 log = logging.getLogger("pop3proxy.upstream")
 _T = TypeVar("_T")
@@ -47,7 +46,6 @@ LISTING_OCTETS = 64 * 1024  # the most a CAPA (or any other small multi-line ans
 RETR_WINDOW = 16  # RETR commands in flight at once (when the provider offers PIPELINING)
 RETR_WINDOW_OCTETS = 1 << 20  # ... and no more than this many announced octets beyond the first
 LISTING_LINE = 84  # octets per LIST/UIDL entry at most: number, space, a 70-octet id, CRLF
-HEADER_DIGEST_PREFIX = "hd-"
 Sink = Callable[[bytes], object | Awaitable[object]]
 
 
@@ -85,7 +83,7 @@ async def connect(endpoint: Endpoint) -> UpstreamClient:
     return client
 
 
-class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
+class UpstreamClient:
     """One POP3 session with the provider. Use `connect` to make one.
 
     One command at a time. After an `UpstreamUnavailable`, a cancellation or an exception
@@ -128,6 +126,24 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             return self._stream.version()
         return None
 
+    # -- logging in: the ways to log in are functions of password_login and bearer_login, over this
+    # client as their `LoginChannel` (endpoint, capabilities, auth_method, apop_timestamp, request,
+    # unavailable, scrub, keeping_secret)
+
+    async def login(self, user: str, password: str) -> str:
+        """Log in with a password (or with an OAuth2 token: a `BearerToken`); the method used."""
+        if isinstance(password, BearerToken):
+            return await bearer_login.login_bearer(self, user, password)
+        return await password_login.login(self, user, password)
+
+    @contextlib.contextmanager
+    def keeping_secret(self, *secrets: str) -> Iterator[None]:
+        self._secrets = secrets
+        try:
+            yield
+        finally:
+            self._secrets = ()
+
     # -- connection set-up ------------------------------------------------------------
 
     async def _start(self) -> None:
@@ -140,7 +156,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             await self._greeting()
             if self.capabilities is None or "STLS" not in self.capabilities:
                 raise self._tls_error("the provider does not offer STLS (refusing to go on without TLS)")
-            reply = await self._request("STLS")
+            reply = await self.request("STLS")
         except UpstreamTLSError:
             raise
         except UpstreamUnavailable as exc:
@@ -160,7 +176,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         greeting = await self._reply()
         if not greeting.ok:
             code = greeting.code if greeting.code in ("IN-USE", "SYS/TEMP", "SYS/PERM") else "SYS/TEMP"
-            raise self._unavailable(f"the provider refused the session: {greeting.text}", code)
+            raise self.unavailable(f"the provider refused the session: {greeting.text}", code)
         self.greeting = greeting.text
         await self._read_capabilities()
 
@@ -177,25 +193,25 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
 
     async def _read_capabilities(self) -> None:
         body = bytearray()
-        reply = await self._request("CAPA", sink=body.extend)
+        reply = await self.request("CAPA", sink=body.extend)
         self.capabilities = parse_capa(bytes(body)) if reply.ok else None
 
     # -- I/O and error mapping --------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         for secret in self._secrets:
             if secret:
                 text = text.replace(secret, "***")
         return text
 
-    def _unavailable(self, reason: str, code: str | None = "SYS/TEMP", *, transport: bool = False,
+    def unavailable(self, reason: str, code: str | None = "SYS/TEMP", *, transport: bool = False,
                      closed: bool = False) -> UpstreamUnavailable:
-        reason = self._scrub(reason)
+        reason = self.scrub(reason)
         self._broken = self._broken or reason
         return UpstreamUnavailable(f"{self.endpoint.where}: {reason}", reason, code, transport=transport, closed=closed)
 
     def _tls_error(self, reason: str, verify_failed: bool = False) -> UpstreamTLSError:
-        reason = self._scrub(reason)
+        reason = self.scrub(reason)
         self._broken = self._broken or reason
         return UpstreamTLSError(f"{self.endpoint.where}: {reason}", reason, tls_verify_failed=verify_failed)
 
@@ -204,13 +220,13 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         try:
             yield
         except trio.TooSlowError:
-            raise self._unavailable(f"timed out {doing} (after {self.endpoint.timeout:g} s)", transport=True) from None
+            raise self.unavailable(f"timed out {doing} (after {self.endpoint.timeout:g} s)", transport=True) from None
         except _IO_ERRORS as exc:
             reason, verify_failed = _describe(exc)
             if verify_failed or _is_tls_failure(exc):
                 # Not "unreachable": someone in the middle can cause it, so no offline fallback.
                 raise self._tls_error(f"{reason} {doing}", verify_failed=verify_failed) from None
-            raise self._unavailable(f"{reason} {doing}", transport=True, closed=True) from None
+            raise self.unavailable(f"{reason} {doing}", transport=True, closed=True) from None
 
     async def _send(self, line: bytes) -> None:
         with self._io_errors("while sending a command"):
@@ -222,7 +238,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             with trio.fail_after(self.endpoint.timeout):
                 data = await self._stream.receive_some(RECEIVE_SIZE)
         if not data:
-            raise self._unavailable("the provider closed the connection", transport=True, closed=True)
+            raise self.unavailable("the provider closed the connection", transport=True, closed=True)
         return data
 
     async def _event(self) -> Status | Data | EndOfData:
@@ -232,7 +248,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             except RemoteProtocolError as exc:
                 # While logging in, the server's words are left out: it may echo the password.
                 detail = "" if self._secrets else f": {exc}"
-                raise self._unavailable(f"invalid reply from the provider{detail}") from None
+                raise self.unavailable(f"invalid reply from the provider{detail}") from None
             if event is not NEED_DATA:
                 return event
             self._conn.receive_data(await self._receive())
@@ -240,10 +256,10 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
     async def _reply(self) -> Status:
         event = await self._event()
         if not isinstance(event, Status):
-            raise self._unavailable("reply out of step with its command")
+            raise self.unavailable("reply out of step with its command")
         return event
 
-    async def _request(
+    async def request(
         self, command: str, *args: str | int, sink: Sink | None = None, sasl: bool = False, limit: int = 0,
         secret: bool = False,
     ) -> Status:
@@ -255,7 +271,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         if self._broken is not None:
             raise UpstreamUnavailable(f"{self.endpoint.where}: {self._broken}", self._broken)
         if self._conn.buffered:
-            raise self._unavailable("the provider sent data nobody asked for")
+            raise self.unavailable("the provider sent data nobody asked for")
         finished = False
         try:
             line = self._conn.send(command, *args, sasl=sasl)
@@ -264,7 +280,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             reply = await self._reply()
             if self._conn.pending:  # the positive status line of a multi-line reply
                 if sink is None:
-                    raise self._unavailable(f"unexpected multi-line reply to {command}")
+                    raise self.unavailable(f"unexpected multi-line reply to {command}")
                 await self._drain(sink, command, limit or LISTING_OCTETS)
             finished = True
             return reply
@@ -283,11 +299,11 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             if isinstance(event, EndOfData):
                 break
             if not isinstance(event, Data):
-                raise self._unavailable("reply out of step with its command")
+                raise self.unavailable("reply out of step with its command")
             parts.append(event.data)
             size += len(event.data)
             if total + size > limit:
-                reason = self._unavailable(f"the provider's answer to {command} exceeds {limit} octets")
+                reason = self.unavailable(f"the provider's answer to {command} exceeds {limit} octets")
                 raise UpstreamTooLarge(str(reason), reason.reason)
             if size >= SINK_CHUNK:
                 total += size
@@ -301,13 +317,13 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
 
     async def _simple(self, command: str, *args: str | int) -> Status:
         """A single-line command whose ``-ERR`` is an `UpstreamCommandError`."""
-        reply = await self._request(command, *args)
+        reply = await self.request(command, *args)
         if not reply.ok:
             raise self._command_error(command, reply)
         return reply
 
     def _command_error(self, command: str, reply: Status) -> UpstreamCommandError:
-        text = self._scrub(reply.text)
+        text = self.scrub(reply.text)
         return UpstreamCommandError(
             f"{self.endpoint.where}: the provider refused {command}: {text}", command, reply.code
         )
@@ -319,7 +335,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         reply = await self._simple("STAT")
         parts = reply.text.split()
         if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
-            raise self._unavailable(f"invalid STAT reply from the provider: {reply.text[:80]!r}")
+            raise self.unavailable(f"invalid STAT reply from the provider: {reply.text[:80]!r}")
         return int(parts[0]), int(parts[1])
 
     async def list(self) -> dict[int, int]:
@@ -329,7 +345,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
     async def uidl(self) -> dict[int, str] | None:
         """{message number: unique id}, or None when the provider does not support UIDL."""
         body = bytearray()
-        reply = await self._request("UIDL", sink=body.extend, limit=self.endpoint.max_listing * LISTING_LINE)
+        reply = await self.request("UIDL", sink=body.extend, limit=self.endpoint.max_listing * LISTING_LINE)
         if not reply.ok:
             return None
         self._check_entries("UIDL", bytes(body))
@@ -339,15 +355,15 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         try:
             return parser(body)
         except RemoteProtocolError as exc:
-            raise self._unavailable(str(exc)) from None
+            raise self.unavailable(str(exc)) from None
 
     def _check_entries(self, command: str, body: bytes) -> None:
         if (entries := body.count(b"\n")) > (most := self.endpoint.max_listing):
-            raise self._unavailable(f"{command} lists {entries} entries, over upstream.max_listing ({most})")
+            raise self.unavailable(f"{command} lists {entries} entries, over upstream.max_listing ({most})")
 
     async def _listing(self, command: str) -> bytes:
         body = bytearray()
-        reply = await self._request(command, sink=body.extend, limit=self.endpoint.max_listing * LISTING_LINE)
+        reply = await self.request(command, sink=body.extend, limit=self.endpoint.max_listing * LISTING_LINE)
         self._check_entries(command, bytes(body))
         if not reply.ok:
             raise self._command_error(command, reply)
@@ -369,7 +385,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
             size += len(chunk)
             await _call(sink, chunk)
 
-        reply = await self._request("RETR", number, sink=counted, limit=self.endpoint.max_message_size)
+        reply = await self.request("RETR", number, sink=counted, limit=self.endpoint.max_message_size)
         if not reply.ok:
             raise self._command_error("RETR", reply)
         return size
@@ -433,25 +449,14 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         if lines < 0:
             raise ValueError("TOP needs a line count of 0 or more")
         parts: list[bytes] = []
-        reply = await self._request("TOP", number, lines, sink=parts.append, limit=self.endpoint.max_message_size)
+        reply = await self.request("TOP", number, lines, sink=parts.append, limit=self.endpoint.max_message_size)
         if not reply.ok:
             raise self._command_error("TOP", reply)
         return b"".join(parts)
 
     async def header_digest(self, number: int) -> str:
-        """An identifier for providers without UIDL: ``hd-`` + SHA-256 hex of the header block.
-
-        The header block is what ``TOP n 0`` returns up to (not including) the blank line,
-        with CRLF line endings. It is stable for as long as the provider keeps the message,
-        but two messages with identical headers share it.
-        """
-        head = to_crlf(await self.top(number, 0))
-        end = head.find(b"\r\n\r\n")
-        if end >= 0:
-            head = head[: end + 2]
-        elif head.startswith(b"\r\n"):
-            head = b""
-        return HEADER_DIGEST_PREFIX + hashlib.sha256(head).hexdigest()
+        """An identifier for providers without UIDL (`pop3.client.header_digest` of ``TOP n 0``)."""
+        return digest_of_headers(await self.top(number, 0))
 
     async def dele(self, number: int) -> None:
         """Mark message `number` for deletion; the provider removes it only at `quit`."""
@@ -463,7 +468,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
     async def quit(self) -> None:
         """End the session with QUIT, which makes the provider apply the deletions; then close."""
         try:
-            reply = await self._request("QUIT")
+            reply = await self.request("QUIT")
         finally:
             await self.aclose()
         if not reply.ok:

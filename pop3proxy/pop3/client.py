@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable
 
 from pop3proxy.pop3.commands import parse_number
+from pop3proxy.pop3.dotstuff import to_crlf
 from pop3proxy.pop3.errors import LocalProtocolError, RemoteProtocolError
 from pop3proxy.pop3.framing import ReplyReader
 
@@ -120,3 +121,20 @@ def parse_uidl_listing(lines: Iterable[str | bytes] | str | bytes) -> dict[int, 
             raise RemoteProtocolError(f"invalid unique id from the server: {uid[:80]!r}")
         uids[number] = uid
     return uids
+
+
+HEADER_DIGEST_PREFIX = "hd-"
+
+
+def header_digest(top: bytes) -> str:
+    """An identifier for a message of a provider without UIDL, from its ``TOP n 0`` answer: ``hd-`` +
+    SHA-256 hex of the header block (up to, not including, the blank line, with CRLF line endings).
+    It is stable for as long as the provider keeps the message, but two messages with identical
+    headers share it."""
+    head = to_crlf(top)
+    end = head.find(b"\r\n\r\n")
+    if end >= 0:
+        head = head[: end + 2]
+    elif head.startswith(b"\r\n"):
+        head = b""
+    return HEADER_DIGEST_PREFIX + hashlib.sha256(head).hexdigest()

@@ -16,6 +16,7 @@ from pop3proxy.errors import LoginError
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamError, UpstreamUnavailable
 from pop3proxy.net.maildrop import Maildrop
+from pop3proxy.net import password_login
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.proxy.routing import Route, default_endpoint
 
@@ -59,7 +60,7 @@ class EarlyLogins:
         if early is None or early.client is None:
             raise LoginError(f"{mechanism} is not available now: the mail provider cannot be reached", "SYS/TEMP")
         try:
-            return await early.client.cram_md5_challenge()
+            return await password_login.cram_md5_challenge(early.client)
         except UpstreamAuthError as exc:
             raise LoginError(f"the mail provider refused {mechanism}: {exc}", "AUTH") from None
         except UpstreamError:
@@ -76,7 +77,7 @@ class EarlyLogins:
         client = await connect(route.endpoint)
         if self.settings.upstream.forward_client_address:
             try:
-                await client.forward_client(peer, 0)
+                await password_login.forward_client(client, peer, 0)
             except BaseException:
                 await client.aclose()
                 raise
@@ -91,9 +92,9 @@ class EarlyLogins:
             raise LoginError("the mail provider cannot be reached now, try again", "SYS/TEMP")
         try:
             if mechanism == "APOP":
-                await client.login_apop_digest(route.remote_user, answer)
+                await password_login.login_apop_digest(client, route.remote_user, answer)
             else:
-                await client.cram_md5_answer(answer)
+                await password_login.cram_md5_answer(client, answer)
         except UpstreamAuthError as exc:
             await client.aclose()
             log.info("provider refused the %s login of %r: %s", mechanism, route.cache_id, exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from pop3proxy.net.bearer_login import login_bearer
 from pop3proxy.net.endpoint import Endpoint, UpstreamAuthError
 from pop3proxy.net.pop3_client import connect
 from pop3proxy.pop3.sasl import BearerToken
@@ -28,7 +29,7 @@ async def test_bearer_login_reads_mail(oauth_dovecot, alice_token, mechanism):
     oauth_dovecot.deliver("alice", b"Subject: oauth\r\n\r\nhello\r\n")
     async with await connect(endpoint(oauth_dovecot)) as client:
         assert {"XOAUTH2", "OAUTHBEARER"} <= set(client.capabilities["SASL"])
-        method = await client.login_bearer("alice", alice_token["access_token"], (mechanism,))
+        method = await login_bearer(client, "alice", alice_token["access_token"], (mechanism,))
         assert method == mechanism.lower()
         count, _ = await client.stat()
         assert count >= 1
@@ -47,24 +48,24 @@ async def test_refused_token_answers_the_challenge_and_keeps_the_session(oauth_d
     bad = "not-a-valid-token-" + mechanism
     async with await connect(endpoint(oauth_dovecot)) as client:
         with pytest.raises(UpstreamAuthError) as info:
-            await client.login_bearer("alice", bad, (mechanism,))
+            await login_bearer(client, "alice", bad, (mechanism,))
         assert info.value.code == "AUTH"
         assert bad not in str(info.value)
         # The challenge was answered: the session is still in step and can try again.
         with pytest.raises(UpstreamAuthError):
-            await client.login_bearer("alice", bad, (mechanism,))
+            await login_bearer(client, "alice", bad, (mechanism,))
 
 
 async def test_token_of_another_user_is_refused(oauth_dovecot, alice_token):
     oauth_dovecot.maildir("bob")
     async with await connect(endpoint(oauth_dovecot)) as client:
         with pytest.raises(UpstreamAuthError):
-            await client.login_bearer("bob", alice_token["access_token"])
+            await login_bearer(client, "bob", alice_token["access_token"])
 
 
 async def test_provider_without_oauth_mechanisms_is_a_clear_error(dovecot):
     async with await connect(endpoint(dovecot.server)) as client:
         with pytest.raises(UpstreamAuthError) as info:
-            await client.login_bearer(dovecot.user, "token")
+            await login_bearer(client, dovecot.user, "token")
         assert info.value.code == "SYS/PERM"
         assert "XOAUTH2" in str(info.value)
