@@ -14,7 +14,7 @@ from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError, StartupError
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
-from pop3proxy.net.maildrop import Backend
+from pop3proxy.net.backend_api import Backend
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.net.tls import server_context

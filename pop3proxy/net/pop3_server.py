@@ -21,7 +21,7 @@ from pop3proxy.errors import LoginError
 from pop3proxy.net.addresses import is_loopback
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.gate import Gate
-from pop3proxy.net.maildrop import Backend, Maildrop
+from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
 from pop3proxy.pop3 import session as s

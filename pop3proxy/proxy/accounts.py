@@ -1,5 +1,5 @@
-"""Per-account state shared by sessions and background sync: the account's lock, its last
-sync, and the password source of accounts that prefetch.
+"""The accounts this process serves now (`AccountRegistry`): each account's session lock, shared
+by its session and its syncs; and the password source of accounts that prefetch.
 """
 
 from __future__ import annotations
@@ -8,17 +8,13 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
 from pop3proxy.config import AccountSettings
-from pop3proxy.store.locks import MailboxBusy, MailboxLock, lock_mailbox
+from pop3proxy.store.api import MailboxBusy, SessionLock, SessionLocks
 
 log = logging.getLogger("pop3proxy.proxy")
-
-if TYPE_CHECKING:
-    from pop3proxy.proxy.backend import ProxyBackend
 
 # A login waits this long for a mailbox lock held by another process: with several worker processes,
 # a client that reconnects at once after QUIT may reach another worker while the first one is still
@@ -27,12 +23,12 @@ LOCK_WAIT = 2.0
 LOCK_POLL = 0.005
 
 
-async def lock_waiting(root: Path, cache_id: str, wait: float = LOCK_WAIT) -> MailboxLock:
-    """`lock_mailbox`, waiting up to ``wait`` seconds for another process to give the lock back."""
+async def lock_waiting(locks: SessionLocks, cache_id: str, wait: float = LOCK_WAIT) -> SessionLock:
+    """``locks.try_lock``, waiting up to ``wait`` seconds for another process to give the lock back."""
     deadline = trio.current_time() + wait
     while True:
         try:
-            return await trio.to_thread.run_sync(lock_mailbox, root, cache_id)
+            return await trio.to_thread.run_sync(locks.try_lock, cache_id)
         except MailboxBusy:
             if trio.current_time() >= deadline:
                 raise
@@ -60,14 +56,36 @@ def read_password_source(name: str, account: AccountSettings) -> str | None:
     return None
 
 
-class _Account:
-    """One cache in this process: shares the cross-process lock between a session and its syncs."""
+class AccountRegistry:
+    """The accounts this process holds now, each with its session lock (see `Account`)."""
 
-    def __init__(self, backend: "ProxyBackend", cache_id: str) -> None:
-        self.backend = backend
+    def __init__(self, locks: SessionLocks) -> None:
+        self.locks = locks
+        self._held: dict[str, Account] = {}
+
+    def get(self, cache_id: str) -> Account:
+        account = self._held.get(cache_id)
+        if account is None:
+            account = self._held[cache_id] = Account(self, cache_id)
+        return account
+
+    def _listed(self, account: Account) -> None:
+        self._held[account.cache_id] = account  # a release may have unlisted it meanwhile
+
+    def _unlisted(self, account: Account) -> None:
+        if self._held.get(account.cache_id) is account:
+            del self._held[account.cache_id]
+
+
+class Account:
+    """One account in this process: shares the cross-process session lock between a session and its
+    syncs (``holders``), and keeps a second session of this process out (``session_active``)."""
+
+    def __init__(self, registry: AccountRegistry, cache_id: str) -> None:
+        self._registry = registry
         self.cache_id = cache_id
         self.holders = 0
-        self.lock: MailboxLock | None = None
+        self.lock: SessionLock | None = None
         self.session_active = False
         self.sync_lock = trio.Lock()
         self._acquiring = trio.Lock()
@@ -78,8 +96,8 @@ class _Account:
                 raise MailboxBusy(self.cache_id)
             if self.holders == 0:
                 # a sync of its own (prefetch) does not wait for a session elsewhere
-                self.lock = await lock_waiting(self.backend.root, self.cache_id, LOCK_WAIT if session else 0.0)
-                self.backend._accounts[self.cache_id] = self  # a release may have unlisted it meanwhile
+                self.lock = await lock_waiting(self._registry.locks, self.cache_id, LOCK_WAIT if session else 0.0)
+                self._registry._listed(self)
             self.holders += 1
             if session:
                 self.session_active = True
@@ -95,5 +113,4 @@ class _Account:
                 if self.holders == 0 and self.lock is not None:
                     lock, self.lock = self.lock, None
                     await trio.to_thread.run_sync(lock.release)
-                    if self.backend._accounts.get(self.cache_id) is self:
-                        del self.backend._accounts[self.cache_id]
+                    self._registry._unlisted(self)

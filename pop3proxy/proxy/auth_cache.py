@@ -15,13 +15,11 @@ import os
 import time
 from pathlib import Path
 
-import trio
-
 from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamError
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.routing import Route
-from pop3proxy.store.locks import MailboxBusy
+from pop3proxy.store.fsutil import write_new_file
 from pop3proxy.store.paths import make_user_dir, user_dir
 
 log = logging.getLogger("pop3proxy.proxy")
@@ -31,68 +29,66 @@ AUTH_CACHE_FILE = ".auth-cache"  # in the account's cache directory: "<keyed dig
 
 
 class AuthCache:
-    """Mixed into `ProxyBackend`."""
+    """The auth cache of one service: keyed digests of passwords the provider accepted lately."""
 
-    def _keyed(self, password: str) -> bytes:
-        return hmac.new(self.memo_key, password.encode("utf-8"), "sha256").digest()
+    def __init__(self, root: Path, key: bytes, ttl: float) -> None:
+        self.root = root
+        self.key = key  # random, memory only; the worker processes of one service share it
+        self.ttl = ttl
 
-    def _auth_entry(self, cache_id: str) -> Path:
+    def keyed(self, password: str) -> bytes:
+        return hmac.new(self.key, password.encode("utf-8"), "sha256").digest()
+
+    def path(self, cache_id: str) -> Path:
         return user_dir(self.root, cache_id) / AUTH_CACHE_FILE
 
-    def _auth_remember(self, route: Route, password: str) -> None:
+    def remember(self, cache_id: str, password: str) -> None:
         """The provider accepted ``password`` just now (written atomically; an error only costs the entry)."""
+        if self.ttl <= 0:
+            return
         try:
-            directory = make_user_dir(self.root, route.cache_id)
+            directory = make_user_dir(self.root, cache_id)
             temporary = directory / f"{AUTH_CACHE_FILE}.{os.getpid()}"
-            temporary.write_text(f"{self._keyed(password).hex()} {time.time():.6f}\n")
+            temporary.unlink(missing_ok=True)  # left by a crash
+            # Mode 0600 whatever the umask, like every file that holds something derived from a password.
+            write_new_file(temporary, f"{self.keyed(password).hex()} {time.time():.6f}\n".encode(), durable=False)
             temporary.replace(directory / AUTH_CACHE_FILE)
         except OSError as exc:
-            log.warning("auth cache entry of %r not kept: %s", route.cache_id, exc)
+            log.warning("auth cache entry of %r not kept: %s", cache_id, exc)
 
-    def _auth_forget(self, route: Route) -> None:
-        self._auth_entry(route.cache_id).unlink(missing_ok=True)
+    def forget(self, cache_id: str) -> None:
+        self.path(cache_id).unlink(missing_ok=True)
 
-    def _auth_cached(self, route: Route, password: str) -> bool:
+    def matches(self, cache_id: str, password: str) -> bool:
         """``sync.auth_cache_ttl``: this password was accepted by the provider for this account within
         the TTL (a keyed digest, never the password)."""
-        if isinstance(password, BearerToken):
+        if isinstance(password, BearerToken) or self.ttl <= 0:
             return False
         try:
-            digest, accepted = self._auth_entry(route.cache_id).read_text().split()
+            digest, accepted = self.path(cache_id).read_text().split()
             age = time.time() - float(accepted)
         except (OSError, ValueError):
             return False
-        if not 0 <= age <= self.settings.sync.auth_cache_ttl:
-            self._auth_forget(route)
+        if not 0 <= age <= self.ttl:
+            self.forget(cache_id)
             return False
-        return hmac.compare_digest(digest.encode(), self._keyed(password).hex().encode())
+        return hmac.compare_digest(digest.encode(), self.keyed(password).hex().encode())
 
-    async def _check_in_background(self, route: Route, password: str, client: UpstreamClient | None) -> None:
-        """After a login served from the auth cache: log in at the provider (a refusal drops the entry)
-        and fetch new mail, which shows at the next login. ``client``: the early connection, if any."""
-        account = self._account(route.cache_id)
+    async def check_upstream(self, route: Route, password: str, client: UpstreamClient | None) -> UpstreamClient | None:
+        """After a login served from the cache: log in at the provider (``client``: the early
+        connection, if any); a refusal drops the entry. The logged-in client, or None."""
         try:
             client = client or await connect(route.endpoint)
         except UpstreamError as exc:
             log.info("background check of %r: provider unreachable: %s", route.cache_id, exc)
-            return
+            return None
         try:
             await client.login(route.remote_user, password)
         except UpstreamError as exc:
             await client.aclose()
             if isinstance(exc, UpstreamAuthError) and exc.code == "AUTH":
-                self._auth_forget(route)
+                self.forget(route.cache_id)
                 log.warning("the provider no longer accepts the cached password of %r: auth cache entry "
                             "dropped (the login it served stays)", route.cache_id)
-            return
-        if account.sync_lock.locked():
-            await client.aclose()
-            return
-        try:
-            await account.acquire(session=False)
-        except MailboxBusy:  # another process (a worker, `pop3proxy sync`) has the mailbox: it is its turn
-            await client.aclose()
-            log.info("background check of %r: password accepted; fetch skipped: the mailbox is in use "
-                     "elsewhere (the next login fetches)", route.cache_id)
-            return
-        await self._background_sync(route, account, client, password, trio.Event(), {})
+            return None
+        return client

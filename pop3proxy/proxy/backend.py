@@ -1,20 +1,25 @@
 """The proxy backend: logs a client in upstream (pass-through), syncs the cache, serves it
 offline when the provider is unreachable, and prefetches accounts with a password source.
+
+It holds one object per way in (`EarlyLogins`: the early connection, APOP and CRAM-MD5; `OAuthLogins`;
+`AuthCache`), the `AccountRegistry` of the accounts it serves now, and the stores it was given
+(`store.api.Stores`): which engine keeps the state and the locks is the composition root's choice.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass, field
 
 import trio
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import LoginError
 from pop3proxy.filtering.pipeline import Pipeline, build_pipeline
+from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.endpoint import (
     AUTH_TEXT,
@@ -22,60 +27,91 @@ from pop3proxy.net.endpoint import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from pop3proxy.net.maildrop import Backend, Maildrop
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.ops import metrics
 from pop3proxy.pop3.sasl import BearerToken
-from pop3proxy.proxy.accounts import _Account, read_password_source
+from pop3proxy.proxy.accounts import Account, AccountRegistry, read_password_source
 from pop3proxy.proxy.auth_cache import AuthCache
 from pop3proxy.proxy.cache_ids import migrate_cache_ids
-from pop3proxy.proxy.credentials import hash_password, kdf_limiter, verify_password
+from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.early_logins import CHALLENGE_MECHANISMS, EarlyLogins
-from pop3proxy.proxy.maildrop import ProxyMaildrop
 from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavailable
 from pop3proxy.proxy.oauth.logins import OAuthLogins
-from pop3proxy.proxy.offline import check_offline_password
+from pop3proxy.proxy.prefetch import fresh_prefetch, mark_prefetched
+from pop3proxy.proxy.offline import check_offline_password, forget_offline_password, remember_offline_password
+from pop3proxy.proxy.proxied_maildrop import Mirror, ProxyMaildrop
 from pop3proxy.proxy.routing import Route, resolve
 from pop3proxy.proxy.sync import SyncResult, recover, sync_mailbox
 from pop3proxy.proxy.trust import refuse_untrusted
 from pop3proxy.store import open_store
-from pop3proxy.store.base import Mailbox
+from pop3proxy.store.api import AccountState, MailboxBusy, StateError, Stores, local_stores
+from pop3proxy.store.base import Mailbox, MessageInfo
 from pop3proxy.store.held import hold_callback
-from pop3proxy.store.locks import MailboxBusy
 from pop3proxy.store.paths import removed_parts_dir, user_dir
-from pop3proxy.store.state import StateError, UserState
 
 log = logging.getLogger("pop3proxy.proxy")
 
-OFFLINE_HASH = "offline_hash"
-OFFLINE_MEMO = "offline_memo"
-PREFETCHED = ".prefetched"  # in the account's cache directory: when its last complete prefetch ended  # keyed digest of (hash, password): the hash matches, no scrypt needed
 LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
+OFFLINE_NOTE = "(offline: the provider is unreachable, serving cached mail)"
 
 
-class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
+@dataclass
+class SyncReport:
+    """What the sync a login started tells the login: ``done`` is set once it ends (or breaks off)."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    result: SyncResult | None = None
+    store_error: Exception | None = None  # the cache could not be written
+
+
+def _banner(count: int, report: SyncReport) -> str:
+    banner = f"{count} messages"
+    result = report.result
+    if not report.done.is_set():
+        banner += " (more mail is still downloading; it will show at your next login)"
+    elif result is None or result.remaining:  # no result: the sync broke off
+        banner += " (some new mail could not be fetched yet)"
+    if result is not None and result.refused:
+        banner += (f" ({result.refused} message{'s' if result.refused != 1 else ''} refused by the provider,"
+                   " skipped; retried later)")
+    return banner
+
+
+class ProxyBackend(Backend):
     accepts_bearer = True  # AUTH XOAUTH2 / OAUTHBEARER tokens are passed upstream
-    def __init__(self, settings: Settings, pipeline: Pipeline | None = None) -> None:
+
+    def __init__(self, settings: Settings, pipeline: Pipeline | None = None, stores: Stores | None = None) -> None:
         self.settings = settings
         self.root = settings.cache.root
         self.store_backend = settings.cache.backend
         migrate_cache_ids(settings, self.root)
         self.pipeline = pipeline if pipeline is not None else build_pipeline(
             settings.filters, processes=settings.sync.filter_processes)
-        self._accounts: dict[str, _Account] = {}
+        self.stores = stores if stores is not None else local_stores(self.root)
+        self.accounts = AccountRegistry(self.stores.locks)
         self._nursery: trio.Nursery | None = None
-        # Keys the digests of passwords kept to skip scrypt (memory only; the worker processes of one
+        # Its key keys the digests kept to skip scrypt too (memory only; the worker processes of one
         # service share it, so a digest one of them wrote to a state database serves them all).
-        self.memo_key = secrets.token_bytes(32)
+        self.auth_cache = AuthCache(self.root, secrets.token_bytes(32), settings.sync.auth_cache_ttl)
+        self.early = EarlyLogins(settings)
         self.passwords: dict[str, str] = {}
         # Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console.
         self.syncing: dict[str, tuple[int, int]] = {}
         self.oauth = TokenManager(self.root, {
             name: account.oauth2 for name, account in settings.accounts.items() if account.oauth2 is not None})
+        self.oauth_logins = OAuthLogins(self.oauth, self.root, settings.offline.enabled)
         for name, account in settings.accounts.items():
             password = read_password_source(name, account)
             if password is not None:
                 self.passwords[name] = password
+
+    @property
+    def memo_key(self) -> bytes:
+        return self.auth_cache.key
+
+    @memo_key.setter
+    def memo_key(self, key: bytes) -> None:  # a worker process takes its service's key
+        self.auth_cache.key = key
 
     def attach(self, nursery: trio.Nursery, *, background: bool = True) -> None:
         """Give the backend a nursery for background syncs, and unless ``background`` is False start the
@@ -89,12 +125,6 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         if self.passwords or self.oauth.accounts:
             nursery.start_soon(self._prefetch_loop)
 
-    def _account(self, cache_id: str) -> _Account:
-        account = self._accounts.get(cache_id)
-        if account is None:
-            account = self._accounts[cache_id] = _Account(self, cache_id)
-        return account
-
     # -- login -----------------------------------------------------------------------------------
 
     def account_key(self, user: str) -> str:
@@ -105,26 +135,48 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             return user.lower()
         return f"{route.endpoint.host.lower()}:{route.endpoint.port}/{route.remote_user.lower()}"
 
+    def early_upstream(self, peer: tuple[str, int]) -> EarlyUpstream | None:
+        return self.early.early_upstream(peer)
+
+    async def greeting_ready(self, early: EarlyUpstream) -> tuple[str | None, bool]:
+        return await self.early.greeting_ready(early)
+
+    async def challenge(self, early: EarlyUpstream | None, mechanism: str) -> str:
+        return await self.early.challenge(early, mechanism)
+
+    async def upstream_secret(self, route: Route, password: str | None) -> str:
+        return await self.oauth_logins.upstream_secret(route, password)
+
     async def login(self, user: str, password: str, peer: str, *, mechanism: str = "USER",
                     early: EarlyUpstream | None = None) -> Maildrop:
         route = resolve(user, self.settings)
         if mechanism in CHALLENGE_MECHANISMS:
-            return await self._challenge_login(route, user, password, mechanism, early)
+            client = await self.early.challenge_login(route, user, password, mechanism, early,
+                                                      token_account=route.cache_id in self.oauth)
+            return await self._online_session(route, client, None)
         if isinstance(password, BearerToken):
-            return await self._bearer_login(route, password)
+            return await self._online_session(route, await self.oauth_logins.bearer_login(route, password), password)
         if route.cache_id in self.oauth:
-            return await self._oauth_login(route, password)
-        if self._fresh_prefetch(route, password):
+            client = await self.oauth_logins.login(route, password)
+            if client is None:
+                return await self._cached_session(route, None, OFFLINE_NOTE)
+            return await self._online_session(route, client, None)
+        if fresh_prefetch(self.root, route.cache_id, self.passwords.get(route.cache_id), password,
+                          self.settings.sync.interval):
             return await self._cached_session(route, password, "")
-        if self._auth_cached(route, password):
+        if self.auth_cache.matches(route.cache_id, password):
             maildrop = await self._cached_session(route, password, "")
             assert self._nursery is not None, "ProxyBackend.attach() was not called"
             client = await early.take(route.endpoint) if early is not None and early.ready.is_set() else None
             self._nursery.start_soon(self._check_in_background, route, password, client)
             return maildrop
+        return await self._password_login(route, password, peer, early)
+
+    async def _password_login(self, route: Route, password: str, peer: str, early: EarlyUpstream | None) -> Maildrop:
+        """Pass-through: the client's password goes to the provider (once); offline when it is unreachable."""
         started = time.monotonic()
         try:
-            client, was_early = await self._connect_for_login(route, early, peer)
+            client, was_early = await self.early.connect_for_login(route, early, peer)
         except UpstreamUnavailable as exc:
             return await self._offline_login(route, password, exc)
         try:
@@ -137,7 +189,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
                 if not was_early or (client.secret_sent and not exc.closed):
                     raise
                 await client.aclose()
-                client, was_early = await self._connect_for_login(route, None, peer)
+                client, was_early = await self.early.connect_for_login(route, None, peer)
                 await client.login(route.remote_user, password)
         except UpstreamAuthError as exc:
             await client.aclose()
@@ -156,24 +208,27 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             await client.aclose()
             raise
         metrics.upstream_latency(time.monotonic() - started)
-        if self.settings.sync.auth_cache_ttl > 0:
-            self._auth_remember(route, password)
+        self.auth_cache.remember(route.cache_id, password)
         return await self._online_session(route, client, password)
 
-    def _open_files(self, route: Route) -> tuple[Mailbox, UserState]:
+    def _open_files(self, route: Route) -> tuple[Mailbox, AccountState]:
         mailbox = open_store(self.root, route.cache_id, self.store_backend)
         try:
-            state = UserState(user_dir(self.root, route.cache_id) / "state.db")
+            state = self.stores.states.open(route.cache_id)
         except BaseException:
             mailbox.close()
             raise
         return mailbox, state
 
-    async def _open_local(self, route: Route, account: _Account) -> tuple[Mailbox, UserState]:
-        return await trio.to_thread.run_sync(self._open_files, route)
+    def _maildrop(self, account: Account, route: Route, password: str | None, files: tuple[Mailbox, AccountState],
+                  messages: list[MessageInfo], banner: str) -> ProxyMaildrop:
+        upstream = self.settings.upstream
+        mirror = Mirror(upstream.delete == "mirror", upstream.timeout * 2, self.upstream_secret,
+                        token_account=route.cache_id in self.oauth)
+        return ProxyMaildrop(account, route, password, files[0], files[1], messages, banner, mirror)
 
-    async def _online_session(self, route: Route, client: UpstreamClient, password: str) -> Maildrop:
-        account = self._account(route.cache_id)
+    async def _online_session(self, route: Route, client: UpstreamClient, password: str | None) -> Maildrop:
+        account = self.accounts.get(route.cache_id)
         try:
             await account.acquire(session=True)
         except MailboxBusy:
@@ -182,36 +237,25 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         except BaseException:
             await client.aclose()
             raise
-        files: tuple[Mailbox, UserState] | None = None
+        files: tuple[Mailbox, AccountState] | None = None
         handed_over = False  # the client belongs to the background sync once it is started
         try:
             try:
-                files = await self._open_local(route, account)
+                files = await trio.to_thread.run_sync(self._open_files, route)
             except (OSError, StateError) as exc:
                 log.error("cannot open the cache of %r: %s", route.cache_id, exc)
                 raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
-            mailbox, state = files
-            done = trio.Event()
-            outcome: dict[str, object] = {}
+            report = SyncReport()
             assert self._nursery is not None, "ProxyBackend.attach() was not called"
             await account.acquire(session=False)  # the sync's own hold on the lock
-            self._nursery.start_soon(self._background_sync, route, account, client, password, done, outcome)
+            self._nursery.start_soon(self._background_sync, route, account, client, password, report)
             handed_over = True
             with trio.move_on_after(self.settings.sync.login_budget):
-                await done.wait()
-            if outcome.get("store_error") is not None:
+                await report.done.wait()
+            if report.store_error is not None:
                 raise LoginError("cannot store new mail, try again later", "SYS/TEMP")
-            messages = await self._snapshot(mailbox, state)
-            result = outcome.get("result")
-            banner = f"{len(messages)} messages"
-            if not done.is_set():
-                banner += " (more mail is still downloading; it will show at your next login)"
-            elif not isinstance(result, SyncResult) or result.remaining:  # no result: the sync broke off
-                banner += " (some new mail could not be fetched yet)"
-            if isinstance(result, SyncResult) and result.refused:
-                banner += (f" ({result.refused} message{'s' if result.refused != 1 else ''} refused by the provider,"
-                           " skipped; retried later)")
-            return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
+            messages = await self._snapshot(*files)
+            return self._maildrop(account, route, password, files, messages, _banner(len(messages), report))
         except BaseException as exc:
             # Whatever went wrong between taking the lock and handing out the session, the lock is
             # released: the user must not stay "in use" until a restart.
@@ -227,24 +271,25 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
                 raise LoginError("internal error, try again later", "SYS/TEMP") from None
             raise
 
-    async def _snapshot(self, mailbox: Mailbox, state: UserState):
-        def snapshot():
+    async def _snapshot(self, mailbox: Mailbox, state: AccountState) -> list[MessageInfo]:
+        def snapshot() -> list[MessageInfo]:
             hidden = state.hidden_keys()
             return [info for info in mailbox.list() if info.key not in hidden]
 
         return await trio.to_thread.run_sync(snapshot)
 
-    async def _background_sync(self, route, account, client, password, done, outcome) -> None:
+    async def _background_sync(self, route: Route, account: Account, client: UpstreamClient, password: str | None,
+                               report: SyncReport) -> None:
         try:
             async with account.sync_lock:
-                outcome["result"] = await self._sync(route, client, password)
+                report.result = await self._sync(route, client, password)
         except OSError as exc:
-            outcome["store_error"] = exc
+            report.store_error = exc
             log.error("sync of %r failed writing the cache: %s", route.cache_id, exc)
         except UpstreamError as exc:
             log.warning("sync of %r stopped: %s", route.cache_id, exc)
         except StateError as exc:
-            outcome["store_error"] = exc
+            report.store_error = exc
             log.error("sync of %r failed: %s", route.cache_id, exc)
         except Exception:  # a bug must stop this sync only, never the service's other tasks
             log.exception("sync of %r failed: internal error", route.cache_id)
@@ -252,16 +297,20 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         finally:
             with trio.CancelScope(shield=True):
                 await client.aclose()
-                done.set()
+                report.done.set()
                 await account.release(session=False)
 
     async def _sync(self, route: Route, client: UpstreamClient, password: str | None, progress=None) -> SyncResult:
         """Recover, sync, remember the offline hash. Runs with the account lock held."""
 
-        def open_files() -> tuple[Mailbox, UserState]:
-            mailbox = open_store(self.root, route.cache_id, self.store_backend)
-            state = UserState(user_dir(self.root, route.cache_id) / "state.db")
-            recover(mailbox, state)
+        def open_files() -> tuple[Mailbox, AccountState]:
+            mailbox, state = self._open_files(route)
+            try:
+                recover(mailbox, state)
+            except BaseException:
+                mailbox.close()
+                state.close()
+                raise
             return mailbox, state
 
         mailbox, state = await trio.to_thread.run_sync(open_files)
@@ -299,8 +348,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             )
             if password is not None and not isinstance(password, BearerToken) and self.settings.offline.enabled:
                 await trio.to_thread.run_sync(
-                    self._remember_password, state, password, limiter=kdf_limiter()
-                )
+                    remember_offline_password, state, password, self.auth_cache.keyed, limiter=kdf_limiter())
             summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
                                   "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
                                   "held": result.held, "refused": result.refused, "adopted": result.adopted,
@@ -317,40 +365,13 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             self.syncing.pop(route.cache_id, None)
             await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
 
-    def _remember_password(self, state: UserState, password: str) -> None:
-        """Keep the scrypt hash for offline logins current, without paying scrypt on every login.
-
-        A keyed digest of (hash, password) kept beside the hash tells whether the hash matches; its key is
-        random, lives in memory only and is shared by the worker processes of one service.
-        """
-        stored = state.get_meta(OFFLINE_HASH)
-        if stored is not None and hmac.compare_digest(
-                (state.get_meta(OFFLINE_MEMO) or "").encode(), self._keyed(f"{stored}\0{password}").hex().encode()):
-            return
-        if stored is None or not verify_password(password, stored):
-            stored = hash_password(password)
-            state.set_meta(OFFLINE_HASH, stored)
-        state.set_meta(OFFLINE_MEMO, self._keyed(f"{stored}\0{password}").hex())
-
     # -- offline ---------------------------------------------------------------------------------
 
     async def _forget_offline_password(self, route: Route, password: str) -> None:
-        """The provider refused ``password``: drop the offline hash only if it is that password (the
-        user changed it upstream). A guess by anyone else leaves the real user's offline copy alone."""
-        path = user_dir(self.root, route.cache_id) / "state.db"
-
-        def forget() -> bool:
-            if not path.exists():
-                return False
-            with UserState(path) as state:
-                stored = state.get_meta(OFFLINE_HASH)
-                if stored is None or not verify_password(password, stored):
-                    return False
-                state.set_meta(OFFLINE_HASH, None)
-                return True
-
+        """The provider refused ``password``: drop the offline hash if it is that password."""
         try:
-            if await trio.to_thread.run_sync(forget, limiter=kdf_limiter()):
+            if await trio.to_thread.run_sync(forget_offline_password, self.stores.states, route.cache_id, password,
+                                             limiter=kdf_limiter()):
                 log.info("dropped the offline password of %r: the provider no longer accepts it", route.cache_id)
         except (OSError, StateError) as exc:
             log.error("cannot drop the offline password of %r: %s", route.cache_id, exc)
@@ -363,27 +384,25 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             raise LoginError("the mail provider cannot be reached, try again later", "SYS/TEMP")
         try:
             verdict = await trio.to_thread.run_sync(
-                check_offline_password, self.root, route.cache_id, password, limiter=kdf_limiter())
+                check_offline_password, self.stores.states, route.cache_id, password, limiter=kdf_limiter())
         except StateError:
             verdict = None
         if verdict is None:
             raise LoginError("the mail provider cannot be reached and this account has no offline copy yet", "SYS/TEMP")
         if not verdict:
             raise LoginError("invalid user name or password", "AUTH")
-        return await self._cached_session(
-            route, None, "(offline: the provider is unreachable, serving cached mail)"
-        )
+        return await self._cached_session(route, None, OFFLINE_NOTE)
 
     async def _cached_session(self, route: Route, password: str | None, note: str) -> Maildrop:
         """Serve the cache as it is, without asking the provider (offline, or a fresh prefetch)."""
-        account = self._account(route.cache_id)
+        account = self.accounts.get(route.cache_id)
         try:
             await account.acquire(session=True)
         except MailboxBusy:
             raise LoginError("mailbox is in use by another session", "IN-USE") from None
         syncing = account.sync_lock.locked()
 
-        def open_files():  # one worker-thread hop for the whole of it: this is every warm login's path
+        def open_files() -> tuple[Mailbox, AccountState, list[MessageInfo]]:  # one thread hop: every warm login
             mailbox, state = self._open_files(route)
             try:
                 if not syncing:
@@ -402,22 +421,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
             log.error("cannot open the cache of %r: %s", route.cache_id, exc)
             raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
         banner = f"{len(messages)} messages" + (f" {note}" if note else "")
-        return ProxyMaildrop(self, account, route, password, mailbox, state, messages, banner)
-
-    def _fresh_prefetch(self, route: Route, password: str) -> bool:
-        """True when a login may be served from the cache without asking the provider: the account has
-        a configured password, the client gave exactly it, and the background sync succeeded recently
-        (the time of the mark it leaves, seen by every process of the service)."""
-        configured = self.passwords.get(route.cache_id)
-        if configured is None:
-            return False
-        try:
-            age = time.time() - (user_dir(self.root, route.cache_id) / PREFETCHED).stat().st_mtime
-        except OSError:
-            return False
-        if age > self.settings.sync.interval * 1.5:
-            return False
-        return hmac.compare_digest(configured.encode("utf-8"), password.encode("utf-8"))
+        return self._maildrop(account, route, password, (mailbox, state), messages, banner)
 
     # -- background prefetch ---------------------------------------------------------------------
 
@@ -425,7 +429,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
         """One sync pass for a configured account (prefetch loop and ``pop3proxy sync``); an OAuth2
         account (`password` None) logs in with its token."""
         route = resolve(name, self.settings)
-        account = self._account(route.cache_id)
+        account = self.accounts.get(route.cache_id)
         if account.session_active or account.sync_lock.locked():
             raise MailboxBusy(route.cache_id)
         await account.acquire(session=False)
@@ -436,7 +440,7 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
                     await client.login(route.remote_user, secret)
                     result = await self._sync(route, client, secret, progress)
             if not result.remaining and password is not None:
-                await trio.to_thread.run_sync((user_dir(self.root, route.cache_id) / PREFETCHED).touch)
+                await trio.to_thread.run_sync(mark_prefetched, self.root, route.cache_id)
                 log.info("prefetch of %r complete: logins with its configured password are served from "
                          "the cache until the next interval", route.cache_id)
             return result
@@ -461,3 +465,22 @@ class ProxyBackend(EarlyLogins, AuthCache, OAuthLogins, Backend):
                     log.exception("prefetch of %r failed: internal error", name)
                     metrics.background_error("prefetch")
             await trio.sleep(self.settings.sync.interval)
+
+    async def _check_in_background(self, route: Route, password: str, client: UpstreamClient | None) -> None:
+        """After a login served from the auth cache: log in at the provider (a refusal drops the entry)
+        and fetch new mail, which shows at the next login. ``client``: the early connection, if any."""
+        account = self.accounts.get(route.cache_id)
+        client = await self.auth_cache.check_upstream(route, password, client)
+        if client is None:
+            return
+        if account.sync_lock.locked():
+            await client.aclose()
+            return
+        try:
+            await account.acquire(session=False)
+        except MailboxBusy:  # another process (a worker, `pop3proxy sync`) has the mailbox: it is its turn
+            await client.aclose()
+            log.info("background check of %r: password accepted; fetch skipped: the mailbox is in use "
+                     "elsewhere (the next login fetches)", route.cache_id)
+            return
+        await self._background_sync(route, account, client, password, SyncReport())

@@ -15,7 +15,7 @@ import logging
 from pop3proxy.errors import LoginError
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamError, UpstreamUnavailable
-from pop3proxy.net.maildrop import Maildrop
+from pop3proxy.net.backend_api import Maildrop
 from pop3proxy.net import password_login
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.proxy.routing import Route, default_endpoint
@@ -27,10 +27,12 @@ GREETING_WAIT = 2.0  # seconds a client's greeting may wait for the provider's A
 
 
 class EarlyLogins:
-    """Mixed into `ProxyBackend`."""
+    """The default provider's early connections of one process (`ProxyBackend` holds one)."""
 
-    _early_open = 0
-    _provider_challenges: bool | None = None  # did the provider's last greeting/CAPA offer APOP or CRAM-MD5?
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._early_open = 0
+        self._provider_challenges: bool | None = None  # did the provider's last greeting/CAPA offer APOP or CRAM-MD5?
 
     def early_upstream(self, peer: tuple[str, int]) -> EarlyUpstream | None:
         up = self.settings.upstream
@@ -66,7 +68,7 @@ class EarlyLogins:
         except UpstreamError:
             raise LoginError("the mail provider cannot be reached now", "SYS/TEMP") from None
 
-    async def _connect_for_login(self, route: Route, early: EarlyUpstream | None, peer: str) -> tuple[UpstreamClient, bool]:
+    async def connect_for_login(self, route: Route, early: EarlyUpstream | None, peer: str) -> tuple[UpstreamClient, bool]:
         """A connection for this login: the early one when it is to the same provider, else a new one
         (telling the provider the client's address when configured). (client, whether it was early)."""
         client = await early.take(route.endpoint) if early is not None else None
@@ -83,9 +85,10 @@ class EarlyLogins:
                 raise
         return client, False
 
-    async def _challenge_login(self, route: Route, user: str, answer: str, mechanism: str,
-                               early: EarlyUpstream | None) -> Maildrop:
-        if early is None or not early.matches(route.endpoint) or route.remote_user != user or route.cache_id in self.oauth:
+    async def challenge_login(self, route: Route, user: str, answer: str, mechanism: str,
+                              early: EarlyUpstream | None, *, token_account: bool) -> UpstreamClient:
+        """Log in with the client's APOP digest or CRAM-MD5 answer on ``early``; the logged-in client."""
+        if early is None or not early.matches(route.endpoint) or route.remote_user != user or token_account:
             raise LoginError(f"{mechanism} works only for users of the default provider; use USER/PASS", "AUTH")
         client = await early.take(route.endpoint)
         if client is None:
@@ -107,4 +110,4 @@ class EarlyLogins:
         except BaseException:
             await client.aclose()
             raise
-        return await self._online_session(route, client, None)
+        return client

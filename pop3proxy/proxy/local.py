@@ -4,54 +4,29 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import BinaryIO, Sequence
 
 import trio
 
 from pop3proxy.errors import LoginError
-from pop3proxy.net.maildrop import Backend, Maildrop
+from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.proxy.accounts import lock_waiting
 from pop3proxy.proxy.credentials import kdf_limiter, read_users, verify_password
+from pop3proxy.proxy.store_maildrop import StoreMaildrop
 from pop3proxy.store import open_store
-from pop3proxy.store.base import MessageInfo
-from pop3proxy.store.locks import MailboxBusy, MailboxLock
+from pop3proxy.store.api import MailboxBusy, SessionLock, SessionLocks, local_stores
 
 log = logging.getLogger("pop3proxy")
-
-
-class StoreMaildrop(Maildrop):
-    """A maildrop over a locked local mailbox (standalone mode and the proxy's cache)."""
-
-    def __init__(self, mailbox, lock, messages: Sequence[MessageInfo], banner: str = "") -> None:
-        self.mailbox = mailbox
-        self.lock = lock
-        self.messages = messages
-        self.banner = banner
-
-    def open(self, key: str) -> BinaryIO:
-        return self.mailbox.open(key)
-
-    async def commit(self, deleted: Sequence[str]) -> None:
-        if deleted:
-            await trio.to_thread.run_sync(self.mailbox.delete, list(deleted))
-
-    async def close(self) -> None:
-        def close() -> None:
-            try:
-                self.mailbox.close()
-            finally:
-                self.lock.release()
-
-        await trio.to_thread.run_sync(close)
 
 
 class LocalBackend(Backend):
     """Standalone mode: users from a users file, mail from the local store."""
 
-    def __init__(self, users_file: Path, root: Path, backend: str = "maildir") -> None:
+    def __init__(self, users_file: Path, root: Path, backend: str = "maildir",
+                 locks: SessionLocks | None = None) -> None:
         self.users_file = users_file
         self.root = root
         self.store_backend = backend
+        self.locks = locks if locks is not None else local_stores(root).locks
         read_users(users_file)  # a broken users file is a startup error, not a login error
 
     async def login(self, user: str, password: str, peer: str, *, mechanism: str = "USER", early=None) -> Maildrop:
@@ -65,16 +40,16 @@ class LocalBackend(Backend):
 
         if not await trio.to_thread.run_sync(check, limiter=kdf_limiter()):
             raise LoginError("invalid user name or password", "AUTH")
-        return await open_maildrop(self.root, user, self.store_backend)
+        return await open_maildrop(self.locks, self.root, user, self.store_backend)
 
 
 _DUMMY_HASH = "$scrypt$n=16384,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
-async def open_maildrop(root: Path, user: str, backend: str, banner: str = "") -> StoreMaildrop:
+async def open_maildrop(locks: SessionLocks, root: Path, user: str, backend: str, banner: str = "") -> StoreMaildrop:
     """Lock ``user``'s mailbox and take the session's snapshot of it."""
 
-    def open_locked(lock: MailboxLock) -> StoreMaildrop:
+    def open_locked(lock: SessionLock) -> StoreMaildrop:
         try:
             mailbox = open_store(root, user, backend)
             try:
@@ -87,7 +62,7 @@ async def open_maildrop(root: Path, user: str, backend: str, banner: str = "") -
             raise
 
     try:
-        lock = await lock_waiting(root, user)
+        lock = await lock_waiting(locks, user)
         return await trio.to_thread.run_sync(open_locked, lock)
     except MailboxBusy:
         raise LoginError("mailbox is in use by another session", "IN-USE") from None

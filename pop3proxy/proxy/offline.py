@@ -1,33 +1,67 @@
-"""The offline password check: a password against the scrypt hash kept in an account's state.
+"""The offline password: a scrypt hash of the password the provider last accepted, kept in the account's
+state, and a keyed digest beside it that spares scrypt while the password does not change.
 
 One check for every door: POP3 (and the web console's sign-in, which logs in through the backend) and
-the SMTP relay. The hash is written by the backend after a sync with the provider (``offline_hash``
-meta of the account's ``state.db``). Synchronous and memory-hungry (scrypt): an async caller runs it
-in a worker thread under ``credentials.kdf_limiter()``.
+the SMTP relay. Synchronous and memory-hungry (scrypt): an async caller runs these in a worker thread
+under ``credentials.kdf_limiter()``.
 """
 
 from __future__ import annotations
 
-import os
+import hmac
+from collections.abc import Callable
 
-from pop3proxy.proxy.credentials import verify_password
-from pop3proxy.store.paths import user_dir
-from pop3proxy.store.state import UserState
+from pop3proxy.proxy.credentials import hash_password, verify_password
+from pop3proxy.store.api import AccountState, StateStore
 
-__all__ = ["OFFLINE_HASH", "check_offline_password"]
+__all__ = ["OFFLINE_HASH", "OFFLINE_MEMO", "check_offline_password", "forget_offline_password",
+           "remember_offline_password"]
 
-OFFLINE_HASH = "offline_hash"  # meta key of the state database
+OFFLINE_HASH = "offline_hash"  # account setting: the scrypt hash
+OFFLINE_MEMO = "offline_memo"  # account setting: keyed digest of (hash, password): the hash matches
 
 
-def check_offline_password(root: str | os.PathLike[str], cache_id: str, password: str) -> bool | None:
-    """True or False when the account keeps an offline hash; None when it keeps none (no state file,
-    or no hash in it). A state that cannot be read raises (``StateError``, ``OSError``): the caller
-    decides what that means."""
-    path = user_dir(root, cache_id) / "state.db"
-    if not path.exists():
+def check_offline_password(states: StateStore, cache_id: str, password: str) -> bool | None:
+    """True or False when the account keeps an offline hash; None when it keeps none (no state, or no
+    hash in it; nothing is created). A state that cannot be read raises (``StateError``, ``OSError``):
+    the caller decides what that means."""
+    state = states.open_existing(cache_id)
+    if state is None:
         return None
-    with UserState(path) as state:
+    try:
         stored = state.get_meta(OFFLINE_HASH)
+    finally:
+        state.close()
     if stored is None:
         return None
     return verify_password(password, stored)
+
+
+def remember_offline_password(state: AccountState, password: str, keyed: Callable[[str], bytes]) -> None:
+    """Keep the hash current after the provider accepted ``password``, without paying scrypt on every
+    login: the keyed digest (``keyed``: random key, memory only, shared by the worker processes of one
+    service) tells whether the stored hash already matches."""
+    stored = state.get_meta(OFFLINE_HASH)
+    if stored is not None and hmac.compare_digest(
+            (state.get_meta(OFFLINE_MEMO) or "").encode(), keyed(f"{stored}\0{password}").hex().encode()):
+        return
+    if stored is None or not verify_password(password, stored):
+        stored = hash_password(password)
+        state.set_meta(OFFLINE_HASH, stored)
+    state.set_meta(OFFLINE_MEMO, keyed(f"{stored}\0{password}").hex())
+
+
+def forget_offline_password(states: StateStore, cache_id: str, password: str) -> bool:
+    """The provider refused ``password``: drop the hash only if it is that password (the user changed it
+    upstream); True when dropped. A guess by anyone else leaves the real user's offline copy alone."""
+    state = states.open_existing(cache_id)
+    if state is None:
+        return False
+    try:
+        stored = state.get_meta(OFFLINE_HASH)
+        if stored is None or not verify_password(password, stored):
+            return False
+        state.set_meta(OFFLINE_HASH, None)
+        return True
+    finally:
+        state.close()

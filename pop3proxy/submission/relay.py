@@ -19,6 +19,7 @@ from pop3proxy.ops import metrics
 from pop3proxy.proxy.accounts import read_password_source
 from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.offline import check_offline_password
+from pop3proxy.store.api import local_stores
 from pop3proxy.store.state import StateError
 from pop3proxy.submission.dsn import Failure, build_dsn, store_bounce
 from pop3proxy.submission.provider import (
@@ -167,7 +168,7 @@ class Relay:
             log.error("smtp login of %r: the provider's TLS could not be trusted, no offline check", name)
             return None
         try:
-            return check_offline_password(self.settings.cache.root, route.cache_id, password)
+            return check_offline_password(local_stores(self.settings.cache.root).states, route.cache_id, password)
         except (StateError, OSError):
             return None
 

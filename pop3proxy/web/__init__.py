@@ -13,7 +13,7 @@ import trio
 from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError, sole_exception
 from pop3proxy.net.gate import Gate
-from pop3proxy.net.maildrop import Backend
+from pop3proxy.net.backend_api import Backend
 
 log = logging.getLogger("pop3proxy")
 

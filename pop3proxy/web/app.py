@@ -23,7 +23,7 @@ from starlette.templating import Jinja2Templates
 from pop3proxy.config import Settings
 from pop3proxy.errors import LoginError
 from pop3proxy.net.gate import Gate
-from pop3proxy.net.maildrop import Backend
+from pop3proxy.net.backend_api import Backend
 from pop3proxy.ops.units import human_size, utc
 from pop3proxy.store.held import HeldError
 from pop3proxy.store.locks import MailboxBusy

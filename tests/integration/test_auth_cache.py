@@ -60,12 +60,12 @@ def test_an_entry_is_used_up_to_the_ttl_and_not_after(tmp_path, monkeypatch):
     route = resolve("alice", settings)
     now = [1000.0]
     monkeypatch.setattr(auth_cache_module.time, "time", lambda: now[0])
-    backend._auth_remember(route, "pw")
-    assert not backend._auth_cached(route, "other")
+    backend.auth_cache.remember(route.cache_id, "pw")
+    assert not backend.auth_cache.matches(route.cache_id, "other")
     now[0] = 1060.0  # exactly the TTL
-    assert backend._auth_cached(route, "pw")
+    assert backend.auth_cache.matches(route.cache_id, "pw")
     now[0] = 1060.001
-    assert not backend._auth_cached(route, "pw") and not backend._auth_entry(route.cache_id).exists()
+    assert not backend.auth_cache.matches(route.cache_id, "pw") and not backend.auth_cache.path(route.cache_id).exists()
 
 
 def test_an_entry_serves_logins_on_every_worker(proxy, dovecot):

@@ -230,7 +230,7 @@ async def test_unreachable_without_password_source_is_451_and_not_queued(tmp_pat
 
 
 async def test_unreachable_provider_checks_the_offline_hash_but_cannot_queue(tmp_path, provider, server_cert):
-    from pop3proxy.proxy.backend import OFFLINE_HASH
+    from pop3proxy.proxy.offline import OFFLINE_HASH
     from pop3proxy.proxy.credentials import hash_password
     from pop3proxy.store.paths import user_dir
     from pop3proxy.store.state import UserState
@@ -252,7 +252,7 @@ async def test_unreachable_provider_checks_the_offline_hash_but_cannot_queue(tmp
 
 
 async def test_a_certificate_failure_never_checks_the_offline_hash(tmp_path, provider, server_cert):
-    from pop3proxy.proxy.backend import OFFLINE_HASH
+    from pop3proxy.proxy.offline import OFFLINE_HASH
     from pop3proxy.proxy.credentials import hash_password
     from pop3proxy.store.paths import user_dir
     from pop3proxy.store.state import UserState

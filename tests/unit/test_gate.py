@@ -134,8 +134,9 @@ def test_the_worker_count_is_bounded():
 def test_worker_processes_share_the_check_that_skips_scrypt(tmp_path, monkeypatch):
     # Two backends of one service (two worker processes, one memo key): after one of them checked a
     # password against the offline hash, the other does not pay scrypt again for the same password.
-    from pop3proxy.proxy import backend as backend_module
-    from pop3proxy.proxy.backend import OFFLINE_HASH, ProxyBackend
+    from pop3proxy.proxy import offline as backend_module
+    from pop3proxy.proxy.backend import ProxyBackend
+    from pop3proxy.proxy.offline import OFFLINE_HASH, remember_offline_password
     from pop3proxy.store.state import UserState
 
     settings = Settings(listen={"port": 0}, upstream={"host": "127.0.0.1", "tls": "none"},
@@ -146,14 +147,14 @@ def test_worker_processes_share_the_check_that_skips_scrypt(tmp_path, monkeypatc
     real = backend_module.verify_password
     monkeypatch.setattr(backend_module, "verify_password", lambda *a: calls.append(a) or real(*a))
     with UserState(tmp_path / "state.db") as state:
-        first._remember_password(state, "secret")  # first login ever: hashed, no check
+        remember_offline_password(state, "secret", first.auth_cache.keyed)  # first login ever: hashed, no check
         stored = state.get_meta(OFFLINE_HASH)
-        second._remember_password(state, "secret")
+        remember_offline_password(state, "secret", second.auth_cache.keyed)
         assert calls == [] and state.get_meta(OFFLINE_HASH) == stored
-        second._remember_password(state, "other")  # a changed password is checked and stored
+        remember_offline_password(state, "other", second.auth_cache.keyed)  # a changed password is checked and stored
         assert len(calls) == 1 and state.get_meta(OFFLINE_HASH) != stored
         stranger = ProxyBackend(settings)  # another service (new key): checks once
-        stranger._remember_password(state, "other")
+        remember_offline_password(state, "other", stranger.auth_cache.keyed)
         assert len(calls) == 2
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pop3proxy.proxy.credentials import hash_password
 from pop3proxy.proxy.offline import OFFLINE_HASH, check_offline_password
+from pop3proxy.store.api import local_stores
 from pop3proxy.store.paths import user_dir
 from pop3proxy.store.state import UserState
 
@@ -23,39 +24,33 @@ def keep(root: Path, cache_id: str, **meta: str) -> Path:
 
 def test_the_right_password_matches(tmp_path):
     keep(tmp_path, "alice@example.org", **{OFFLINE_HASH: hash_password("correct horse", **CHEAP)})
-    assert check_offline_password(tmp_path, "alice@example.org", "correct horse") is True
+    assert check_offline_password(local_stores(tmp_path).states, "alice@example.org", "correct horse") is True
 
 
 def test_a_wrong_password_does_not(tmp_path):
     keep(tmp_path, "alice@example.org", **{OFFLINE_HASH: hash_password("correct horse", **CHEAP)})
-    assert check_offline_password(tmp_path, "alice@example.org", "Correct horse") is False
-    assert check_offline_password(tmp_path, "alice@example.org", "") is False
+    assert check_offline_password(local_stores(tmp_path).states, "alice@example.org", "Correct horse") is False
+    assert check_offline_password(local_stores(tmp_path).states, "alice@example.org", "") is False
 
 
 def test_a_malformed_hash_never_matches(tmp_path):
     keep(tmp_path, "alice@example.org", **{OFFLINE_HASH: "$scrypt$x"})
-    assert check_offline_password(tmp_path, "alice@example.org", "$scrypt$x") is False
+    assert check_offline_password(local_stores(tmp_path).states, "alice@example.org", "$scrypt$x") is False
 
 
 def test_no_hash_kept_is_none(tmp_path):
     keep(tmp_path, "alice@example.org", user="alice@example.org")
-    assert check_offline_password(tmp_path, "alice@example.org", "correct horse") is None
+    assert check_offline_password(local_stores(tmp_path).states, "alice@example.org", "correct horse") is None
 
 
 def test_no_state_file_is_none_and_creates_nothing(tmp_path):
-    assert check_offline_password(tmp_path, "bob@example.org", "correct horse") is None
+    assert check_offline_password(local_stores(tmp_path).states, "bob@example.org", "correct horse") is None
     assert list(tmp_path.iterdir()) == []
     user_dir(tmp_path, "bob@example.org").mkdir()  # a cache directory without a state database
-    assert check_offline_password(tmp_path, "bob@example.org", "correct horse") is None
+    assert check_offline_password(local_stores(tmp_path).states, "bob@example.org", "correct horse") is None
     assert list(user_dir(tmp_path, "bob@example.org").iterdir()) == []
 
 
 def test_another_accounts_hash_is_not_used(tmp_path):
     keep(tmp_path, "alice@example.org", **{OFFLINE_HASH: hash_password("correct horse", **CHEAP)})
-    assert check_offline_password(tmp_path, "bob@example.org", "correct horse") is None
-
-
-def test_the_backend_writes_the_hash_under_the_key_the_check_reads():
-    from pop3proxy.proxy import backend
-
-    assert backend.OFFLINE_HASH == OFFLINE_HASH
+    assert check_offline_password(local_stores(tmp_path).states, "bob@example.org", "correct horse") is None

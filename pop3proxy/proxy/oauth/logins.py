@@ -1,4 +1,4 @@
-"""How OAuth2 logins go through the proxy backend (a part of `ProxyBackend`, kept apart for size).
+"""How OAuth2 logins go through the proxy backend (`OAuthLogins`, which `ProxyBackend` holds).
 
 * A legacy client logs in to an OAuth2 account with its LOCAL password (scrypt, checked first);
   pop3proxy then logs in upstream with the account's access token. A token the provider refuses
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import trio
 
 from pop3proxy.errors import LoginError
 from pop3proxy.net.endpoint import AUTH_TEXT, UpstreamAuthError, UpstreamUnavailable
-from pop3proxy.net.maildrop import Maildrop
-from pop3proxy.net.pop3_client import connect
+from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.ops import metrics
 from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.credentials import kdf_limiter
@@ -30,9 +30,15 @@ log = logging.getLogger("pop3proxy.proxy")
 
 
 class OAuthLogins:
-    """Mixed into ProxyBackend, which provides root, settings, oauth, _online_session, _cached_session."""
+    """The OAuth2 logins of one backend: its `TokenManager` and the cache root (local passwords)."""
 
-    oauth: TokenManager
+    def __init__(self, oauth: TokenManager, root: Path, offline_enabled: bool) -> None:
+        self.oauth = oauth
+        self.root = root
+        self.offline_enabled = offline_enabled
+
+    def __contains__(self, cache_id: str) -> bool:
+        return cache_id in self.oauth
 
     async def upstream_secret(self, route: Route, password: str | None) -> str:
         """What logs in upstream: for an OAuth2 account a current access token, else `password`."""
@@ -42,8 +48,9 @@ class OAuthLogins:
             raise UpstreamUnavailable("no credentials for this session", "no credentials")
         return password
 
-    async def _oauth_login(self, route: Route, password: str) -> Maildrop:
-        """A legacy client's login to an OAuth2 account: local password first, then the token."""
+    async def login(self, route: Route, password: str) -> UpstreamClient | None:
+        """A legacy client's login to an OAuth2 account: local password first, then the token. The
+        logged-in client, or None when the cache is to be served offline."""
         ok = await trio.to_thread.run_sync(
             check_local_password, self.root, route.cache_id, password, limiter=kdf_limiter())
         if not ok:
@@ -57,12 +64,12 @@ class OAuthLogins:
                 raise LoginError("the account needs authorisation at the mail provider again; ask the "
                                  "administrator to run `pop3proxy oauth login`", "AUTH", verified=True) from None
             except TokenUnavailable as exc:
-                return await self._offline_oauth(route, exc)
+                return self._offline(route, exc)
             started = time.monotonic()
             try:
                 client = await connect(route.endpoint)
             except UpstreamUnavailable as exc:
-                return await self._offline_oauth(route, exc)
+                return self._offline(route, exc)
             try:
                 await client.login(route.remote_user, token)
             except UpstreamAuthError as exc:
@@ -76,15 +83,15 @@ class OAuthLogins:
                                  exc.code if exc.code != "AUTH" else "SYS/TEMP") from None
             except UpstreamUnavailable as exc:
                 await client.aclose()
-                return await self._offline_oauth(route, exc)
+                return self._offline(route, exc)
             except BaseException:
                 await client.aclose()
                 raise
             metrics.upstream_latency(time.monotonic() - started)
-            return await self._online_session(route, client, None)
+            return client
         raise AssertionError("unreachable")
 
-    async def _bearer_login(self, route: Route, token: BearerToken) -> Maildrop:
+    async def bearer_login(self, route: Route, token: BearerToken) -> UpstreamClient:
         """A modern client's XOAUTH2 / OAUTHBEARER login: its token goes upstream unchanged.
 
         There is no offline login with a token (pop3proxy cannot check one by itself)."""
@@ -108,14 +115,13 @@ class OAuthLogins:
             await client.aclose()
             raise
         metrics.upstream_latency(time.monotonic() - started)
-        return await self._online_session(route, client, token)
+        return client
 
-    async def _offline_oauth(self, route: Route, reason: Exception) -> Maildrop:
-        """The local password was right but no upstream session is possible: serve the cache (not after
-        a TLS failure: `refuse_untrusted`)."""
+    def _offline(self, route: Route, reason: Exception) -> None:
+        """The local password was right but no upstream session is possible: the cache is served (not
+        after a TLS failure: `refuse_untrusted`)."""
         refuse_untrusted(route, reason)
         log.warning("OAuth2 account %r cannot reach the provider now: %s", route.cache_id, reason)
-        if not self.settings.offline.enabled:
+        if not self.offline_enabled:
             raise LoginError("the mail provider cannot be reached, try again later", "SYS/TEMP")
-        return await self._cached_session(
-            route, None, "(offline: the provider is unreachable, serving cached mail)")
+        return None

@@ -4,35 +4,45 @@ provider at QUIT (policy ``mirror``) or at the next sync."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import trio
 
 from pop3proxy.net.endpoint import UpstreamError
 from pop3proxy.net.pop3_client import connect
-from pop3proxy.proxy.accounts import _Account
-from pop3proxy.proxy.local import StoreMaildrop
+from pop3proxy.proxy.accounts import Account
 from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenUnavailable
 from pop3proxy.proxy.routing import Route
+from pop3proxy.proxy.store_maildrop import StoreMaildrop
 from pop3proxy.proxy.sync import delete_upstream
-from pop3proxy.store.base import Mailbox
-from pop3proxy.store.state import UserState
-
-if TYPE_CHECKING:
-    from pop3proxy.proxy.backend import ProxyBackend
+from pop3proxy.store.api import AccountState
+from pop3proxy.store.base import Mailbox, MessageInfo
 
 log = logging.getLogger("pop3proxy.proxy")
 
 
+@dataclass(frozen=True)
+class Mirror:
+    """How a session's deletions reach the provider at QUIT: only under ``upstream.delete = "mirror"``,
+    within ``timeout`` seconds, logged in with what ``secret(route, password)`` gives (a password, or
+    an OAuth2 account's token: ``token_account`` says it has one even when the session has no password)."""
+
+    enabled: bool
+    timeout: float
+    secret: Callable[[Route, str | None], Awaitable[str]]
+    token_account: bool = False
+
+
 class ProxyMaildrop(StoreMaildrop):
-    def __init__(self, backend: "ProxyBackend", account: _Account, route: Route, password: str | None,
-                 mailbox: Mailbox, state: UserState, messages, banner: str) -> None:
+    def __init__(self, account: Account, route: Route, password: str | None, mailbox: Mailbox,
+                 state: AccountState, messages: Sequence[MessageInfo], banner: str, mirror: Mirror) -> None:
         super().__init__(mailbox, None, messages, banner)
-        self.backend = backend
         self.account = account
         self.route = route
         self._password = password  # None offline; kept only for this session's mirror deletions
         self.state = state
+        self.mirror = mirror
 
     def __repr__(self) -> str:
         return f"ProxyMaildrop({self.route.cache_id!r})"
@@ -52,12 +62,12 @@ class ProxyMaildrop(StoreMaildrop):
             return uids
 
         uids = await trio.to_thread.run_sync(local)
-        no_credentials = self._password is None and self.route.cache_id not in self.backend.oauth
-        if self.backend.settings.upstream.delete != "mirror" or not uids or no_credentials:
+        no_credentials = self._password is None and not self.mirror.token_account
+        if not self.mirror.enabled or not uids or no_credentials:
             return  # offline deletions reach the provider at the next online sync
         try:
-            with trio.fail_after(self.backend.settings.upstream.timeout * 2):
-                secret = await self.backend.upstream_secret(self.route, self._password)
+            with trio.fail_after(self.mirror.timeout):
+                secret = await self.mirror.secret(self.route, self._password)
                 async with await connect(self.route.endpoint) as client:
                     await client.login(self.route.remote_user, secret)
                     count = await delete_upstream(client, self.state, uids)

@@ -1,0 +1,165 @@
+"""The seams of the state that must be shared by everything that serves an account: small protocols,
+the only names of the store that the layers above use, and the one place that picks an engine.
+
+=================  ===========================================  =========================================
+seam               what it holds                                embedded default (one machine)
+=================  ===========================================  =========================================
+`AccountState`     an account's rows (provider UIDL <-> cached  `store.state.UserState`: ``state.db``
+                   key, deleted/held marks), its settings       (SQLite) and ``state.journal`` beside
+                   (offline hash and digest, last sync, ...)    the account's cache
+`StateStore`       opens an account's `AccountState`            `LocalStateStore`
+`SessionLocks`     one session per account, across processes    `LocalSessionLocks`: ``flock`` on the
+                   (``-ERR [IN-USE]`` elsewhere); a holder       account's ``.lock``
+                   that dies holds nothing
+`Counters`         sessions, sessions per address, the          ``net.gate.Gate`` (in the supervising
+                   failed-login throttle                        process; workers ask it over a socket)
+=================  ===========================================  =========================================
+
+The message files themselves (Maildir, mbox) are the blob store: `store.open_store`. The OAuth2 tokens
+have a seam of their own. `local_stores` builds today's engines; the composition root (``app.py``)
+hands them to the proxy, which never learns which engine it has.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pop3proxy.store.locks import MailboxBusy, lock_mailbox
+from pop3proxy.store.paths import user_dir
+from pop3proxy.store.state import Row, StateError, UserState
+
+__all__ = [
+    "AccountState", "Counters", "LocalSessionLocks", "LocalStateStore", "LoginAttempt", "MailboxBusy",
+    "Row", "SessionLock", "SessionLocks", "StateError", "StateStore", "Stores", "local_stores",
+]
+
+
+class AccountState(Protocol):
+    """One account's sync state (synchronous: run it in a worker thread). Every method may raise
+    `StateError`; what a method returned having written survives the process dying."""
+
+    def rows(self) -> list[Row]: ...
+    def cached_keys(self, upstream_only: bool = False) -> set[str]: ...
+    def hidden_keys(self) -> set[str]: ...
+    def uids_for_keys(self, keys: Iterable[str]) -> dict[str, str]: ...
+    def begin_fetch(self, uid: str, digest: str) -> bool: ...
+    def begin_fetch_many(self, claims: list[tuple[str, str]],
+                         sources: list[str | None] | None = None) -> list[bool]: ...
+    def adopt(self, old_uid: str, new_uid: str) -> Row | None: ...
+    def drop_rows(self, uids: Iterable[str]) -> None: ...
+    def known_uids_among(self, uids: list[str]) -> set[str]: ...
+    def finish_fetch_many(self, settled: list[tuple[str, str, int, str]]) -> None: ...
+    def finish_fetch(self, uid: str, key: str, size: int, status: str = "cached") -> None: ...
+    def abandon_fetch(self, uid: str) -> None: ...
+    def fetching(self) -> list[Row]: ...
+    def release_held(self, held_key: str, uid: str | None, key: str, size: int) -> None: ...
+    def mark_deleted(self, keys: Iterable[str]) -> None: ...
+    def forget_keys(self, keys: Iterable[str]) -> None: ...
+    def upstream_gone(self, uids: Iterable[str]) -> None: ...
+    def get_meta(self, name: str) -> str | None: ...
+    def set_meta(self, name: str, value: str | None) -> None: ...
+
+    def sync_to_disk(self) -> None:
+        """Make everything written so far survive a power loss (before anything is deleted upstream)."""
+
+    def close(self) -> None: ...
+
+
+class StateStore(Protocol):
+    """Where accounts' states live."""
+
+    def open(self, cache_id: str) -> AccountState:
+        """The account's state, created when it has none yet."""
+        ...
+
+    def open_existing(self, cache_id: str) -> AccountState | None:
+        """The account's state, or None when it has none (nothing is created)."""
+        ...
+
+
+class SessionLock(Protocol):
+    def release(self) -> None:
+        """Give the account back (idempotent)."""
+
+
+class SessionLocks(Protocol):
+    def try_lock(self, cache_id: str) -> SessionLock:
+        """Hold the account now, or raise `MailboxBusy` (synchronous: run it in a worker thread)."""
+        ...
+
+
+class LoginAttempt(Protocol):
+    blocked: bool  # refuse without asking anyone
+    delay: float  # wait this long before asking the provider
+
+    async def failed(self) -> float:
+        """Count a failed guess; the seconds to wait before answering it."""
+        ...
+
+    def succeeded(self) -> None: ...
+
+
+class Counters(Protocol):
+    """Admission and the failed-login throttle, for the whole service (see ``net.gate``)."""
+
+    max_sessions: int
+
+    def try_admit(self, address: str, force: bool = False) -> str:
+        """"ok" (counted), "full" or "address": see ``net.gate.Gate.try_admit``."""
+        ...
+
+    async def admit(self, address: str, force: bool = False) -> str: ...
+    def leave(self, address: str) -> None: ...
+    def login(self, address: str, account: str) -> AbstractAsyncContextManager[LoginAttempt]: ...
+
+
+# -- the embedded default --------------------------------------------------------------------------
+
+STATE_FILE = "state.db"
+
+
+@dataclass(frozen=True)
+class LocalStateStore:
+    """``state.db`` (SQLite) in each account's cache directory."""
+
+    root: Path
+
+    def path(self, cache_id: str) -> Path:
+        return user_dir(self.root, cache_id) / STATE_FILE
+
+    def open(self, cache_id: str) -> UserState:
+        return UserState(self.path(cache_id))
+
+    def open_existing(self, cache_id: str) -> UserState | None:
+        path = self.path(cache_id)
+        return UserState(path) if path.exists() else None
+
+
+@dataclass(frozen=True)
+class LocalSessionLocks:
+    """An ``flock`` on each account's ``.lock``: released when its holder closes it or dies."""
+
+    root: Path
+
+    def try_lock(self, cache_id: str) -> SessionLock:
+        return lock_mailbox(self.root, cache_id)
+
+
+@dataclass(frozen=True)
+class Stores:
+    """The engines a service runs on (the composition root picks them)."""
+
+    states: StateStore
+    locks: SessionLocks
+
+
+def local_stores(root: str | os.PathLike[str]) -> Stores:
+    """One machine's engines, under the cache root."""
+    path = Path(root)
+    return Stores(states=LocalStateStore(path), locks=LocalSessionLocks(path))
+
