@@ -21,6 +21,7 @@ from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamError
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.routing import Route
+from pop3proxy.store.fsutil import write_new_file
 from pop3proxy.store.locks import MailboxBusy
 from pop3proxy.store.paths import make_user_dir, user_dir
 
@@ -44,7 +45,9 @@ class AuthCache:
         try:
             directory = make_user_dir(self.root, route.cache_id)
             temporary = directory / f"{AUTH_CACHE_FILE}.{os.getpid()}"
-            temporary.write_text(f"{self._keyed(password).hex()} {time.time():.6f}\n")
+            temporary.unlink(missing_ok=True)  # left by a crash
+            # Mode 0600 whatever the umask, like every file that holds something derived from a password.
+            write_new_file(temporary, f"{self._keyed(password).hex()} {time.time():.6f}\n".encode(), durable=False)
             temporary.replace(directory / AUTH_CACHE_FILE)
         except OSError as exc:
             log.warning("auth cache entry of %r not kept: %s", route.cache_id, exc)
