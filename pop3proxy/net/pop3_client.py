@@ -298,7 +298,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         """(number of messages, total octets)."""
         reply = await self._simple("STAT")
         parts = reply.text.split()
-        if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        if len(parts) < 2 or not all(part.isascii() and part.isdigit() for part in parts[:2]):  # not '²'
             raise self._unavailable(f"invalid STAT reply from the provider: {reply.text[:80]!r}")
         return int(parts[0]), int(parts[1])
 
