@@ -47,8 +47,12 @@ class ProxyMaildrop(StoreMaildrop):
 
         def local() -> set[str]:
             uids = set(self.state.uids_for_keys(deleted).values())
-            self.state.mark_deleted(deleted)
+            # The cache first, the marks after: when the cache cannot be changed (an mbox cannot be
+            # rewritten on a full disk) nothing is marked, so the -ERR the client gets is true — no
+            # deletion is applied later, here or at the provider. Files removed before a failure (or
+            # a crash) without their marks are fetched again while the provider has them.
             self.mailbox.delete(list(deleted))
+            self.state.mark_deleted(deleted)
             return uids
 
         uids = await trio.to_thread.run_sync(local)
