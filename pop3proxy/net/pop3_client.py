@@ -27,6 +27,7 @@ from pop3proxy.net.endpoint import (
     _is_tls_failure,
 )
 from pop3proxy.net.password_login import PasswordLoginMixin
+from pop3proxy.ops.logs import MIN_MASKED
 from pop3proxy.pop3.client import (
     ClientConnection,
     parse_capa,
@@ -167,6 +168,10 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
     # -- I/O and error mapping --------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
+        if any(secret and len(secret) < MIN_MASKED for secret in self._secrets):
+            # Masked in place, a short password would show itself ("Authentication ***ed"); decided
+            # by its length, never by where it occurs, so that nothing tells whether the text had it.
+            return "(the provider's text is not shown: the password is too short to be masked in it)"
         for secret in self._secrets:
             if secret:
                 text = text.replace(secret, "***")
