@@ -70,7 +70,7 @@ class PasswordLoginMixin:
             self._secrets = ()
 
     def _auth_error(self, method: str, reply: Status) -> UpstreamAuthError:
-        text = self._scrub(reply.text)
+        text = self._scrub_reply(reply.text)
         return UpstreamAuthError(
             f"{self.endpoint.where}: the provider refused the login ({method}): {text}", _auth_code(reply.code)
         )
@@ -144,7 +144,7 @@ class PasswordLoginMixin:
         args = [f"ADDR={address}"] + ([f"PORT={port}"] if port else [])
         reply = await self._request("XCLIENT", *args)
         if not reply.ok:
-            log.warning("%s refused XCLIENT: %s", self.endpoint.where, self._scrub(reply.text))
+            log.warning("%s refused XCLIENT: %s", self.endpoint.where, self._scrub_reply(reply.text))
         return reply.ok
 
     # -- transaction ------------------------------------------------------------------

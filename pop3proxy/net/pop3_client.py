@@ -167,11 +167,15 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
 
     # -- I/O and error mapping --------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
+    def _scrub_reply(self, text: str) -> str:
+        """The text of the provider's status line, fit for an error message (and so for the log)."""
         if any(secret and len(secret) < MIN_MASKED for secret in self._secrets):
             # Masked in place, a short password would show itself ("Authentication ***ed"); decided
             # by its length, never by where it occurs, so that nothing tells whether the text had it.
             return "(the provider's text is not shown: the password is too short to be masked in it)"
+        return self._scrub(text)
+
+    def _scrub(self, text: str) -> str:
         for secret in self._secrets:
             if secret:
                 text = text.replace(secret, "***")
@@ -292,7 +296,7 @@ class UpstreamClient(PasswordLoginMixin, BearerLoginMixin):
         return reply
 
     def _command_error(self, command: str, reply: Status) -> UpstreamCommandError:
-        text = self._scrub(reply.text)
+        text = self._scrub_reply(reply.text)
         return UpstreamCommandError(
             f"{self.endpoint.where}: the provider refused {command}: {text}", command, reply.code
         )
