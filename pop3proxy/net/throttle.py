@@ -17,9 +17,9 @@ seconds, under three keys:
 Attempts in flight count like failures, for the pair and for the address (twenty concurrent guesses
 of one account from one address get five through, not twenty-one; concurrent guesses of many accounts
 from one address get ``address_failures`` through at most); a failure replaces its attempt in flight
-in one step, so a finished attempt is never counted twice. The answer to a failure is delayed, doubling from ``base_delay``
-up to ``max_delay``. Pure bookkeeping with an injectable clock; memory is bounded (the oldest keys are
-dropped first).
+in one step, so a finished attempt is never counted twice. The answer to a failure is delayed,
+doubling from ``base_delay`` up to ``max_delay``. Pure bookkeeping with an injectable clock; memory
+is bounded (the oldest keys are dropped first).
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ import threading
 import time
 from typing import IO, Iterable
 
-__all__ = ["MIN_MASKED", "JsonFormatter", "RedactingFilter", "TextFormatter", "add_secrets", "redact", "setup_logging"]
+__all__ = ["MIN_MASKED", "JsonFormatter", "RedactingFilter", "TextFormatter", "add_secrets", "redact",
+           "setup_logging"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("mail.log", "asyncio")  # third-party loggers that log client data at low levels

@@ -165,7 +165,8 @@ def poll_device(settings: OAuth2Settings, device: DeviceCode, sleep: Callable[[f
                 if exc.error == "slow_down":
                     interval += 5
                     continue
-                raise OAuthFailure(one_line(f"device authorization ended: {exc.error} ({exc.description or ''})")) from None
+                ended = f"device authorization ended: {exc.error} ({exc.description or ''})"
+                raise OAuthFailure(one_line(ended)) from None
             except httpx.HTTPError as exc:
                 raise TransientFailure(_http_error("device authorization", exc)) from None
     raise OAuthFailure("the device code expired before it was approved")
