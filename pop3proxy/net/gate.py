@@ -35,11 +35,14 @@ class Attempt:
     _gate: "Gate | None" = None
     _address: str = ""
     _account: str = ""
+    _ref: int = 0  # the parent's name for it (`RemoteGate`)
+    in_flight: bool = True  # counted as in flight (until it ends, or its failure is counted instead)
 
     async def failed(self) -> float:
-        """Count a failed guess; returns the seconds to wait before answering it."""
+        """Count a failed guess; returns the seconds to wait before answering it. From then on the
+        attempt counts as that failure, no longer as in flight: a finished attempt is never counted twice."""
         assert self._gate is not None
-        return await self._gate.failed_login(self._address, self._account)
+        return await self._gate.failed_login(self)
 
     def succeeded(self) -> None:
         self.ok = True
@@ -89,8 +92,11 @@ class Gate:
         self.throttle.enter(address, account)
         return False, self.throttle.account_delay(account)
 
-    async def failed_login(self, address: str, account: str) -> float:
-        return self.throttle.failed(address, account)
+    async def failed_login(self, attempt: Attempt) -> float:
+        if not attempt.in_flight:  # counted already
+            return 0.0
+        attempt.in_flight = False
+        return self.throttle.failed_attempt(attempt._address, attempt._account)
 
     def end(self, address: str, account: str, ok: bool) -> None:
         self.throttle.leave(address, account)
@@ -101,8 +107,10 @@ class Gate:
     async def login(self, address: str, account: str) -> AsyncIterator[Attempt]:
         blocked, delay = self.begin(address, account)
         attempt = Attempt(blocked, delay, _gate=self, _address=address, _account=account)
+        attempt.in_flight = not blocked  # only an attempt that was let through is in flight
         try:
             yield attempt
         finally:
-            if not blocked:  # only an attempt that was let through is in flight
+            if attempt.in_flight:
+                attempt.in_flight = False
                 self.end(address, account, attempt.ok)

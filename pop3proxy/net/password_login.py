@@ -46,6 +46,11 @@ class LoginChannel(Protocol):
         """``text`` without the secrets of the login under way."""
         ...
 
+    def scrub_reply(self, text: str) -> str:
+        """The provider's status text, fit for an error message (not shown at all when a secret of the
+        login under way is too short to be masked in it)."""
+        ...
+
     def keeping_secret(self, *secrets: str) -> contextlib.AbstractContextManager[None]:
         """Keep ``secrets`` out of every error message while the block runs."""
         ...
@@ -67,7 +72,7 @@ def offers_cram_md5(channel: LoginChannel) -> bool:
 
 def auth_error(channel: LoginChannel, method: str, reply: Status) -> UpstreamAuthError:
     return UpstreamAuthError(
-        f"{channel.endpoint.where}: the provider refused the login ({method}): {channel.scrub(reply.text)}",
+        f"{channel.endpoint.where}: the provider refused the login ({method}): {channel.scrub_reply(reply.text)}",
         _auth_code(reply.code),
     )
 
@@ -177,7 +182,7 @@ async def forward_client(channel: LoginChannel, address: str, port: int) -> bool
     args = [f"ADDR={address}"] + ([f"PORT={port}"] if port else [])
     reply = await channel.request("XCLIENT", *args)
     if not reply.ok:
-        log.warning("%s refused XCLIENT: %s", channel.endpoint.where, channel.scrub(reply.text))
+        log.warning("%s refused XCLIENT: %s", channel.endpoint.where, channel.scrub_reply(reply.text))
     return reply.ok
 
 

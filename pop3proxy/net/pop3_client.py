@@ -25,6 +25,7 @@ from pop3proxy.net.endpoint import (
     _describe,
     _is_tls_failure,
 )
+from pop3proxy.ops.logs import MIN_MASKED
 from pop3proxy.pop3.client import (
     ClientConnection,
     parse_capa,
@@ -198,6 +199,14 @@ class UpstreamClient:
 
     # -- I/O and error mapping --------------------------------------------------------
 
+    def scrub_reply(self, text: str) -> str:
+        """The text of the provider's status line, fit for an error message (and so for the log)."""
+        if any(secret and len(secret) < MIN_MASKED for secret in self._secrets):
+            # Masked in place, a short password would show itself ("Authentication ***ed"); decided
+            # by its length, never by where it occurs, so that nothing tells whether the text had it.
+            return "(the provider's text is not shown: the password is too short to be masked in it)"
+        return self.scrub(text)
+
     def scrub(self, text: str) -> str:
         for secret in self._secrets:
             if secret:
@@ -323,7 +332,7 @@ class UpstreamClient:
         return reply
 
     def _command_error(self, command: str, reply: Status) -> UpstreamCommandError:
-        text = self.scrub(reply.text)
+        text = self.scrub_reply(reply.text)
         return UpstreamCommandError(
             f"{self.endpoint.where}: the provider refused {command}: {text}", command, reply.code
         )
@@ -334,7 +343,7 @@ class UpstreamClient:
         """(number of messages, total octets)."""
         reply = await self._simple("STAT")
         parts = reply.text.split()
-        if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        if len(parts) < 2 or not all(part.isascii() and part.isdigit() for part in parts[:2]):  # not '²'
             raise self.unavailable(f"invalid STAT reply from the provider: {reply.text[:80]!r}")
         return int(parts[0]), int(parts[1])
 

@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterable
 import trio
 
 from pop3proxy import pop3 as p
-from pop3proxy.errors import LoginError
+from pop3proxy.errors import LoginError, sole_exception
 from pop3proxy.net.addresses import is_loopback
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.gate import Gate
@@ -420,6 +420,7 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
     state.stats["sessions"] += 1
     started = time.monotonic()
     conn: _Connection | None = None
+    address = ""
     try:
         _set_nodelay(stream)
         address = _peer_of(stream)[0]
@@ -444,16 +445,21 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         finally:
             metrics.session_ended()
             state.gate.leave(address)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-        pass  # the client went away or was too slow; nothing to tell it
-    except Exception:
-        state.stats["errors"] += 1
-        log.exception("session error")
-        try:
-            with trio.move_on_after(1):
-                await stream.send_all(p.err("internal error, closing connection", "SYS/TEMP"))
-        except Exception:
-            pass
+    except Exception as exc:
+        # A nursery (the early provider connection's) hands its errors on in a group: what counts is
+        # the exception inside.
+        if _client_gone(exc):  # the client went away or was too slow; nothing to tell it
+            gone = sole_exception(exc)
+            log.info("client %s went away (%s)", address, type(gone).__name__,
+                     extra={"peer": address, "result": "disconnected"})
+        else:
+            state.stats["errors"] += 1
+            log.error("session error", exc_info=sole_exception(exc))
+            try:
+                with trio.move_on_after(1):
+                    await stream.send_all(p.err("internal error, closing connection", "SYS/TEMP"))
+            except Exception:
+                pass
     finally:
         if conn is not None and conn.session.user:
             log.info(
@@ -470,6 +476,17 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
             await trio.aclose_forcefully(stream)
+
+
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """True when ``exc`` (or every exception of its group) says the client's stream broke or stalled."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(_GONE)
+        return matched is not None and rest is None
+    return isinstance(exc, _GONE)
 
 
 def _set_nodelay(stream: trio.abc.Stream) -> None:

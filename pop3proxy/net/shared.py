@@ -9,8 +9,8 @@ it held, so its clients' sessions and logins in flight stop counting at once.
     admit  {id, addr, force}       -> {id, verdict}     ("ok", "full", "address")
     leave  {ref}
     begin  {id, addr, acct}        -> {id, blocked, delay}
-    failed {id, addr, acct}        -> {id, delay}
-    end    {ref, ok}
+    failed {id, ref, addr, acct}   -> {id, delay}   (the attempt `ref` stops being in flight: a failure)
+    end    {id, ref, ok}           -> {id}          (answered once counted: the client is answered after)
     ready  {}                      (the worker is serving)
 """
 
@@ -30,6 +30,7 @@ from pop3proxy.net.gate import Attempt, Gate
 log = logging.getLogger("pop3proxy")
 
 MAX_LINE = 64 * 1024  # a request or reply is a few dozen octets; anything longer is a broken channel
+END_WAIT = 5.0  # seconds a finished login waits for the parent to have counted its end
 
 
 class ChannelClosed(Exception):
@@ -153,15 +154,34 @@ class RemoteGate(Gate):
             self._notify({"op": "end", "ref": ident, "ok": False})
             raise
         attempt = Attempt(bool(reply.get("blocked")), float(reply.get("delay", 0.0)),
-                          _gate=self, _address=address, _account=account)
+                          _gate=self, _address=address, _account=account, _ref=ident)
+        attempt.in_flight = not attempt.blocked
         try:
             yield attempt
         finally:
-            if not attempt.blocked:
-                self._notify({"op": "end", "ref": ident, "ok": attempt.ok})
+            if attempt.in_flight:
+                attempt.in_flight = False
+                await self._end(ident, attempt.ok)
 
-    async def failed_login(self, address: str, account: str) -> float:
-        ident, event, box = self._start({"op": "failed", "addr": address, "acct": account})
+    async def _end(self, ref: int, ok: bool) -> None:
+        """Give back a login in flight and wait (briefly, even when cancelled) until the parent has
+        counted it: the answer to the client comes after, so the client's next login, on any worker,
+        never finds this one still in flight."""
+        if self._closed:
+            return
+        ident, event, _ = self._start({"op": "end", "ref": ref, "ok": ok})
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(END_WAIT):
+                await event.wait()
+        finally:
+            self._waiting.pop(ident, None)
+
+    async def failed_login(self, attempt: Attempt) -> float:
+        if not attempt.in_flight:
+            return 0.0
+        attempt.in_flight = False  # the parent counts the failure instead, in one step
+        ident, event, box = self._start({"op": "failed", "ref": attempt._ref, "addr": attempt._address,
+                                         "acct": attempt._account})
         try:
             return float((await self._answer(event, box)).get("delay", 0.0))
         finally:
@@ -206,12 +226,18 @@ class GateServer:
                         logins[ident] = (address, account)
                     reply = {"id": ident, "blocked": blocked, "delay": delay}
                 elif op == "failed":
-                    delay = gate.throttle.failed(str(request.get("addr", "")), str(request.get("acct", "")))
+                    held = logins.pop(request.get("ref"), None)
+                    if held is not None:  # no longer in flight, a failure: never both, never neither
+                        delay = gate.throttle.failed_attempt(*held)
+                    else:
+                        delay = gate.throttle.failed(str(request.get("addr", "")), str(request.get("acct", "")))
                     reply = {"id": ident, "delay": delay}
                 elif op == "end":
                     held = logins.pop(request.get("ref"), None)
                     if held is not None:
                         gate.end(*held, bool(request.get("ok")))
+                    if ident is not None:
+                        reply = {"id": ident}
                 elif op == "ready":
                     on_ready()
                 if reply is not None:

@@ -14,10 +14,12 @@ seconds, under three keys:
   out), but past ``max_failures`` every attempt on that account is delayed by ``max_delay`` before
   the provider is asked, which slows a distributed guess to a trickle.
 
-Attempts of one pair in flight count like its failures (twenty concurrent guesses of one account from
-one address get five through, not twenty-one); many users logging in at once from one address do not. The answer to a failure is delayed, doubling from ``base_delay``
-up to ``max_delay``. Pure bookkeeping with an injectable clock; memory is bounded (the oldest keys are
-dropped first).
+Attempts in flight count like failures, for the pair and for the address (twenty concurrent guesses
+of one account from one address get five through, not twenty-one; concurrent guesses of many accounts
+from one address get ``address_failures`` through at most); a failure replaces its attempt in flight
+in one step, so a finished attempt is never counted twice. The answer to a failure is delayed,
+doubling from ``base_delay`` up to ``max_delay``. Pure bookkeeping with an injectable clock; memory
+is bounded (the oldest keys are dropped first).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class Throttle:
         pair, addr, _ = self._keys(address, account)
         return (
             self._recent(pair) + self._in_flight[pair] >= self.max_failures
-            or self._recent(addr) >= self.address_failures
+            or self._recent(addr) + self._in_flight[addr] >= self.address_failures
         )
 
     def account_delay(self, account: str) -> float:
@@ -80,14 +82,16 @@ class Throttle:
         return self.max_delay if self._recent(self._keys("", account)[2]) >= self.max_failures else 0.0
 
     def enter(self, address: str, account: str) -> None:
-        """Count a login in flight while the provider is asked (until `leave`)."""
-        self._in_flight[self._keys(address, account)[0]] += 1
+        """Count a login in flight while the provider is asked (until `leave`), for the pair and for
+        the address: concurrent guesses count like failures against both limits."""
+        for key in self._keys(address, account)[:2]:
+            self._in_flight[key] += 1
 
     def leave(self, address: str, account: str) -> None:
-        pair = self._keys(address, account)[0]
-        self._in_flight[pair] -= 1
-        if self._in_flight[pair] <= 0:
-            del self._in_flight[pair]
+        for key in self._keys(address, account)[:2]:
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
 
     @contextmanager
     def attempt(self, address: str, account: str) -> Iterator[None]:
@@ -97,6 +101,12 @@ class Throttle:
             yield
         finally:
             self.leave(address, account)
+
+    def failed_attempt(self, address: str, account: str) -> float:
+        """An attempt in flight failed: it stops counting as in flight and counts as a failure in one
+        step (never both at once, never neither); returns the delay, as `failed`."""
+        self.leave(address, account)
+        return self.failed(address, account)
 
     def failed(self, address: str, account: str) -> float:
         """Record a failure; returns the delay to wait before answering it."""

@@ -14,8 +14,12 @@ What never reaches a log line:
 
 - credentials: a filter on the handler masks the argument of ``PASS``, ``AUTH <mechanism> <blob>``,
   ``APOP <name> <digest>`` and base64 SASL blobs wherever they appear, and any string registered with
-  `add_secrets` (the passwords of configured accounts). Call sites must not log passwords in the first
-  place; this is the safety net.
+  `add_secrets` (the passwords of configured accounts) that is at least `MIN_MASKED` characters long.
+  A shorter secret is never masked in free text: it occurs by chance inside ordinary words ("fail" in
+  "Authentication failed"), and "Authentication ***ed" would show what it is; any other reaction to it
+  (withholding the line) would still tell, over many lines, which text contains it. Where a short
+  password can really appear — the provider's answer to a login — the text is not logged at all
+  (`net.pop3_client`). Call sites must not log passwords in the first place; this is the safety net.
 - tracebacks: an exception is logged as one line, ``Type: message``, whatever the level.
 - message bodies: aiosmtpd logs every DATA line at debug level under ``mail.log``; that logger (and
   ``asyncio``'s) is kept at warning or above.
@@ -31,11 +35,13 @@ import threading
 import time
 from typing import IO, Iterable
 
-__all__ = ["JsonFormatter", "RedactingFilter", "TextFormatter", "add_secrets", "redact", "setup_logging"]
+__all__ = ["MIN_MASKED", "JsonFormatter", "RedactingFilter", "TextFormatter", "add_secrets", "redact",
+           "setup_logging"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("mail.log", "asyncio")  # third-party loggers that log client data at low levels
 MASK = "***"
+MIN_MASKED = 8  # secrets shorter than this are never looked for in free text (see above)
 
 # LogRecord attributes that are not structured fields.
 _STANDARD = frozenset(
@@ -58,10 +64,11 @@ _secrets_lock = threading.Lock()
 
 
 def add_secrets(values: Iterable[str | None]) -> None:
-    """Strings to mask wherever they appear in a log line (for example configured passwords)."""
+    """Strings to mask wherever they appear in a log line (for example configured passwords); those
+    shorter than `MIN_MASKED` are left out: masking them in ordinary words would show what they are."""
     with _secrets_lock:
         for value in values:
-            if value and len(value) >= 3:
+            if value and len(value) >= MIN_MASKED:
                 _secrets.add(value)
 
 

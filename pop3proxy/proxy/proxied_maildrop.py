@@ -57,8 +57,17 @@ class ProxyMaildrop(StoreMaildrop):
 
         def local() -> set[str]:
             uids = set(self.state.uids_for_keys(deleted).values())
+            # The marks first (durable), so that a crash after a file is gone never brings its message
+            # back; when the cache cannot be changed (an mbox cannot be rewritten on a full disk), the
+            # marks of what is still there are undone: the -ERR the client gets is true, and no deletion
+            # is applied later, here or at the provider.
             self.state.mark_deleted(deleted)
-            self.mailbox.delete(list(deleted))
+            try:
+                self.mailbox.delete(list(deleted))
+            except BaseException:
+                present = {info.key for info in self.mailbox.list()}
+                self.state.restore_deleted([key for key in deleted if key in present])
+                raise
             return uids
 
         uids = await trio.to_thread.run_sync(local)

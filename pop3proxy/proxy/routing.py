@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from pop3proxy.config import Settings
@@ -14,6 +15,10 @@ from pop3proxy.net.endpoint import (
 )
 
 log = logging.getLogger("pop3proxy.proxy")
+
+
+# ASCII digits only: str.isdigit() and int() also take '²', fullwidth and other scripts' digits.
+_PORT = re.compile(r"[0-9]{1,10}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ def resolve(login: str, settings: Settings) -> Route:
     if "#" in login:
         user, _, target = login.rpartition("#")
         host, _, port_text = target.partition(":")
-        if not user or not host or (port_text and not port_text.isdigit()):
+        if not user or not host or (port_text and not _PORT.fullmatch(port_text)):
             raise LoginError("login names look like user, user@domain or user#host[:port]", "AUTH")
         port = int(port_text) if port_text else None
         for endpoint in allowed_endpoints(settings):

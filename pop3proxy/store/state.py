@@ -453,6 +453,16 @@ class UserState:
         self._note(*({"u": uid, "k": key, "s": "deleted"} for key, uid in self.uids_for_keys(keys).items()),
                    durable=True)
 
+    def restore_deleted(self, keys: Iterable[str]) -> None:
+        """Undo `mark_deleted` for these keys: their cached copies could not be removed, so the client's
+        deletion is not applied (here or, later, at the provider)."""
+        keys = set(keys)
+        rows = [row for row in self.rows() if row.key in keys and row.status == "deleted"]
+        self._transaction([("UPDATE messages SET status = 'cached' WHERE uid = ? AND status = 'deleted'", (row.uid,))
+                           for row in rows])
+        self._note(*({"u": row.uid, "k": row.key, "s": "cached", "z": row.size, "t": row.fetched_at} for row in rows),
+                   durable=True)
+
     def forget_keys(self, keys: Iterable[str]) -> None:
         """Drop rows whose cached copy vanished although nobody deleted it through us."""
         keys = list(keys)

@@ -69,17 +69,30 @@ def _client(settings: OAuth2Settings, redirect_uri: str | None = None) -> OAuth2
     )
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (the HTTP library's and servers' texts run over several), at most ``limit``
+    characters: what `oauth status` shows and the logs keep."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _http_error(what: str, exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):  # its text adds a "For more information" line
+        return f"{what}: HTTP {exc.response.status_code} {exc.response.reason_phrase} from the authorization server"
+    return one_line(f"{what}: {type(exc).__name__}: {exc}")
+
+
 def _call(what: str, request: Callable[[], dict]) -> dict:
     try:
         token = request()
     except OAuthError as exc:
         if exc.error == "invalid_grant":
-            raise InvalidGrant(f"{what}: invalid_grant ({exc.description or 'refused'})") from None
-        raise TransientFailure(f"{what}: {exc.error} ({exc.description or 'no description'})") from None
+            raise InvalidGrant(one_line(f"{what}: invalid_grant ({exc.description or 'refused'})")) from None
+        raise TransientFailure(one_line(f"{what}: {exc.error} ({exc.description or 'no description'})")) from None
     except httpx.HTTPError as exc:
-        raise TransientFailure(f"{what}: {type(exc).__name__}: {exc}") from None
+        raise TransientFailure(_http_error(what, exc)) from None
     except ValueError as exc:  # not JSON (a proxy's error page, a 5xx)
-        raise TransientFailure(f"{what}: invalid answer from the authorization server ({exc})") from None
+        raise TransientFailure(one_line(f"{what}: invalid answer from the authorization server ({exc})")) from None
     if not isinstance(token, dict) or not token.get("access_token"):
         raise TransientFailure(f"{what}: the authorization server sent no access token")
     return dict(token)
@@ -120,7 +133,7 @@ def start_device(settings: OAuth2Settings) -> DeviceCode:
             reply = client.request("POST", url, data=data, withhold_token=True)
             body = reply.json()
         except httpx.HTTPError as exc:
-            raise TransientFailure(f"device authorization: {type(exc).__name__}: {exc}") from None
+            raise TransientFailure(_http_error("device authorization", exc)) from None
         except ValueError:
             raise TransientFailure(f"device authorization: invalid answer (HTTP {reply.status_code})") from None
     if not isinstance(body, dict) or "device_code" not in body:
@@ -152,9 +165,10 @@ def poll_device(settings: OAuth2Settings, device: DeviceCode, sleep: Callable[[f
                 if exc.error == "slow_down":
                     interval += 5
                     continue
-                raise OAuthFailure(f"device authorization ended: {exc.error} ({exc.description or ''})") from None
+                ended = f"device authorization ended: {exc.error} ({exc.description or ''})"
+                raise OAuthFailure(one_line(ended)) from None
             except httpx.HTTPError as exc:
-                raise TransientFailure(f"device authorization: {type(exc).__name__}: {exc}") from None
+                raise TransientFailure(_http_error("device authorization", exc)) from None
     raise OAuthFailure("the device code expired before it was approved")
 
 

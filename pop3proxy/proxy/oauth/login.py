@@ -156,7 +156,7 @@ def format_status(rows: list[dict]) -> str:
             line += f", expires {row['expires']}"
             line += ", refresh token" if row["refresh_token"] else ", no refresh token"
             line += ", local password set" if row["local_password"] else ", NO local password (pop3proxy passwd)"
-        if row.get("detail"):
-            line += f" — last error: {row['detail']}"
+        if row.get("detail"):  # one line per account, whatever was recorded (older versions kept several)
+            line += f" — last error: {flows.one_line(row['detail'])}"
         lines.append(line)
     return "\n".join(lines)
