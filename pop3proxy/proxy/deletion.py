@@ -84,4 +84,6 @@ def _delete_listed(row: Row, policy: str, delete_after_days: float | None, now: 
         return False
     if policy == "after_fetch":
         return True
-    return delete_after_days is not None and row.fetched_at is not None and now - row.fetched_at >= delete_after_days * DAY
+    if delete_after_days is None or row.fetched_at is None:
+        return False
+    return now - row.fetched_at >= delete_after_days * DAY
