@@ -1,4 +1,4 @@
-"""Upstream → filters → cache, and the upstream deletion policies.
+"""Upstream → filters → cache, and carrying out the deletions `deletion.plan_deletions` decides.
 
 The rules that protect mail, in the order this module applies them:
 
@@ -34,17 +34,16 @@ from pop3proxy.filtering.pipeline import Pipeline
 from pop3proxy.net.endpoint import UpstreamTooLarge
 from pop3proxy.net.pop3_client import UpstreamClient
 from pop3proxy.ops import metrics
+from pop3proxy.proxy.deletion import DeletionPlan, check_policies, plan_deletions
 from pop3proxy.proxy.stages import FilterStage, Item, digest, store_batch  # noqa: F401  (digest: re-exported)
 from pop3proxy.proxy.stages import Window as _Window
 from pop3proxy.proxy.stages import unlink as _unlink
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.spool import Spool, Spooled
-from pop3proxy.store.state import UserState
+from pop3proxy.store.state import Row, UserState
 
 log = logging.getLogger("pop3proxy.proxy.sync")
 
-POLICIES = ("mirror", "after_fetch", "never")
-VANISHED = ("keep", "drop")
 PIPELINE_DEPTH = 64  # fetched messages waiting to be filtered or stored
 QUEUED_BYTES = 64 << 20  # octets of fetched messages waiting to be filtered or stored
 MAX_FILTERED_SIZE = 32 << 20  # default of sync.max_filtered_size
@@ -134,6 +133,54 @@ async def upstream_ids(client: UpstreamClient) -> dict[int, str]:
     return {n: await client.header_digest(n) for n in sorted(listing)}
 
 
+@dataclass
+class _Listing:
+    """What the provider lists and what the state knows, at the start of a pass."""
+
+    ids: dict[int, str]  # message number -> uid
+    rows: dict[str, Row]
+
+    @property
+    def present(self) -> set[str]:
+        return set(self.ids.values())
+
+    def new(self, refused: dict[str, dict], now: float) -> list[tuple[int, str]]:
+        """Messages without a row, but for those the provider refused that are not due again yet."""
+        return [(number, uid) for number, uid in sorted(self.ids.items())
+                if uid not in self.rows and refused.get(uid, {}).get("next", 0) <= now]
+
+    def orphans(self) -> dict[str, list[str]]:
+        """Rows whose UIDL the provider no longer lists, by the digest of the message as it was received
+        (rows from before that digest was kept: by the digest of the cached copy, equal when no filter
+        changed the message): a new UIDL whose message has one of these digests is that message again."""
+        orphans: dict[str, list[str]] = {}
+        present = self.present
+        for uid, row in self.rows.items():
+            if uid not in present and row.status in ("cached", "held", "deleted"):
+                mark = row.source or row.digest
+                if mark:
+                    orphans.setdefault(mark, []).append(uid)
+        return orphans
+
+
+async def _read_listing(client: UpstreamClient, state: UserState) -> _Listing:
+    ids = await upstream_ids(client)
+    rows = {row.uid: row for row in await trio.to_thread.run_sync(state.rows)}
+    return _Listing(ids, rows)
+
+
+async def _load_refused(state: UserState, listing: _Listing) -> dict[str, dict]:
+    """Messages the provider refused (-ERR to RETR), still listed and still unknown: uid -> {"tries",
+    "next", "reason"}. They are skipped, and asked for again with back-off."""
+    raw = await trio.to_thread.run_sync(state.get_meta, REFUSED)
+    try:
+        refused: dict[str, dict] = json.loads(raw) if raw else {}
+    except ValueError:
+        refused = {}
+    present = listing.present
+    return {uid: entry for uid, entry in refused.items() if uid in present and uid not in listing.rows}
+
+
 async def sync_mailbox(
     client: UpstreamClient,
     mailbox: Mailbox,
@@ -151,229 +198,227 @@ async def sync_mailbox(
     quit: bool = True,
 ) -> SyncResult:
     """One pass over a logged-in upstream session. Ends with QUIT unless ``quit`` is False."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown deletion policy {policy!r}")
-    if vanished not in VANISHED:
-        raise ValueError(f"unknown vanished policy {vanished!r}")
+    check_policies(policy, vanished)
     result = SyncResult()
-    ids = await upstream_ids(client)
-    rows = {row.uid: row for row in await trio.to_thread.run_sync(state.rows)}
-    present = set(ids.values())
-
-    # Known messages that vanished upstream (another client, the provider's expiry).
-    newly_gone = [uid for uid, row in rows.items() if row.upstream and uid not in present]
-    if newly_gone:
-        await trio.to_thread.run_sync(state.upstream_gone, newly_gone)
-
-    # Rows whose UIDL the provider no longer lists, by the digest of the message as it was received
-    # (rows from before that digest was kept: by the digest of the cached copy, equal when no filter
-    # changed the message): a new UIDL whose message has one of these digests is that message again.
-    orphans: dict[str, list[str]] = {}
-    for uid, row in rows.items():
-        if uid not in present and row.status in ("cached", "held", "deleted"):
-            mark = row.source or row.digest
-            if mark:
-                orphans.setdefault(mark, []).append(uid)
-    adopted: list[tuple[int, str, str]] = []
-
-    to_delete: list[tuple[int, str]] = []
+    listing = await _read_listing(client, state)
     now = time.time()
-    for number, uid in sorted(ids.items()):
-        row = rows.get(uid)
-        if row is None:
-            continue
-        if row.status == "deleted" and policy in ("mirror", "after_fetch"):
-            # after_fetch too: a message the client deleted before its post-fetch QUIT went through
-            # (or cached under another policy) must not stay at the provider for ever.
-            to_delete.append((number, uid))
-        elif row.status in ("cached", "held") and policy == "after_fetch":
-            to_delete.append((number, uid))
-        elif (
-            row.status in ("cached", "held")
-            and delete_after_days is not None
-            and row.fetched_at is not None
-            and now - row.fetched_at >= delete_after_days * 86400
-        ):
-            to_delete.append((number, uid))
-
-    # Messages the provider refused (-ERR to RETR) are skipped, and asked for again with back-off.
-    raw = await trio.to_thread.run_sync(state.get_meta, REFUSED)
-    try:
-        refused: dict[str, dict] = json.loads(raw) if raw else {}
-    except ValueError:
-        refused = {}
-    refused = {uid: entry for uid, entry in refused.items() if uid in present and uid not in rows}
-    new = [(number, uid) for number, uid in sorted(ids.items())
-           if uid not in rows and refused.get(uid, {}).get("next", 0) <= now]
+    plan = plan_deletions(listing.ids, listing.rows, policy=policy, now=now,
+                          delete_after_days=delete_after_days, vanished=vanished)
+    if plan.gone:  # known messages that vanished upstream (another client, the provider's expiry)
+        await trio.to_thread.run_sync(state.upstream_gone, list(plan.gone))
+    refused = await _load_refused(state, listing)
+    new = listing.new(refused, now)
     result.remaining = len(new)
     deleted_uids: list[str] = []
-    for number, uid in to_delete:
+    for number, uid in plan.upstream:
         await client.dele(number)
         deleted_uids.append(uid)
-
-    # Fetching (network), filtering (threads, pool processes) and storing (disk, fsync) overlap: while
-    # messages are filtered, later ones keep arriving, and while a batch is written and fsync'ed, the next
-    # ones are filtered. They are stored in provider order. What waits between receiving and storing is
-    # bounded by count and by octets (a message bigger than max_filtered_size waits on disk, not here).
-    stored: list[tuple[int, str]] = []
-    send, receive = trio.open_memory_channel[Item](STORE_BATCH)
-    waiting = _Window(QUEUED_BYTES, PIPELINE_DEPTH)
-    filtering = FilterStage(pipeline, waiting, user, removed_dir, PIPELINE_DEPTH)
-    unfiltered_mark = (format_header(WARNING_HEADER, f"not filtered: larger than {max_filtered_size} octets")
-                       if pipeline.filters else b"")
 
     # The sizes the provider announces: a message announced bigger than max_filtered_size is spooled to
     # disk from its first octet (an announced size is only a hint: the limit holds whatever comes).
     sizes = await client.list() if new else {}
+    fetcher = _Fetcher(client, mailbox, state, result, user=user, pipeline=pipeline, new=new, sizes=sizes,
+                       refused=refused, orphans=listing.orphans(), max_filtered_size=max_filtered_size,
+                       hold=hold, removed_dir=removed_dir, progress=progress)
+    await fetcher.run()
+    deleted_uids += await _delete_after_fetch(client, plan, fetcher, result, user)
+    await _drop_vanished(mailbox, state, plan, result, user)
+    if quit:
+        await _quit(client, state, deleted_uids, result)
+    return result
 
-    def refuse(uid: str, exc: Exception) -> None:
-        entry = refused.get(uid, {})
+
+class _Fetcher:
+    """The new messages of one pass, from the provider to the cache. Fetching (network), filtering
+    (threads, pool processes) and storing (disk, fsync) overlap: while messages are filtered, later ones
+    keep arriving, and while a batch is written and fsync'ed, the next ones are filtered. They are stored
+    in provider order. What waits between receiving and storing is bounded by count and by octets (a
+    message bigger than max_filtered_size waits on disk, not here)."""
+
+    def __init__(self, client: UpstreamClient, mailbox: Mailbox, state: UserState, result: SyncResult, *,
+                 user: str, pipeline: Pipeline, new: list[tuple[int, str]], sizes: dict[int, int],
+                 refused: dict[str, dict], orphans: dict[str, list[str]], max_filtered_size: int,
+                 hold: Callable[[bytes, str, FilterResult], str] | None, removed_dir: Path | None,
+                 progress: Callable[[int, int], None] | None) -> None:
+        self.client, self.mailbox, self.state, self.result = client, mailbox, state, result
+        self.user, self.new, self.sizes = user, new, sizes
+        self.refused, self.orphans = refused, orphans
+        self.max_filtered_size, self.hold, self.progress = max_filtered_size, hold, progress
+        self.adopted: list[tuple[int, str, str]] = []  # (number, new uid, status of the row adopted)
+        self.stored: list[tuple[int, str]] = []
+        self.send, self.receive = trio.open_memory_channel[Item](STORE_BATCH)
+        self.waiting = _Window(QUEUED_BYTES, PIPELINE_DEPTH)
+        self.filtering = FilterStage(pipeline, self.waiting, user, removed_dir, PIPELINE_DEPTH)
+        self.unfiltered_mark = (format_header(WARNING_HEADER, f"not filtered: larger than {max_filtered_size} octets")
+                                if pipeline.filters else b"")
+        self.todo: dict[int, str] = {}
+        self.receiving: tuple[int, Spool] | None = None  # the message being received
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        if self.progress is not None:
+            self.progress(0, len(self.new))
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self.fetch)
+                nursery.start_soon(self.filtering.in_order, self.send)
+                nursery.start_soon(self.keep)
+        except BaseException as exc:
+            # Callers handle UpstreamError, OSError and StateError: hand them the first real error, not a
+            # group of the fetcher's and the keeper's (whichever trio version groups them).
+            first = _first_error(exc)
+            if first is exc:
+                raise
+            raise first from None
+        finally:
+            self.result.refused = len(self.refused)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.state.set_meta, REFUSED, json.dumps(self.refused))
+
+    def refuse(self, uid: str, exc: Exception) -> None:
+        entry = self.refused.get(uid, {})
         tries = int(entry.get("tries", 0)) + 1
         delay = min(RETRY_FIRST * 2 ** (tries - 1), RETRY_MAX)
-        refused[uid] = {"tries": tries, "next": time.time() + delay, "reason": str(exc)}
-        result.remaining -= 1
+        self.refused[uid] = {"tries": tries, "next": time.time() + delay, "reason": str(exc)}
+        self.result.remaining -= 1
         log.warning("provider refused message %s of %r (try %d), skipped; retried in %g s: %s",
-                    uid, user, tries, delay, exc)
+                    uid, self.user, tries, delay, exc)
 
-    async def take(nursery: trio.Nursery, number: int, uid: str, message: bytes | Spooled, source: str) -> None:
+    async def fetch(self) -> None:
+        """RETR the new messages, pipelined when the provider allows it: each goes into memory, or into
+        a spool file once past max_filtered_size (from its first octet when LIST announced more)."""
+        seen: set[str] = set()
+        for number, uid in self.new:
+            if uid not in seen:  # two upstream messages with one id (header digests of twins)
+                seen.add(uid)
+                self.todo[number] = uid
+        async with self.filtering.send:
+            try:
+                await self.client.retr_many(list(self.todo), self.begin, self.end, sizes=self.sizes)
+            except UpstreamTooLarge as exc:
+                if self.receiving is not None:  # the session is out of step; later passes skip this message
+                    self.refuse(self.todo[self.receiving[0]], exc)
+                raise
+            finally:
+                if self.receiving is not None:  # a fragment: thrown away
+                    spool, self.receiving = self.receiving[1], None
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(spool.discard)
+
+    def begin(self, number: int, index: int):
+        spool = Spool(self.mailbox.spool_path(), self.max_filtered_size, self.unfiltered_mark,
+                      self.sizes.get(number, 0))
+        self.receiving = (number, spool)
+
+        async def sink(chunk: bytes) -> None:
+            if spool.add(chunk):
+                await trio.to_thread.run_sync(spool.flush)
+
+        return sink
+
+    async def end(self, number: int, error: Exception | None) -> None:
+        if error is not None:
+            self.refuse(self.todo[number], error)
+            return
+        assert self.receiving is not None
+        spool, self.receiving = self.receiving[1], None
+        message = await trio.to_thread.run_sync(spool.finish) if spool.spilled else spool.finish()
+        await self.take(number, self.todo[number], message, spool.source.hexdigest())
+
+    async def take(self, number: int, uid: str, message: bytes | Spooled, source: str) -> None:
         """A message received whole: known under an old UIDL, too big to filter, or to be filtered."""
-        refused.pop(uid, None)
-        if orphans.get(source):
-            row = await trio.to_thread.run_sync(state.adopt, orphans[source].pop(0), uid)
+        assert self.nursery is not None
+        self.refused.pop(uid, None)
+        if self.orphans.get(source):
+            row = await trio.to_thread.run_sync(self.state.adopt, self.orphans[source].pop(0), uid)
             if row is not None:
-                adopted.append((number, uid, row.status))
-                result.remaining -= 1
+                self.adopted.append((number, uid, row.status))
+                self.result.remaining -= 1
                 if isinstance(message, Spooled):
                     await trio.to_thread.run_sync(_unlink, message.path)
                 return
         if isinstance(message, Spooled):
             log.warning("message %s of %r (%d octets) stored unfiltered: larger than "
-                        "sync.max_filtered_size (%d)", uid, user, message.size, max_filtered_size)
-            await filtering.add(nursery, Item(number, uid, source, spooled=message), None)
+                        "sync.max_filtered_size (%d)", uid, self.user, message.size, self.max_filtered_size)
+            await self.filtering.add(self.nursery, Item(number, uid, source, spooled=message), None)
             return
-        await filtering.add(nursery, Item(number, uid, source), message)
+        await self.filtering.add(self.nursery, Item(number, uid, source), message)
 
-    async def fetch(nursery: trio.Nursery) -> None:
-        """RETR the new messages, pipelined when the provider allows it: each goes into memory, or into
-        a spool file once past max_filtered_size (from its first octet when LIST announced more)."""
-        todo: dict[int, str] = {}
-        seen: set[str] = set()
-        for number, uid in new:
-            if uid not in seen:  # two upstream messages with one id (header digests of twins)
-                seen.add(uid)
-                todo[number] = uid
-        receiving: dict[str, tuple[int, Spool]] = {}
-
-        def begin(number: int, index: int):
-            spool = Spool(mailbox.spool_path(), max_filtered_size, unfiltered_mark, sizes.get(number, 0))
-            receiving["now"] = (number, spool)
-
-            async def sink(chunk: bytes) -> None:
-                if spool.add(chunk):
-                    await trio.to_thread.run_sync(spool.flush)
-
-            return sink
-
-        async def end(number: int, error: Exception | None) -> None:
-            if error is not None:
-                refuse(todo[number], error)
-                return
-            _, spool = receiving.pop("now")
-            message = await trio.to_thread.run_sync(spool.finish) if spool.spilled else spool.finish()
-            await take(nursery, number, todo[number], message, spool.source.hexdigest())
-
-        async with filtering.send:
-            try:
-                await client.retr_many(list(todo), begin, end, sizes=sizes)
-            except UpstreamTooLarge as exc:
-                if "now" in receiving:  # the session is out of step; later passes skip this message
-                    refuse(todo[receiving["now"][0]], exc)
-                raise
-            finally:
-                if "now" in receiving:  # a fragment: thrown away
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(receiving.pop("now")[1].discard)
-
-    async def keep() -> None:
-        async with receive:
+    async def keep(self) -> None:
+        """Store the filtered messages in provider order, a batch per flush."""
+        async with self.receive:
             while True:
                 try:
-                    batch = [await receive.receive()]
+                    batch = [await self.receive.receive()]
                 except trio.EndOfChannel:
                     return
                 while len(batch) < STORE_BATCH:  # whatever else is ready goes into the same flush
                     try:
-                        batch.append(receive.receive_nowait())
+                        batch.append(self.receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-
                 try:
-                    mine = await trio.to_thread.run_sync(store_batch, state, mailbox, hold, batch)
+                    mine = await trio.to_thread.run_sync(store_batch, self.state, self.mailbox, self.hold, batch)
                 finally:
-                    await waiting.release(sum(item.reserved for item in batch), len(batch))
-                for item in mine:
-                    stored.append((item.number, item.uid))
-                    if item.held:
-                        result.held += 1
-                    result.fetched += 1
-                    result.fetched_bytes += item.size
-                    metrics.synced(1, item.size)
-                    result.remaining -= 1
-                if progress is not None:
-                    progress(len(stored), len(new))
+                    await self.waiting.release(sum(item.reserved for item in batch), len(batch))
+                self.stored_batch(mine)
 
-    if progress is not None:
-        progress(0, len(new))
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fetch, nursery)
-            nursery.start_soon(filtering.in_order, send)
-            nursery.start_soon(keep)
-    except BaseException as exc:
-        # Callers handle UpstreamError, OSError and StateError: hand them the first real error, not a
-        # group of the fetcher's and the keeper's (whichever trio version groups them).
-        first = _first_error(exc)
-        if first is exc:
-            raise
-        raise first from None
-    finally:
-        result.refused = len(refused)
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(state.set_meta, REFUSED, json.dumps(refused))
+    def stored_batch(self, mine: list[Item]) -> None:
+        for item in mine:
+            self.stored.append((item.number, item.uid))
+            if item.held:
+                self.result.held += 1
+            self.result.fetched += 1
+            self.result.fetched_bytes += item.size
+            metrics.synced(1, item.size)
+            self.result.remaining -= 1
+        if self.progress is not None:
+            self.progress(len(self.stored), len(self.new))
 
-    if adopted:
-        result.adopted = len(adopted)
+
+async def _delete_after_fetch(client: UpstreamClient, plan: DeletionPlan, fetcher: _Fetcher, result: SyncResult,
+                              user: str) -> list[str]:
+    """DELE what the plan says of the messages this pass adopted and stored; returns their uids."""
+    deleted: list[str] = []
+    if fetcher.adopted:
+        result.adopted = len(fetcher.adopted)
         log.warning("%d new UIDLs of %r are messages already known under UIDLs the provider no longer lists "
-                    "(a mailbox re-created at the provider?): kept once", len(adopted), user)
-    for number, uid, status in adopted:  # the deletion policy applies to them as to any known message
-        if (status == "deleted" and policy in ("mirror", "after_fetch")) or policy == "after_fetch":
+                    "(a mailbox re-created at the provider?): kept once", len(fetcher.adopted), user)
+    for number, uid, status in fetcher.adopted:  # the deletion policy applies to them as to any known message
+        if plan.delete_adopted(status):
             await client.dele(number)
-            deleted_uids.append(uid)
-
-    if policy == "after_fetch":  # each of these is cached and fsync'ed by now
-        for number, uid in stored:
+            deleted.append(uid)
+    if plan.delete_fetched:  # each of these is cached and fsync'ed by now
+        for number, uid in fetcher.stored:
             await client.dele(number)
-            deleted_uids.append(uid)
+            deleted.append(uid)
+    return deleted
 
-    if vanished == "drop":
-        gone = [row for row in await trio.to_thread.run_sync(state.rows)
-                if row.uid not in present and row.status == "cached" and row.key]
-        if gone:
-            # The files first: a crash in between leaves rows without files, which the next pass drops.
-            await trio.to_thread.run_sync(mailbox.delete, [row.key for row in gone])
-            await trio.to_thread.run_sync(state.drop_rows, [row.uid for row in gone])
-            result.dropped = len(gone)
-            log.info("dropped %d cached messages of %r that the provider no longer lists", len(gone), user)
 
-    if quit:
-        if deleted_uids:
-            # What the deletions rely on must be on disk before the provider acts on them.
-            await trio.to_thread.run_sync(state.sync_to_disk)
-        await client.quit()  # upstream deletions take effect only now
-        if deleted_uids:
-            await trio.to_thread.run_sync(state.upstream_gone, deleted_uids)
-            result.deleted_upstream = len(deleted_uids)
-    return result
+async def _drop_vanished(mailbox: Mailbox, state: UserState, plan: DeletionPlan, result: SyncResult,
+                         user: str) -> None:
+    """Drop the cached copies of messages the provider no longer lists (vanished = "drop")."""
+    if not plan.drop:
+        return
+    gone = [row for row in await trio.to_thread.run_sync(state.rows)
+            if row.uid in plan.drop and row.status == "cached" and row.key]
+    if gone:
+        # The files first: a crash in between leaves rows without files, which the next pass drops.
+        await trio.to_thread.run_sync(mailbox.delete, [row.key for row in gone])
+        await trio.to_thread.run_sync(state.drop_rows, [row.uid for row in gone])
+        result.dropped = len(gone)
+        log.info("dropped %d cached messages of %r that the provider no longer lists", len(gone), user)
+
+
+async def _quit(client: UpstreamClient, state: UserState, deleted_uids: list[str], result: SyncResult) -> None:
+    if deleted_uids:
+        # What the deletions rely on must be on disk before the provider acts on them.
+        await trio.to_thread.run_sync(state.sync_to_disk)
+    await client.quit()  # upstream deletions take effect only now
+    if deleted_uids:
+        await trio.to_thread.run_sync(state.upstream_gone, deleted_uids)
+        result.deleted_upstream = len(deleted_uids)
 
 
 async def delete_upstream(client: UpstreamClient, state: UserState, uids: set[str]) -> int:
