@@ -9,7 +9,6 @@ them in a file of mode 0600) and never printed.
 from __future__ import annotations
 
 import http.server
-import os
 import time
 import urllib.parse
 from datetime import datetime, timezone
@@ -20,13 +19,13 @@ from pop3proxy.ops import metrics
 from pop3proxy.proxy.oauth import flows
 from pop3proxy.proxy.oauth.tokens import (
     NEEDS_AUTHORISATION,
+    StoreOrRoot,
     TokenSet,
     has_local_password,
     load_tokens,
     save_tokens,
     token_store,
 )
-from pop3proxy.store.tokens_api import TokenStore
 
 REDIRECT_HOST = "127.0.0.1"
 REDIRECT_PATH = "/callback"
@@ -93,7 +92,7 @@ def code_flow(settings: OAuth2Settings, out: Out, port: int = 0, timeout: float 
     return flows.exchange_code(settings, request, params["code"])
 
 
-def login(store: TokenStore | str | os.PathLike[str], account: str, settings: OAuth2Settings, flow: str, out: Out,
+def login(store: StoreOrRoot, account: str, settings: OAuth2Settings, flow: str, out: Out,
           port: int = 0, timeout: float = 300.0) -> TokenSet:
     """Run `flow` (device, code or client_credentials) and store the tokens in `store` (a `TokenStore`,
     or a cache root); return them."""
@@ -121,8 +120,7 @@ def _when(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def status(store: TokenStore | str | os.PathLike[str], accounts: dict[str, OAuth2Settings],
-           now: float | None = None) -> list[dict]:
+def status(store: StoreOrRoot, accounts: dict[str, OAuth2Settings], now: float | None = None) -> list[dict]:
     """One entry per OAuth2 account: state, expiry, refresh token and local password present (read from
     `store`, a `TokenStore` or a cache root)."""
     store = token_store(store)

@@ -11,7 +11,6 @@ grant).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable
 
@@ -20,8 +19,14 @@ import trio
 from pop3proxy.config import OAuth2Settings
 from pop3proxy.ops import metrics
 from pop3proxy.proxy.oauth import flows
-from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, TokenSet, load_tokens, save_tokens, token_store
-from pop3proxy.store.tokens_api import TokenStore
+from pop3proxy.proxy.oauth.tokens import (
+    NEEDS_AUTHORISATION,
+    StoreOrRoot,
+    TokenSet,
+    load_tokens,
+    save_tokens,
+    token_store,
+)
 
 log = logging.getLogger("pop3proxy.oauth2")
 
@@ -48,8 +53,8 @@ class TokenUnavailable(Exception):
     """No valid access token right now (the authorization server failed transiently)."""
 
 
-def renew_locked(store: TokenStore | str | os.PathLike[str], account: str, settings: OAuth2Settings, *,
-                 min_valid: float = EXPIRY_SKEW, clock: Callable[[], float] = time.time) -> TokenSet:
+def renew_locked(store: StoreOrRoot, account: str, settings: OAuth2Settings, *, min_valid: float = EXPIRY_SKEW,
+                 clock: Callable[[], float] = time.time) -> TokenSet:
     """Renew the account's token unless it is still valid for `min_valid` seconds (another task
     or process renewed it meanwhile); blocking (worker thread).
 
@@ -91,7 +96,7 @@ class TokenManager:
     """The OAuth2 `accounts` (cache id -> settings) and their tokens in `store`: a `TokenStore`, or a
     cache root for the one machine's store under it."""
 
-    def __init__(self, store: TokenStore | str | os.PathLike[str], accounts: dict[str, OAuth2Settings], *,
+    def __init__(self, store: StoreOrRoot, accounts: dict[str, OAuth2Settings], *,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = token_store(store)
         self.accounts = dict(accounts)

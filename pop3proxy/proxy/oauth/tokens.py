@@ -19,6 +19,9 @@ from typing import Any, Mapping
 from pop3proxy.proxy.credentials import hash_password, verify_password
 from pop3proxy.store.tokens_api import TokenStore, local_token_store
 
+StoreOrRoot = TokenStore | str | os.PathLike[str]
+"""A `TokenStore`, or a cache root: the one machine's store under it (`local_token_store`)."""
+
 OK = "ok"
 NEEDS_AUTHORISATION = "needs_authorisation"
 
@@ -66,37 +69,37 @@ class TokenSet:
         return self.expires_at - (time.time() if now is None else now)
 
 
-def token_store(store: TokenStore | str | os.PathLike[str]) -> TokenStore:
+def token_store(store: StoreOrRoot) -> TokenStore:
     """`store`, or the one machine's token store under a cache root."""
     if isinstance(store, (str, os.PathLike)):
         return local_token_store(store)
     return store
 
 
-def load_tokens(store: TokenStore | str | os.PathLike[str], account: str) -> TokenSet | None:
+def load_tokens(store: StoreOrRoot, account: str) -> TokenSet | None:
     """The account's stored tokens, None when it never authorised. A damaged record raises ValueError."""
     record = token_store(store).load(account)
     return None if record is None else TokenSet.from_record(record)
 
 
-def save_tokens(store: TokenStore | str | os.PathLike[str], account: str, tokens: TokenSet) -> None:
+def save_tokens(store: StoreOrRoot, account: str, tokens: TokenSet) -> None:
     token_store(store).save(account, tokens.to_record())
 
 
-def set_local_password(store: TokenStore | str | os.PathLike[str], account: str, password: str) -> None:
+def set_local_password(store: StoreOrRoot, account: str, password: str) -> None:
     if not password or any(c in password for c in "\r\n\0"):
         raise ValueError("the password must not be empty or hold line breaks or NUL")
     token_store(store).set_local_password_hash(account, hash_password(password))
 
 
-def has_local_password(store: TokenStore | str | os.PathLike[str], account: str) -> bool:
+def has_local_password(store: StoreOrRoot, account: str) -> bool:
     try:
         return token_store(store).local_password_hash(account) is not None
     except ValueError:  # set, but it cannot be read
         return True
 
 
-def check_local_password(store: TokenStore | str | os.PathLike[str], account: str, password: str) -> bool:
+def check_local_password(store: StoreOrRoot, account: str, password: str) -> bool:
     """Whether `password` is the account's local password (scrypt; slow: run in a worker thread).
 
     No local password set means no login: the token is never used without one.
