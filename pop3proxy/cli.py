@@ -133,10 +133,11 @@ def _ask_password(args: argparse.Namespace) -> str:
 def _oauth_passwd(args: argparse.Namespace, settings: Settings) -> int:
     """The local password a legacy client logs in with to an OAuth2 account (the token stays)."""
     from pop3proxy.proxy.oauth import set_local_password
+    from pop3proxy.store.tokens_api import local_token_store
 
     password = _ask_password(args)
     try:
-        set_local_password(settings.cache.root, args.name, password)
+        set_local_password(local_token_store(settings.cache.root), args.name, password)
     except (ValueError, OSError) as exc:
         raise CliError(f"cannot set the password of {args.name}: {exc}") from None
     print(f"local password set for the OAuth2 account {args.name}")

@@ -30,6 +30,7 @@ from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import REMOVED_DIRS, encode_user
 from pop3proxy.store.state_read import account_name, read_state
+from pop3proxy.store.tokens_api import local_token_store
 from pop3proxy.submission.queue import OutQueue
 
 __all__ = ["AccountStatus", "collect_status", "status_command"]
@@ -188,7 +189,7 @@ def oauth2_state(settings, name: str, now: float) -> str:
     if account is None or account.oauth2 is None:
         return ""
     try:
-        tokens = load_tokens(settings.cache.root, name)
+        tokens = load_tokens(local_token_store(settings.cache.root), name)
     except ValueError as exc:
         return f"token file damaged: {exc}"
     if tokens is None:

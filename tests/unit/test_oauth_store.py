@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from pop3proxy.config import OAuth2Settings, Settings, masked
 from pop3proxy.proxy.oauth import login, tokens
 from pop3proxy.proxy.oauth.manager import _skew
+from pop3proxy.store import token_files
 
 
 def test_presets_fill_endpoints_and_scopes():
@@ -46,7 +47,7 @@ def test_token_file_round_trip_mode_and_refresh_token_kept(tmp_path):
     first = tokens.TokenSet.from_response(
         {"access_token": "A1", "refresh_token": "R1", "expires_in": 60}, now=1000.0)
     tokens.save_tokens(tmp_path, "al/ice", first)
-    path = tokens.token_path(tmp_path, "al/ice")
+    path = token_files.token_path(tmp_path, "al/ice")
     assert path.parent.parent == tmp_path  # the user name cannot leave the cache root
     assert path.stat().st_mode & 0o777 == 0o600
     loaded = tokens.load_tokens(tmp_path, "al/ice")
@@ -60,7 +61,7 @@ def test_token_file_round_trip_mode_and_refresh_token_kept(tmp_path):
 
 def test_damaged_token_file_is_an_error_not_a_deletion(tmp_path):
     tokens.save_tokens(tmp_path, "bob", tokens.TokenSet(access_token="A"))
-    path = tokens.token_path(tmp_path, "bob")
+    path = token_files.token_path(tmp_path, "bob")
     path.write_text("{not json")
     with pytest.raises(ValueError, match="oauth2-token.json"):
         tokens.load_tokens(tmp_path, "bob")
@@ -73,7 +74,7 @@ def test_local_password(tmp_path):
     assert not tokens.check_local_password(tmp_path, "carol", "anything")  # none set: no login
     # (a space: a password that cannot turn up by chance inside the base64 text of the hash)
     tokens.set_local_password(tmp_path, "carol", "pw 1")
-    path = tokens.token_path(tmp_path, "carol").parent / tokens.LOCAL_PASSWORD_FILE
+    path = token_files.token_path(tmp_path, "carol").parent / token_files.LOCAL_PASSWORD_FILE
     assert path.stat().st_mode & 0o777 == 0o600 and "pw 1" not in path.read_text()
     assert tokens.check_local_password(tmp_path, "carol", "pw 1")
     assert not tokens.check_local_password(tmp_path, "carol", "PW 1")

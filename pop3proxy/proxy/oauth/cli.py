@@ -8,6 +8,7 @@ import sys
 
 from pop3proxy.config import OAuth2Settings, Settings
 from pop3proxy.proxy.oauth import flows, login
+from pop3proxy.store.tokens_api import local_token_store
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -23,9 +24,9 @@ def _print(text: str) -> None:
 
 def oauth_command(settings: Settings, args: argparse.Namespace) -> int:
     accounts = oauth_accounts(settings)
-    root = settings.cache.root
+    store = local_token_store(settings.cache.root)
     if args.oauth_action == "status":
-        rows = login.status(root, accounts)
+        rows = login.status(store, accounts)
         print(json.dumps(rows, indent=1) if args.json else login.format_status(rows))
         return 0
     oauth = accounts.get(args.account)
@@ -39,7 +40,7 @@ def oauth_command(settings: Settings, args: argparse.Namespace) -> int:
         else:
             flow = "device" if oauth.endpoint("device_url") else "code"
     try:
-        login.login(root, args.account, oauth, flow, _print, port=args.port, timeout=args.timeout)
+        login.login(store, args.account, oauth, flow, _print, port=args.port, timeout=args.timeout)
     except flows.OAuthFailure as exc:
         print(f"pop3proxy: oauth login {args.account}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -2,8 +2,8 @@
 
 Flows: the device-code flow (prints a code and a URL; works headless and over ssh), the
 authorization-code flow with PKCE and a one-shot redirect listener on 127.0.0.1, and the
-client-credentials grant. Tokens are written to the account's token file (mode 0600) and never
-printed.
+client-credentials grant. Tokens are written to the token store (`TokenStore`; the one machine's keeps
+them in a file of mode 0600) and never printed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import http.server
 import time
 import urllib.parse
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable
 
 from pop3proxy.config import OAuth2Settings
@@ -20,10 +19,12 @@ from pop3proxy.ops import metrics
 from pop3proxy.proxy.oauth import flows
 from pop3proxy.proxy.oauth.tokens import (
     NEEDS_AUTHORISATION,
+    StoreOrRoot,
     TokenSet,
     has_local_password,
     load_tokens,
     save_tokens,
+    token_store,
 )
 
 REDIRECT_HOST = "127.0.0.1"
@@ -91,9 +92,11 @@ def code_flow(settings: OAuth2Settings, out: Out, port: int = 0, timeout: float 
     return flows.exchange_code(settings, request, params["code"])
 
 
-def login(root: Path, account: str, settings: OAuth2Settings, flow: str, out: Out,
+def login(store: StoreOrRoot, account: str, settings: OAuth2Settings, flow: str, out: Out,
           port: int = 0, timeout: float = 300.0) -> TokenSet:
-    """Run `flow` (device, code or client_credentials) and store the tokens; return them."""
+    """Run `flow` (device, code or client_credentials) and store the tokens in `store` (a `TokenStore`,
+    or a cache root); return them."""
+    store = token_store(store)
     if flow == "client_credentials" or settings.grant == "client_credentials":
         answer = flows.client_credentials(settings)
     elif flow == "code":
@@ -101,12 +104,12 @@ def login(root: Path, account: str, settings: OAuth2Settings, flow: str, out: Ou
     else:
         answer = device_flow(settings, out)
     tokens = TokenSet.from_response(answer)
-    save_tokens(root, account, tokens)
+    save_tokens(store, account, tokens)
     metrics.oauth2_state(account, False)
     when = _when(tokens.expires_at)
     refresh = "with a refresh token" if tokens.refresh_token else "without a refresh token"
     out(f"Authorised {account!r}: access token valid until {when}, {refresh}.")
-    if not has_local_password(root, account) and settings.grant != "client_credentials":
+    if not has_local_password(store, account) and settings.grant != "client_credentials":
         out(f"Now set the password your mail program logs in with: pop3proxy passwd {account}")
     return tokens
 
@@ -117,13 +120,15 @@ def _when(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def status(root: Path, accounts: dict[str, OAuth2Settings], now: float | None = None) -> list[dict]:
-    """One entry per OAuth2 account: state, expiry, refresh token and local password present."""
+def status(store: StoreOrRoot, accounts: dict[str, OAuth2Settings], now: float | None = None) -> list[dict]:
+    """One entry per OAuth2 account: state, expiry, refresh token and local password present (read from
+    `store`, a `TokenStore` or a cache root)."""
+    store = token_store(store)
     now = time.time() if now is None else now
     rows = []
     for name, settings in sorted(accounts.items()):
         try:
-            tokens = load_tokens(root, name)
+            tokens = load_tokens(store, name)
         except ValueError as exc:
             rows.append({"account": name, "state": "damaged", "detail": str(exc)})
             continue
@@ -140,7 +145,7 @@ def status(root: Path, accounts: dict[str, OAuth2Settings], now: float | None = 
             "state": state,
             "expires": _when(tokens.expires_at) if tokens else "-",
             "refresh_token": bool(tokens and tokens.refresh_token),
-            "local_password": has_local_password(root, name),
+            "local_password": has_local_password(store, name),
             "detail": (tokens.error if tokens else "") or "",
         })
     return rows

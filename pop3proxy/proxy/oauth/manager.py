@@ -2,18 +2,16 @@
 background before it expires, retry transient failures with back-off, and mark an account
 "needs authorisation" only when the authorization server answers ``invalid_grant``.
 
-A renewal runs in a worker thread under an exclusive lock on the account's token file, so two
-processes (the service and ``pop3proxy sync``) never spend the same refresh token twice (servers
-that rotate refresh tokens treat a reused one as stolen and revoke the grant).
+A renewal runs in a worker thread holding the token store's renewal of the account
+(`TokenStore.renewing`), so two processes (the service and ``pop3proxy sync``) never spend the same
+refresh token twice (servers that rotate refresh tokens treat a reused one as stolen and revoke the
+grant).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import trio
@@ -21,8 +19,14 @@ import trio
 from pop3proxy.config import OAuth2Settings
 from pop3proxy.ops import metrics
 from pop3proxy.proxy.oauth import flows
-from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, TokenSet, load_tokens, save_tokens
-from pop3proxy.store.paths import make_user_dir
+from pop3proxy.proxy.oauth.tokens import (
+    NEEDS_AUTHORISATION,
+    StoreOrRoot,
+    TokenSet,
+    load_tokens,
+    save_tokens,
+    token_store,
+)
 
 log = logging.getLogger("pop3proxy.oauth2")
 
@@ -49,18 +53,16 @@ class TokenUnavailable(Exception):
     """No valid access token right now (the authorization server failed transiently)."""
 
 
-def renew_locked(root: Path, account: str, settings: OAuth2Settings, *, min_valid: float = EXPIRY_SKEW,
+def renew_locked(store: StoreOrRoot, account: str, settings: OAuth2Settings, *, min_valid: float = EXPIRY_SKEW,
                  clock: Callable[[], float] = time.time) -> TokenSet:
     """Renew the account's token unless it is still valid for `min_valid` seconds (another task
     or process renewed it meanwhile); blocking (worker thread).
 
     Raises NeedsAuthorisation (state saved) or TokenUnavailable (the stored token is kept).
     """
-    directory = make_user_dir(root, account)
-    fd = os.open(directory / "oauth2-token.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        tokens = load_tokens(root, account)
+    store = token_store(store)
+    with store.renewing(account):
+        tokens = load_tokens(store, account)
         if tokens is not None and tokens.state == NEEDS_AUTHORISATION:
             raise NeedsAuthorisation(tokens.error or "needs authorisation")
         if tokens is not None and tokens.valid_for(clock()) > min_valid:
@@ -76,26 +78,27 @@ def renew_locked(root: Path, account: str, settings: OAuth2Settings, *, min_vali
             metrics.oauth2_refresh("invalid_grant")
             tokens = tokens or TokenSet()
             tokens.state, tokens.error, tokens.updated = NEEDS_AUTHORISATION, str(exc), clock()
-            save_tokens(root, account, tokens)
+            save_tokens(store, account, tokens)
             raise NeedsAuthorisation(str(exc)) from None
         except flows.OAuthFailure as exc:
             metrics.oauth2_refresh("transient")
             if tokens is not None:
                 tokens.error = str(exc)
-                save_tokens(root, account, tokens)
+                save_tokens(store, account, tokens)
             raise TokenUnavailable(str(exc)) from None
         fresh = TokenSet.from_response(answer, tokens, clock())
-        save_tokens(root, account, fresh)
+        save_tokens(store, account, fresh)
         metrics.oauth2_refresh("ok")
         return fresh
-    finally:
-        os.close(fd)
 
 
 class TokenManager:
-    def __init__(self, root: Path, accounts: dict[str, OAuth2Settings], *,
+    """The OAuth2 `accounts` (cache id -> settings) and their tokens in `store`: a `TokenStore`, or a
+    cache root for the one machine's store under it."""
+
+    def __init__(self, store: StoreOrRoot, accounts: dict[str, OAuth2Settings], *,
                  clock: Callable[[], float] = time.time) -> None:
-        self.root = Path(root)
+        self.store = token_store(store)
         self.accounts = dict(accounts)
         self.clock = clock
         self._locks = {name: trio.Lock() for name in self.accounts}
@@ -105,7 +108,7 @@ class TokenManager:
 
     async def _load(self, account: str) -> TokenSet | None:
         try:
-            return await trio.to_thread.run_sync(load_tokens, self.root, account)
+            return await trio.to_thread.run_sync(load_tokens, self.store, account)
         except ValueError as exc:
             log.error("%s", exc)
             raise TokenUnavailable(str(exc)) from None
@@ -113,7 +116,7 @@ class TokenManager:
     async def _renew(self, account: str, min_valid: float) -> TokenSet:
         async with self._locks[account]:
             return await trio.to_thread.run_sync(
-                lambda: renew_locked(self.root, account, self.accounts[account], min_valid=min_valid, clock=self.clock))
+                lambda: renew_locked(self.store, account, self.accounts[account], min_valid=min_valid, clock=self.clock))
 
     def _publish(self, account: str, tokens: TokenSet | None) -> None:
         needs = tokens is None or tokens.state == NEEDS_AUTHORISATION

@@ -1,26 +1,27 @@
-"""Where an OAuth2 account's tokens and local password live: beside its cache, mode 0600.
+"""An OAuth2 account's tokens and local password, read and written through a `TokenStore`.
 
-``<cache root>/<user dir>/oauth2-token.json`` holds the token set (access token, refresh token,
+`TokenSet` is the typed view of the record a store keeps: the token set (access token, refresh token,
 expiry) and its state ("ok", or "needs_authorisation" after the authorization server answered
-``invalid_grant``). ``<user dir>/local-password`` holds the scrypt hash of the password the legacy
-client logs in to pop3proxy with. Both are replaced atomically (write, fsync, rename) and nothing
-here ever deletes them: a refused refresh only changes the state.
+``invalid_grant``). The local password is kept as its scrypt hash: the password the legacy client logs
+in to pop3proxy with. Nothing here ever deletes either: a refused refresh only changes the state.
+
+The functions take a `TokenStore`, or a cache root for the one machine's store under it
+(`local_token_store`: files beside the account's cache, mode 0600).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Any, Mapping
 
 from pop3proxy.proxy.credentials import hash_password, verify_password
-from pop3proxy.store.fsutil import fsync_dir, write_new_file
-from pop3proxy.store.paths import make_user_dir, user_dir
+from pop3proxy.store.tokens_api import TokenStore, local_token_store
 
-TOKEN_FILE = "oauth2-token.json"
-LOCAL_PASSWORD_FILE = "local-password"
+StoreOrRoot = TokenStore | str | os.PathLike[str]
+"""A `TokenStore`, or a cache root: the one machine's store under it (`local_token_store`)."""
+
 OK = "ok"
 NEEDS_AUTHORISATION = "needs_authorisation"
 
@@ -54,62 +55,57 @@ class TokenSet:
             updated=now,
         )
 
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "TokenSet":
+        """The tokens of a stored record (keys this version does not know are left out)."""
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
+
+    def to_record(self) -> dict[str, Any]:
+        """The record a `TokenStore` keeps: plain JSON data."""
+        return asdict(self)
+
     def valid_for(self, now: float | None = None) -> float:
         """Seconds the access token is still good for (negative once expired)."""
         return self.expires_at - (time.time() if now is None else now)
 
 
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-    write_new_file(tmp, data)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def token_store(store: StoreOrRoot) -> TokenStore:
+    """`store`, or the one machine's token store under a cache root."""
+    if isinstance(store, (str, os.PathLike)):
+        return local_token_store(store)
+    return store
 
 
-def token_path(root: str | os.PathLike[str], account: str) -> Path:
-    return user_dir(root, account) / TOKEN_FILE
+def load_tokens(store: StoreOrRoot, account: str) -> TokenSet | None:
+    """The account's stored tokens, None when it never authorised. A damaged record raises ValueError."""
+    record = token_store(store).load(account)
+    return None if record is None else TokenSet.from_record(record)
 
 
-def load_tokens(root: str | os.PathLike[str], account: str) -> TokenSet | None:
-    """The account's stored tokens, None when it never authorised. A damaged file raises ValueError."""
-    path = token_path(root, account)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path.name} of {account!r}: {exc}") from None
-    known = {k: v for k, v in data.items() if k in TokenSet.__dataclass_fields__}
-    return TokenSet(**known)
+def save_tokens(store: StoreOrRoot, account: str, tokens: TokenSet) -> None:
+    token_store(store).save(account, tokens.to_record())
 
 
-def save_tokens(root: str | os.PathLike[str], account: str, tokens: TokenSet) -> None:
-    make_user_dir(root, account)
-    _replace(token_path(root, account), json.dumps(asdict(tokens), indent=1).encode("utf-8"))
-
-
-def set_local_password(root: str | os.PathLike[str], account: str, password: str) -> None:
+def set_local_password(store: StoreOrRoot, account: str, password: str) -> None:
     if not password or any(c in password for c in "\r\n\0"):
         raise ValueError("the password must not be empty or hold line breaks or NUL")
-    directory = make_user_dir(root, account)
-    _replace(directory / LOCAL_PASSWORD_FILE, (hash_password(password) + "\n").encode("ascii"))
+    token_store(store).set_local_password_hash(account, hash_password(password))
 
 
-def has_local_password(root: str | os.PathLike[str], account: str) -> bool:
-    return (user_dir(root, account) / LOCAL_PASSWORD_FILE).is_file()
+def has_local_password(store: StoreOrRoot, account: str) -> bool:
+    try:
+        return token_store(store).local_password_hash(account) is not None
+    except ValueError:  # set, but it cannot be read
+        return True
 
 
-def check_local_password(root: str | os.PathLike[str], account: str, password: str) -> bool:
+def check_local_password(store: StoreOrRoot, account: str, password: str) -> bool:
     """Whether `password` is the account's local password (scrypt; slow: run in a worker thread).
 
     No local password set means no login: the token is never used without one.
     """
     try:
-        stored = (user_dir(root, account) / LOCAL_PASSWORD_FILE).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
+        stored = token_store(store).local_password_hash(account)
+    except (OSError, ValueError):
         return False
-    return verify_password(password, stored)
+    return stored is not None and verify_password(password, stored)
