@@ -39,6 +39,7 @@ import trio
 from pop3proxy.config import Settings, usable_cpus
 from pop3proxy.errors import ListenError, StartupError, sole_exception
 from pop3proxy.net.gate import Gate
+from pop3proxy.net.port_claim import bind_error, claim_bound
 from pop3proxy.net.shared import GateServer, RemoteGate
 
 log = logging.getLogger("pop3proxy")
@@ -231,22 +232,23 @@ async def reserve(host: str, port: int) -> list[trio.socket.SocketType]:
     return reserved
 
 
-async def reserve_ports(settings: Settings) -> tuple[list[trio.socket.SocketType], list[tuple[int, Any, bool]]]:
-    """The POP3 ports reserved, and the (family, address, implicit TLS) the workers listen on."""
+async def reserve_ports(settings: Settings) -> tuple[list[Any], list[tuple[int, Any, bool]]]:
+    """The POP3 ports reserved (with the claims of their addresses: the workers of no other service
+    may join them), and the (family, address, implicit TLS) the workers listen on."""
     listen = settings.listen
-    reserved: list[trio.socket.SocketType] = []
+    reserved: list[Any] = []
     addresses: list[tuple[int, Any, bool]] = []
     for port, tls in ((listen.port, False), (listen.tls_port, True)):
         if port is None:
             continue
         try:
             socks = await reserve(listen.host, port)
+            reserved += socks
+            reserved += claim_bound([sock.getsockname() for sock in socks])
         except OSError as exc:
             for sock in reserved:
                 sock.close()
-            reason = (exc.strerror or str(exc)).lower()
-            raise ListenError(f"cannot listen on {listen.host}:{port}: {reason}") from None
-        reserved += socks
+            raise ListenError(f"cannot listen on {listen.host}:{port}: {bind_error(exc, port)}") from None
         addresses += [(sock.family, sock.getsockname(), tls) for sock in socks]
     return reserved, addresses
 
