@@ -16,13 +16,11 @@ import sys
 import threading
 
 import pytest
-from helpers.common import HOST, children_of, write_config
+from helpers.common import HOST, START_BOUND, children_of, write_config
 from helpers.proxy import closed_port, sample
 from test_workers import serving_worker
 
 from pop3proxy.proxy.credentials import set_password
-
-START_BOUND = 120.0  # seconds a service may take to start or to fail on a loaded machine
 
 
 def run_until_ready_or_exit(config) -> tuple[int | None, list[str]]:
@@ -89,7 +87,7 @@ def test_a_second_service_on_a_served_port_stops_naming_the_first(tmp_path, serv
     dovecot.deliver(name, sample(1))
     port = closed_port()
     first = server_process(proxy_config(tmp_path / "first.toml", dovecot, port, first_workers,
-                                        tmp_path / "first-cache")).start(timeout=START_BOUND)
+                                        tmp_path / "first-cache")).start()
     assert first.port == port
 
     # another configuration (its own cache) on the same port
