@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -169,8 +170,6 @@ async def run_service(
     else:
         plain, tls = listeners
     ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
-    if primary:
-        log_listening(settings, ports, state.config.ssl_context is not None)
     try:
         async with trio.open_nursery() as nursery:
             backend.attach(nursery, background=primary)
@@ -179,6 +178,8 @@ async def run_service(
                 assert state.gate is not None
                 await start_services(nursery, settings, backend, state.gate,
                                      lambda: state.config.ssl_context, ports)
+                # last, as with worker processes: whoever waits for this line finds every listener up
+                log_listening(settings, ports, state.config.ssl_context is not None)
             task_status.started(ports)
     finally:
         with trio.CancelScope(shield=True):
@@ -238,6 +239,23 @@ async def run_until_signal(settings: Settings, backend: Backend | None = None, o
             await until_stopped(signals, nursery, settings, ports.state)
 
 
+def notify_systemd(state: str) -> None:
+    """Tell systemd (``Type=notify``) how the service is: ``READY=1`` once every POP3 listener (every
+    worker process's) and every other service accepts connections, ``STOPPING=1`` when it shuts down.
+    Nothing without $NOTIFY_SOCKET; a socket that cannot be reached is logged, never fatal."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.send(state.encode())
+    except OSError as exc:
+        log.warning("cannot tell systemd %s: %s", state, exc.strerror or exc)
+
+
 async def until_stopped(signals, nursery: trio.Nursery, settings: Settings, state: ServerState,
                         on_reload: Callable[[], None] = lambda: None) -> None:
     """Act on signals until one stops the service: SIGHUP reloads the certificate (and calls
@@ -248,5 +266,6 @@ async def until_stopped(signals, nursery: trio.Nursery, settings: Settings, stat
             on_reload()
             continue
         log.info("received %s, shutting down", signal.Signals(signum).name)
+        notify_systemd("STOPPING=1")
         nursery.cancel_scope.cancel()
         return

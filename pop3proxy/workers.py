@@ -297,15 +297,17 @@ async def run_supervised(settings: Settings, workers: int,
                     sock.close()
 
 
-def serve(settings: Settings, workers: int, run: Callable[[Callable[[], Any]], None]) -> None:
-    """`pop3proxy serve` with ``workers`` > 1; ``run`` runs a trio main function (the CLI's runner)."""
+def serve(settings: Settings, workers: int, run: Callable[[Callable[[], Any]], None],
+          on_ready: Callable[[Any], None] | None = None) -> None:
+    """`pop3proxy serve` with ``workers`` > 1; ``run`` runs a trio main function (the CLI's runner),
+    ``on_ready`` is called once every worker accepts connections."""
     metrics_dir = prepare_metrics()
     try:
         from pop3proxy.app import limit_malloc_arenas, raise_file_limit
 
         raise_file_limit()
         limit_malloc_arenas()
-        run(partial(run_supervised, settings, workers))
+        run(partial(run_supervised, settings, workers, on_ready))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
