@@ -7,7 +7,8 @@ pop3proxy.workers`` started with the addresses and one end of a socket pair to t
 on the same ports with SO_REUSEPORT (the kernel spreads new connections evenly over the workers'
 sockets; with one shared socket the worker that happens to be awake takes nearly every connection),
 serves its clients, and asks the parent's gate over that pair. Only processes of the same user can
-join those ports. A worker that dies is replaced (after a pause that grows while workers keep dying
+join those ports, and the parent claims them (net/port_claim.py) so that no other service of that user
+does. A worker that dies is replaced (after a pause that grows while workers keep dying
 young); the sessions of the other workers go on. When the parent goes away, its
 workers stop. Counters and gauges of all processes are added up by prometheus_client's multiprocess
 mode (``PROMETHEUS_MULTIPROC_DIR``, a private directory the parent sets up and removes).
