@@ -40,7 +40,7 @@ import trio
 from pop3proxy.config import Settings, usable_cpus
 from pop3proxy.errors import ListenError, StartupError, sole_exception
 from pop3proxy.net.gate import Gate
-from pop3proxy.net.port_claim import bind_error, claim_bound
+from pop3proxy.net.port_claim import bind_error, check_not_served, claim_bound
 from pop3proxy.net.shared import GateServer, RemoteGate
 
 log = logging.getLogger("pop3proxy")
@@ -246,6 +246,8 @@ async def reserve_ports(settings: Settings) -> tuple[list[Any], list[tuple[int, 
             socks = await reserve(listen.host, port)
             reserved += socks
             reserved += claim_bound([sock.getsockname() for sock in socks])
+            for sock in socks:  # our workers do not listen yet: a listener is someone else's
+                check_not_served(sock.getsockname()[0], sock.getsockname()[1])
         except OSError as exc:
             for sock in reserved:
                 sock.close()

@@ -109,8 +109,15 @@ def claim(ip: str, port: int) -> socket.socket | None:
     return sock
 
 
-def listening_pids(port: int) -> list[int]:
-    """The processes that have a TCP socket listening on ``port`` (those this user may look at)."""
+def _address(hex_address: str) -> str:
+    """An address of /proc/net/tcp{,6} (hex, in 32-bit words of host order) as text."""
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words)
+
+
+def _listening_inodes(port: int, ip: str | None = None) -> set[str]:
+    """The sockets listening on ``port`` (on an address that overlaps ``ip``, when given)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -119,9 +126,16 @@ def listening_pids(port: int) -> list[int]:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if len(fields) <= 9 or fields[3] != "0A":
+                continue
+            address, _, hex_port = fields[1].rpartition(":")
+            if int(hex_port, 16) == port and (ip is None or _overlaps(ip, _address(address))):
                 inodes.add(f"socket:[{fields[9]}]")
-    pids = []
+    return inodes
+
+
+def _pids_holding(inodes: set[str]) -> list[int]:
+    pids: list[int] = []
     if not inodes:
         return pids
     for entry in Path("/proc").iterdir():
@@ -133,6 +147,22 @@ def listening_pids(port: int) -> list[int]:
         except OSError:
             continue
     return sorted(pids)
+
+
+def listening_pids(port: int) -> list[int]:
+    """The processes that have a TCP socket listening on ``port`` (those this user may look at)."""
+    return _pids_holding(_listening_inodes(port))
+
+
+def check_not_served(ip: str, port: int) -> None:
+    """PortInUse if a socket already listens on ``ip``:``port`` (or an overlapping address): called
+    by a supervising process before its workers listen, it finds a process of this user sharing the
+    port with SO_REUSEPORT that holds no claim (another program, a pop3proxy of an older version)."""
+    inodes = _listening_inodes(port, ip)
+    if inodes:
+        pids = _pids_holding(inodes)
+        holder = "; ".join(describe_holder(pid) for pid in pids[:3]) or "a process whose pid could not be found"
+        raise PortInUse(errno.EADDRINUSE, f"address already in use (by {holder})")
 
 
 def bind_error(exc: OSError, port: int) -> str:

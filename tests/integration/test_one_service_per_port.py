@@ -70,7 +70,7 @@ def proxy_config(path, dovecot, port: int, workers: int, cache):
 
 
 def assert_refused_naming(code: int | None, output: list[str], port: int, pid: int) -> None:
-    assert code is not None, "the second service started on a port the first one serves:\n" + "\n".join(output)
+    assert code is not None, "the service started on a port another process serves:\n" + "\n".join(output)
     assert code == 2, "\n".join(output)
     text = "\n".join(output)
     assert "Traceback" not in text and "ExceptionGroup" not in text, text
@@ -108,11 +108,15 @@ def test_a_second_service_on_a_served_port_stops_naming_the_first(tmp_path, serv
     assert not (tmp_path / "second-cache").exists() or not any((tmp_path / "second-cache").iterdir())
 
 
+@pytest.mark.parametrize("reuseport", [False, True])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_port_held_by_another_program_names_its_pid(tmp_path, workers):
+def test_a_port_held_by_another_program_names_its_pid(tmp_path, workers, reuseport):
+    # With SO_REUSEPORT (as an older pop3proxy's workers, or any program of this user might) the
+    # kernel would let the workers join that program's port: the supervisor looks for listeners.
     users = tmp_path / "users"
     set_password(users, "alice", "pw")
     with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
         busy.bind((HOST, 0))
         busy.listen()
         port = busy.getsockname()[1]
