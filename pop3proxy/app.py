@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -15,6 +17,7 @@ from pop3proxy.errors import ListenError, StartupError
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
 from pop3proxy.net.backend_api import Backend
+from pop3proxy.net.port_claim import bind_error, claim_bound
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.net.tls import server_context
@@ -88,24 +91,31 @@ def build_ssl_context(settings: Settings):
         raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
 
 
-async def open_pop3_listeners(settings: Settings) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
-    """The POP3 listeners the settings ask for: (plain, implicit TLS); a clear error if one cannot be bound."""
+async def open_pop3_listeners(
+    settings: Settings,
+) -> tuple[list[trio.SocketListener], list[trio.SocketListener], list[socket.socket]]:
+    """The POP3 listeners the settings ask for: (plain, implicit TLS, the claims of their addresses,
+    to be closed with them); a clear error naming the holder if a port is in use."""
     listen = settings.listen
     plain: list[trio.SocketListener] = []
     tls: list[trio.SocketListener] = []
+    claims: list[socket.socket] = []
     port = listen.port
     try:
         if listen.port is not None:
             plain = await open_listeners(listen.host, listen.port)
+            claims += claim_bound([listener.socket.getsockname() for listener in plain])
         if listen.tls_port is not None:
             port = listen.tls_port
             tls = await open_listeners(listen.host, listen.tls_port)
+            claims += claim_bound([listener.socket.getsockname() for listener in tls])
     except OSError as exc:
         for listener in plain + tls:
             await listener.aclose()
-        reason = (exc.strerror or str(exc)).lower()
-        raise ListenError(f"cannot listen on {listen.host}:{port}: {reason}") from None
-    return plain, tls
+        for claim in claims:
+            claim.close()
+        raise ListenError(f"cannot listen on {listen.host}:{port}: {bind_error(exc, port or 0)}") from None
+    return plain, tls, claims
 
 
 def log_listening(settings: Settings, ports: Ports, stls: bool) -> None:
@@ -154,10 +164,12 @@ async def run_service(
 
     add_secrets(getattr(backend, "passwords", {}).values())  # masked should they ever reach a log line
     state = ServerState(build_server_config(settings), backend, gate=gate)
-    plain, tls = listeners if listeners is not None else await open_pop3_listeners(settings)
+    claims: list[socket.socket] = []
+    if listeners is None:
+        plain, tls, claims = await open_pop3_listeners(settings)
+    else:
+        plain, tls = listeners
     ports = Ports(listener_port(plain) if plain else None, listener_port(tls) if tls else None, state=state)
-    if primary:
-        log_listening(settings, ports, state.config.ssl_context is not None)
     try:
         async with trio.open_nursery() as nursery:
             backend.attach(nursery, background=primary)
@@ -166,10 +178,14 @@ async def run_service(
                 assert state.gate is not None
                 await start_services(nursery, settings, backend, state.gate,
                                      lambda: state.config.ssl_context, ports)
+                # last, as with worker processes: whoever waits for this line finds every listener up
+                log_listening(settings, ports, state.config.ssl_context is not None)
             task_status.started(ports)
     finally:
         with trio.CancelScope(shield=True):
             await backend.aclose()
+        for claim in claims:
+            claim.close()
 
 
 async def reload_tls(settings: Settings, state: ServerState) -> None:
@@ -223,6 +239,23 @@ async def run_until_signal(settings: Settings, backend: Backend | None = None, o
             await until_stopped(signals, nursery, settings, ports.state)
 
 
+def notify_systemd(state: str) -> None:
+    """Tell systemd (``Type=notify``) how the service is: ``READY=1`` once every POP3 listener (every
+    worker process's) and every other service accepts connections, ``STOPPING=1`` when it shuts down.
+    Nothing without $NOTIFY_SOCKET; a socket that cannot be reached is logged, never fatal."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.send(state.encode())
+    except OSError as exc:
+        log.warning("cannot tell systemd %s: %s", state, exc.strerror or exc)
+
+
 async def until_stopped(signals, nursery: trio.Nursery, settings: Settings, state: ServerState,
                         on_reload: Callable[[], None] = lambda: None) -> None:
     """Act on signals until one stops the service: SIGHUP reloads the certificate (and calls
@@ -233,5 +266,6 @@ async def until_stopped(signals, nursery: trio.Nursery, settings: Settings, stat
             on_reload()
             continue
         log.info("received %s, shutting down", signal.Signals(signum).name)
+        notify_systemd("STOPPING=1")
         nursery.cancel_scope.cancel()
         return

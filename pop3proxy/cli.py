@@ -68,15 +68,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pop3proxy.ops.logs import setup_logging
 
     setup_logging(settings.log)
+    from pop3proxy.app import notify_systemd, run_until_signal
     from pop3proxy.workers import serve, worker_count
+
+    def ready(ports: object) -> None:  # every listener accepts connections (all workers')
+        notify_systemd("READY=1")
 
     workers = worker_count(settings)
     if workers > 1:
-        serve(settings, workers, _run)
+        serve(settings, workers, _run, on_ready=ready)
         return 0
-    from pop3proxy.app import run_until_signal
-
-    _run(lambda: run_until_signal(settings))
+    _run(lambda: run_until_signal(settings, on_ready=ready))
     return 0
 
 

@@ -7,7 +7,8 @@ pop3proxy.workers`` started with the addresses and one end of a socket pair to t
 on the same ports with SO_REUSEPORT (the kernel spreads new connections evenly over the workers'
 sockets; with one shared socket the worker that happens to be awake takes nearly every connection),
 serves its clients, and asks the parent's gate over that pair. Only processes of the same user can
-join those ports. A worker that dies is replaced (after a pause that grows while workers keep dying
+join those ports, and the parent claims them (net/port_claim.py) so that no other service of that user
+does. A worker that dies is replaced (after a pause that grows while workers keep dying
 young); the sessions of the other workers go on. When the parent goes away, its
 workers stop. Counters and gauges of all processes are added up by prometheus_client's multiprocess
 mode (``PROMETHEUS_MULTIPROC_DIR``, a private directory the parent sets up and removes).
@@ -39,6 +40,7 @@ import trio
 from pop3proxy.config import Settings, usable_cpus
 from pop3proxy.errors import ListenError, StartupError, sole_exception
 from pop3proxy.net.gate import Gate
+from pop3proxy.net.port_claim import bind_error, check_not_served, claim_bound
 from pop3proxy.net.shared import GateServer, RemoteGate
 
 log = logging.getLogger("pop3proxy")
@@ -231,22 +233,25 @@ async def reserve(host: str, port: int) -> list[trio.socket.SocketType]:
     return reserved
 
 
-async def reserve_ports(settings: Settings) -> tuple[list[trio.socket.SocketType], list[tuple[int, Any, bool]]]:
-    """The POP3 ports reserved, and the (family, address, implicit TLS) the workers listen on."""
+async def reserve_ports(settings: Settings) -> tuple[list[Any], list[tuple[int, Any, bool]]]:
+    """The POP3 ports reserved (with the claims of their addresses: the workers of no other service
+    may join them), and the (family, address, implicit TLS) the workers listen on."""
     listen = settings.listen
-    reserved: list[trio.socket.SocketType] = []
+    reserved: list[Any] = []
     addresses: list[tuple[int, Any, bool]] = []
     for port, tls in ((listen.port, False), (listen.tls_port, True)):
         if port is None:
             continue
         try:
             socks = await reserve(listen.host, port)
+            reserved += socks
+            reserved += claim_bound([sock.getsockname() for sock in socks])
+            for sock in socks:  # our workers do not listen yet: a listener is someone else's
+                check_not_served(sock.getsockname()[0], sock.getsockname()[1])
         except OSError as exc:
             for sock in reserved:
                 sock.close()
-            reason = (exc.strerror or str(exc)).lower()
-            raise ListenError(f"cannot listen on {listen.host}:{port}: {reason}") from None
-        reserved += socks
+            raise ListenError(f"cannot listen on {listen.host}:{port}: {bind_error(exc, port)}") from None
         addresses += [(sock.family, sock.getsockname(), tls) for sock in socks]
     return reserved, addresses
 
@@ -295,15 +300,17 @@ async def run_supervised(settings: Settings, workers: int,
                     sock.close()
 
 
-def serve(settings: Settings, workers: int, run: Callable[[Callable[[], Any]], None]) -> None:
-    """`pop3proxy serve` with ``workers`` > 1; ``run`` runs a trio main function (the CLI's runner)."""
+def serve(settings: Settings, workers: int, run: Callable[[Callable[[], Any]], None],
+          on_ready: Callable[[Any], None] | None = None) -> None:
+    """`pop3proxy serve` with ``workers`` > 1; ``run`` runs a trio main function (the CLI's runner),
+    ``on_ready`` is called once every worker accepts connections."""
     metrics_dir = prepare_metrics()
     try:
         from pop3proxy.app import limit_malloc_arenas, raise_file_limit
 
         raise_file_limit()
         limit_malloc_arenas()
-        run(partial(run_supervised, settings, workers))
+        run(partial(run_supervised, settings, workers, on_ready))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

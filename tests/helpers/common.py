@@ -74,6 +74,7 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+START_BOUND = 120.0  # seconds a server may take to start before a test gives up on it
 _READY = re.compile(r"listening for (POP3S?) on \S+ port (\d+)")
 
 
@@ -89,8 +90,10 @@ class ServerProcess:
         self.log: list[str] = []
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 15.0, plain: bool = True, tls: bool = False) -> "ServerProcess":
-        """Start and wait for the "listening" lines of the listeners expected (plain, tls)."""
+    def start(self, timeout: float = START_BOUND, plain: bool = True, tls: bool = False) -> "ServerProcess":
+        """Start and wait for the "listening" lines of the listeners expected (plain, tls). They come
+        once every listener of the service (worker processes, SMTP, metrics, web) accepts connections;
+        ``timeout`` only bounds a start that never comes (a loaded machine may take many seconds)."""
         self.log.clear()
         self.port = self.tls_port = None
         self.proc = subprocess.Popen(

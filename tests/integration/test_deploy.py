@@ -131,7 +131,7 @@ def test_unit_file_is_hardened():
     for key, value in service:
         values.setdefault(key, []).append(value)
     one = {key: vals[-1] for key, vals in values.items()}
-    assert one["Type"] == "exec"
+    assert one["Type"] == "notify" and one["NotifyAccess"] == "main"  # ready once the workers accept
     assert one["User"] == "pop3proxy" and one["Group"] == "pop3proxy"
     assert one["ExecStart"] == "/usr/local/bin/pop3proxy serve --config /etc/pop3proxy/config.toml"
     assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
