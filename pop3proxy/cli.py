@@ -188,8 +188,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from pop3proxy.errors import StartupError
     from pop3proxy.net.endpoint import UpstreamError
     from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenUnavailable
-    from pop3proxy.store.locks import MailboxBusy
-    from pop3proxy.store.state import StateError
+    from pop3proxy.store.api import MailboxBusy, StateError
 
     try:
         backend = build_backend(settings)
@@ -278,10 +277,9 @@ def cmd_held(args: argparse.Namespace) -> int:
     _setup_logging("warning")
     import time
 
+    from pop3proxy.store.api import MailboxBusy, StateError
     from pop3proxy.store.held import HeldError, HeldOwner, held_owners
-    from pop3proxy.store.locks import MailboxBusy
     from pop3proxy.store.paths import user_dir
-    from pop3proxy.store.state import StateError
 
     root, backend = settings.cache.root, settings.cache.backend
     try:

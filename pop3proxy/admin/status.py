@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, load_tokens
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import REMOVED_DIRS, encode_user
+from pop3proxy.store.api import StateError
 from pop3proxy.store.state_read import account_name, read_state
 from pop3proxy.store.tokens_api import local_token_store
 from pop3proxy.submission.queue import OutQueue
@@ -72,7 +72,7 @@ def _account(directory: Path) -> AccountStatus:
             except ValueError:
                 status.last_sync = {"result": "unreadable"}
         status.held = counts.get("held", 0)
-    except sqlite3.Error as exc:
+    except StateError as exc:
         status.problem = f"state database unreadable: {exc}"
     try:
         if (directory / "Maildir").is_dir():

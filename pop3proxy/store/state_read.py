@@ -7,6 +7,7 @@ import urllib.parse
 from pathlib import Path
 
 from pop3proxy.store.paths import decode_user
+from pop3proxy.store.state import StateError
 
 
 def _connect_ro(path: Path) -> sqlite3.Connection:
@@ -19,17 +20,21 @@ def _connect_ro(path: Path) -> sqlite3.Connection:
 
 
 def read_state(path: Path) -> tuple[dict[str, str], dict[str, int], set[str]]:
-    """(meta, row counts by status, keys hidden from sessions) of a state database, read-only."""
-    db = _connect_ro(path)
+    """(meta, row counts by status, keys hidden from sessions) of a state database, read-only; `StateError`
+    when it cannot be read."""
     try:
-        meta = {name: value for name, value in db.execute("SELECT name, value FROM meta")}
-        counts = {status: n for status, n in db.execute("SELECT status, count(*) FROM messages GROUP BY status")}
-        hidden = {
-            key for (key,) in db.execute("SELECT key FROM messages WHERE status = 'deleted' AND key IS NOT NULL")
-        }
-        return meta, counts, hidden
-    finally:
-        db.close()
+        db = _connect_ro(path)
+        try:
+            meta = {name: value for name, value in db.execute("SELECT name, value FROM meta")}
+            counts = {status: n for status, n in db.execute("SELECT status, count(*) FROM messages GROUP BY status")}
+            hidden = {
+                key for (key,) in db.execute("SELECT key FROM messages WHERE status = 'deleted' AND key IS NOT NULL")
+            }
+            return meta, counts, hidden
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StateError(str(exc)) from exc
 
 
 def account_name(directory: Path) -> str:
@@ -43,6 +48,6 @@ def account_name(directory: Path) -> str:
             meta, _, _ = read_state(state)
             if meta.get("user"):
                 return meta["user"]
-        except sqlite3.Error:
+        except StateError:
             pass
     return directory.name
