@@ -12,8 +12,8 @@ import trio
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError, sole_exception
-from pop3proxy.net.gate import Gate
 from pop3proxy.net.backend_api import Backend
+from pop3proxy.store.api import Counters
 
 log = logging.getLogger("pop3proxy")
 
@@ -23,7 +23,7 @@ __all__ = ["serve_web"]
 async def serve_web(
     settings: Settings,
     backend: Backend,
-    gate: Gate,
+    gate: Counters,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:

@@ -11,8 +11,8 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from pop3proxy.config import Settings
-from pop3proxy.net.gate import Gate
 from pop3proxy.net.backend_api import Backend
+from pop3proxy.store.api import Counters
 from pop3proxy.web import routes_api as api
 from pop3proxy.web import routes_pages as pages
 from pop3proxy.web import routes_signin as signin
@@ -45,7 +45,7 @@ ROUTES = [
 ]
 
 
-def build_app(settings: Settings, backend: Backend, gate: Gate, *, secure: bool,
+def build_app(settings: Settings, backend: Backend, gate: Counters, *, secure: bool,
               sessions: Sessions | None = None) -> Starlette:
     web = settings.web
     app = Starlette(routes=ROUTES)

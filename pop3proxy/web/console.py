@@ -18,9 +18,9 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from pop3proxy.config import Settings
-from pop3proxy.net.gate import Gate
 from pop3proxy.net.backend_api import Backend
 from pop3proxy.ops.units import human_size, utc
+from pop3proxy.store.api import Counters
 from pop3proxy.web.sessions import Session, Sessions
 
 COOKIE = "pop3proxy_session"
@@ -55,7 +55,7 @@ class Console:
 
     settings: Settings
     backend: Backend
-    gate: Gate
+    gate: Counters
     sessions: Sessions
     templates: Jinja2Templates
     secure: bool  # cookies only over HTTPS

@@ -10,8 +10,8 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pop3proxy.store.held import HeldError
 from pop3proxy.store.api import MailboxBusy
+from pop3proxy.store.held import HeldError
 from pop3proxy.web import data
 from pop3proxy.web.console import Fields, Forbidden, console, guarded, run
 from pop3proxy.web.plots import charts
