@@ -131,7 +131,7 @@ async def test_auth_response_codes_are_passed_on(given, expected):
     assert caught.value.code == expected
 
 
-async def test_password_never_shows_in_errors():
+async def test_password_never_shows_in_errors(autojump_clock):
     password = "Sup3r-S3cret pass"
     errors: list[BaseException] = []
 
@@ -197,7 +197,7 @@ async def test_dropped_mid_retr_is_unavailable_and_unusable():
 
 
 @pytest.mark.parametrize("stall_on", [GREETING, "CAPA", "PASS", "RETR", "QUIT"])
-async def test_stalled_server_times_out(stall_on):
+async def test_stalled_server_times_out(stall_on, autojump_clock):
     async with faulty_server(stall_on=stall_on, messages={"a": message("a")}) as server:
         started = trio.current_time()
         with pytest.raises(UpstreamUnavailable) as caught:
@@ -210,7 +210,7 @@ async def test_stalled_server_times_out(stall_on):
     assert elapsed < 2.0
 
 
-async def test_cancelled_command_leaves_the_session_unusable():
+async def test_cancelled_command_leaves_the_session_unusable(autojump_clock):
     async with faulty_server(stall_on="RETR", messages={"a": message("a")}) as server:
         async with await connect(at_fake(server, timeout=5)) as client:
             await client.login("alice", "secret")
