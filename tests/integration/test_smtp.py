@@ -23,7 +23,6 @@ import trio
 from helpers.common import HOST, require_tool
 from helpers.smtp_fixtures import (  # noqa: F401  (fixtures)
     BOB,
-    FAST,
     PROVIDER_PASSWORD,
     PROVIDER_USER,
     SENDER,
@@ -55,6 +54,15 @@ def cached_messages(settings, user: str = PROVIDER_USER) -> list[bytes]:
             with mailbox.open(info.key) as f:
                 out.append(f.read())
         return out
+
+
+def delivered_from_queue(queue_id: str) -> re.Pattern[str]:
+    """The relay's log line that a queued entry was delivered: the attempt is over and the entry gone."""
+    return re.compile(rf"queued mail {re.escape(queue_id)} of .* delivered")
+
+
+def log_shows(caplog, pattern: re.Pattern[str]):
+    return lambda: pattern.search(caplog.text)
 
 
 # --- relaying ------------------------------------------------------------------------------------
@@ -280,8 +288,9 @@ async def test_unreachable_with_password_source_queues_then_delivers_once(tmp_pa
         assert provider.received() == []
         await trio.to_thread.run_sync(provider.start)
         await eventually_async(lambda: provider.received() and not queued(settings))  # delivered and dequeued
-        # Proving that no duplicate follows: bound of three of the tests' longest retry periods.
-        await trio.sleep(3 * FAST.longest)
+        # No duplicate can follow once the attempt that delivered is over: it removed the entry, and
+        # the queue holds nothing else to send. The relay logs that moment.
+        await eventually_async(log_shows(caplog, delivered_from_queue(queue_id)))
     assert [m.data for m in provider.received()] == [data]
     assert provider.received()[0].sender == SENDER and provider.received()[0].recipients == (BOB,)
     assert queued(settings) == []
@@ -326,7 +335,8 @@ async def test_give_up_bounces_into_the_senders_cached_mailbox(tmp_path, provide
     assert provider.received() == []
 
 
-async def test_half_written_queue_entry_is_never_sent(tmp_path, provider, server_cert):
+async def test_half_written_queue_entry_is_never_sent(tmp_path, provider, server_cert, caplog):
+    caplog.set_level(logging.INFO)
     settings = load_settings(relay_config(tmp_path, provider, server_cert, password_source=True))
     queue = OutQueue(queue_dir(settings))
     entry = queue.add(login=PROVIDER_USER, cache_id=PROVIDER_USER, sender=SENDER, recipients=[BOB],
@@ -339,8 +349,9 @@ async def test_half_written_queue_entry_is_never_sent(tmp_path, provider, server
     os.utime(crashed, (old, old))
     async with running_relay(settings):
         await eventually_async(lambda: provider.received() and not queue.entries())  # delivered and dequeued
-        # Proving that the half-written entry is never sent: bound of one of the tests' longest retry periods.
-        await trio.sleep(FAST.longest)
+        # The half-written entry was swept before the first pass, which is over once the complete
+        # entry's delivery is logged: nothing is left that could send it.
+        await eventually_async(log_shows(caplog, delivered_from_queue(entry.id)))
     assert [m.data for m in provider.received()] == [message("complete")]
     assert queue.entries() == [] and queue.get(entry.id) is None
     assert not crashed.exists()  # swept at start
@@ -446,7 +457,8 @@ def test_kill_9_after_queueing_then_restart_delivers_exactly_once(tmp_path, prov
     second = server_process(config).start()
     smtp_port(second)
     eventually(lambda: provider.received() and not queued(settings), timeout=20)  # delivered and dequeued
-    time.sleep(1.0)  # proving that no duplicate follows: bound 1 s (nothing is queued any more)
+    # No duplicate can follow once the attempt that delivered is over and logged (nothing is queued any more).
+    wait_for(second, delivered_from_queue(entry.id), timeout=20)
     second.stop()
     assert [m.data for m in provider.received()] == [data]
     assert queued(settings) == []
