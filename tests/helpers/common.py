@@ -88,7 +88,7 @@ class ServerProcess:
         self.log: list[str] = []
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 15.0, plain: bool = True, tls: bool = False) -> "ServerProcess":
+    def start(self, timeout: float = 60.0, plain: bool = True, tls: bool = False) -> "ServerProcess":
         """Start and wait for the "listening" lines of the listeners expected (plain, tls)."""
         self.log.clear()
         self.port = self.tls_port = None
