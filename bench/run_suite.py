@@ -22,7 +22,9 @@ from pathlib import Path
 from bench import bench_client as bc
 from bench import bench_mail as mail
 from bench import bench_report as report
+from bench import bench_harness as h
 from bench import bench_workloads as w
+from bench import bench_workloads_heavy as heavy
 from bench.bench_servers import (
     REPO,
     BenchDovecot,
@@ -42,9 +44,9 @@ WORKLOADS = {
     3: ("login latency", w.w3_login_latency),
     4: ("concurrent sessions", w.w4_concurrent),
     5: ("100k-message mailbox", None),  # needs its own setup, see run()
-    6: ("one huge message", w.w6_giant_message),
-    7: ("idle connections", w.w7_idle),
-    8: ("filters", w.w8_filters),
+    6: ("one huge message", heavy.w6_giant_message),
+    7: ("idle connections", heavy.w7_idle),
+    8: ("filters", heavy.w8_filters),
 }
 
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and SIGTERM both end the run through the clean-up below (also when started in the background).
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    scale = w.QUICK if args.quick else w.Scale()
+    scale = h.QUICK if args.quick else h.Scale()
     only = sorted({int(x) for x in args.only.split(",")}) if args.only else sorted(WORKLOADS)
     why = dovecot_available()
     if why is not None:
@@ -144,7 +146,7 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def run(scale: w.Scale, only: list[int], tmp: Path) -> tuple[list[report.Row], dict[str, str]]:
+def run(scale: h.Scale, only: list[int], tmp: Path) -> tuple[list[report.Row], dict[str, str]]:
     missing: dict[str, str] = {}
     users_needed = scale.swarm_users + 10
     say(f"bench: starting Dovecot ({users_needed} users) in {tmp}")
@@ -159,7 +161,7 @@ def run(scale: w.Scale, only: list[int], tmp: Path) -> tuple[list[report.Row], d
         dovecot.stop()
 
 
-def _run_with(dovecot: BenchDovecot, scale: w.Scale, only: list[int], tmp: Path,
+def _run_with(dovecot: BenchDovecot, scale: h.Scale, only: list[int], tmp: Path,
               missing: dict[str, str]) -> list[report.Row]:
     t0 = time.monotonic()
     users = {role: dovecot.take_user() for role in ("small", "big", "login", "giant", "huge", "filter")}
@@ -184,7 +186,7 @@ def _run_with(dovecot: BenchDovecot, scale: w.Scale, only: list[int], tmp: Path,
         proxy.start()
     except ServerUnavailable as exc:
         raise SystemExit(f"bench: {exc}")
-    bench = w.Bench(scale=scale, tmp=tmp, dovecot=dovecot, certs=certs, proxy=proxy, missing=missing,
+    bench = h.Bench(scale=scale, tmp=tmp, dovecot=dovecot, certs=certs, proxy=proxy, missing=missing,
                     users=users, swarm_users=swarm_users, say=say)
     try:
         bench.perdition = Perdition(tmp / "perdition", dovecot.port).start()
@@ -218,7 +220,7 @@ def _run_with(dovecot: BenchDovecot, scale: w.Scale, only: list[int], tmp: Path,
     return bench.rows
 
 
-def _huge_mailbox(bench: w.Bench, dovecot: BenchDovecot, tmp: Path) -> None:
+def _huge_mailbox(bench: h.Bench, dovecot: BenchDovecot, tmp: Path) -> None:
     from pop3proxy.proxy.credentials import set_password
 
     scale = bench.scale
@@ -242,6 +244,6 @@ def _huge_mailbox(bench: w.Bench, dovecot: BenchDovecot, tmp: Path) -> None:
         bench.add(row)
         return
     try:
-        w.w5_huge_mailbox(bench, standalone, "bulk", "bulk-password", user, first_login)
+        heavy.w5_huge_mailbox(bench, standalone, "bulk", "bulk-password", user, first_login)
     finally:
         standalone.stop()

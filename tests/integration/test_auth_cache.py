@@ -5,8 +5,9 @@ from __future__ import annotations
 import poplib
 
 import pytest
-from helpers.common import HOST, wait_for
+from helpers.common import HOST
 from helpers.proxy import cached, retr_all, sample
+from helpers.waiting import eventually, wait_for
 
 from pop3proxy.config import Settings
 from pop3proxy.proxy import auth_cache as auth_cache_module
@@ -26,7 +27,7 @@ def test_a_login_within_the_ttl_is_served_at_once_and_checked_behind(proxy, dove
     client = proxy.client(dovecot.user, dovecot.password)
     assert retr_all(client) == [sample(1)]  # served from the cache, before any provider answer
     client.quit()
-    wait_for(lambda: len(cached(proxy, dovecot.user)) == 2, timeout=10)  # fetched in the background
+    eventually(lambda: len(cached(proxy, dovecot.user)) == 2, timeout=10)  # fetched in the background
     client = proxy.client(dovecot.user, dovecot.password)
     assert retr_all(client) == [sample(1), sample(2)]
     client.quit()
@@ -44,7 +45,7 @@ def test_a_password_changed_at_the_provider_works_until_the_check_drops_it(proxy
     dovecot.add_user(dovecot.user, dovecot.password + "-new")  # changed upstream
     old = proxy.client(dovecot.user, dovecot.password)  # the documented trade-off: still served once
     old.quit()
-    wait_for(lambda: "no longer accepts the cached password" in proxy.output(), timeout=10)
+    wait_for(proxy, "no longer accepts the cached password", timeout=10)
     client = poplib.POP3(HOST, proxy.process.port, timeout=10)
     client.user(dovecot.user)
     with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
@@ -79,7 +80,7 @@ def test_an_entry_serves_logins_on_every_worker(proxy, dovecot):
         client = proxy.client(dovecot.user, dovecot.password)
         assert client.stat()[0] == i - 1, f"login {i} was not served from the auth cache"
         client.quit()
-        wait_for(lambda: len(cached(proxy, dovecot.user)) == i, timeout=10)  # fetched in the background
+        eventually(lambda: len(cached(proxy, dovecot.user)) == i, timeout=10)  # fetched in the background
 
 
 async def test_a_check_that_finds_the_mailbox_locked_elsewhere_is_skipped_not_fatal(dovecot, tmp_path, caplog):

@@ -14,10 +14,11 @@ import time
 
 import pytest
 import trio
-from helpers.common import HOST, require_tool, wait_for
+from helpers.common import HOST, require_tool
 from helpers.dovecot import running_dovecot
 from helpers.faulty_upstream import GREETING, faulty_server
 from helpers.proxy import Proxy, retr_all, sample
+from helpers.waiting import eventually
 
 pytestmark = pytest.mark.dovecot
 
@@ -144,7 +145,7 @@ def test_the_clients_address_reaches_the_provider(server_process, tmp_path, trus
             client.user(user)
             client.pass_(password)
             client.quit()
-        wait_for(lambda: trusting_dovecot.log_text()[before:].count(f"user=<{user}>") >= 2, timeout=5)
+        eventually(lambda: trusting_dovecot.log_text()[before:].count(f"user=<{user}>") >= 2, timeout=5)
         logins = [line for line in trusting_dovecot.log_text()[before:].splitlines() if f"user=<{user}>" in line]
         expected = "rip=127.0.0.2" if forward else "rip=127.0.0.1"
         assert len(logins) >= 2 and all(expected in line for line in logins), logins
@@ -162,7 +163,7 @@ def test_early_connections_are_capped(proxy, dovecot):
     assert second.pass_(dovecot.password).startswith(b"+OK")
     second.quit()
     first.quit()  # gives its early connection back
-    wait_for(lambda: b"<" in poplib.POP3(HOST, proxy.process.port, timeout=10).welcome, timeout=5)
+    eventually(lambda: b"<" in poplib.POP3(HOST, proxy.process.port, timeout=10).welcome, timeout=5)
 
 
 async def test_a_stalled_provider_delays_the_greeting_two_seconds_at_most(server_process, tmp_path, dovecot):

@@ -12,7 +12,6 @@ import ssl
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from helpers.dovecot import (
     _process_group_members,
     free_port,
 )
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.dovecot
 
@@ -47,17 +47,6 @@ def login(server, user: str, password: str) -> poplib.POP3:
     pop.user(user)
     pop.pass_(password)
     return pop
-
-
-def wait_for_log(server, pattern: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        text = server.log_text()
-        if re.search(pattern, text):
-            return text
-        if time.monotonic() > deadline:
-            pytest.fail(f"{pattern!r} not in the Dovecot log:\n{text}")
-        time.sleep(0.02)
 
 
 def test_greets_and_lists_delivered_mail_on_plain_port(dovecot):
@@ -156,7 +145,7 @@ def test_uidl_is_stable_between_sessions(dovecot):
 def test_wrong_password_is_refused(dovecot):
     with pytest.raises(poplib.error_proto):
         login(dovecot, dovecot.user, dovecot.password + "x")
-    wait_for_log(dovecot, re.escape(f"({dovecot.user},") + r".*[Pp]assword mismatch")
+    wait_for(dovecot, re.compile(re.escape(f"({dovecot.user},") + r".*[Pp]assword mismatch"))
     # the right password still works
     login(dovecot, dovecot.user, dovecot.password).quit()
 

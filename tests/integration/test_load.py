@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers.common import HOST, children_of, wait_for, write_config
+from helpers.common import HOST, children_of, write_config
+from helpers.waiting import eventually
 
 pytestmark = pytest.mark.dovecot
 
@@ -165,7 +166,7 @@ def test_concurrent_clients_through_the_proxy(dovecot, server_process, tmp_path,
         trio.run(run_round)
         # Every client has its QUIT reply; wait until the proxy has closed those sessions too (their
         # mailbox locks and state files), so that the sample compares quiet states.
-        wait_for(lambda: not cache_files_open(pid, tmp_path / "cache"), timeout=30)
+        eventually(lambda: not cache_files_open(pid, tmp_path / "cache"), timeout=30)
         samples.append(proc_status(pid))
         took = time.monotonic() - started
         totals.sessions += stats.sessions

@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 import trio
-from helpers.common import HOST, wait_for, write_config
+from helpers.common import HOST, write_config
+from helpers.waiting import eventually, wait_for
 
 from pop3proxy.admin import metrics_http
 from pop3proxy.config import load_settings, queue_dir
@@ -130,7 +131,7 @@ def test_serve_process_counts_sessions_and_logins(tmp_path, server_process):
     set_password(users, "alice", "pw-for-metrics")
     path = config(tmp_path, local={"users_file": str(users)})
     server = server_process(path).start()
-    port = int(wait_for(lambda: _METRICS_READY.search(server.output()), timeout=15).group(1))
+    port = int(wait_for(server, _METRICS_READY, timeout=15).group(1))
     client = poplib.POP3(HOST, server.port, timeout=30)
     client.user("alice")
     client.pass_("pw-for-metrics")
@@ -145,7 +146,7 @@ def test_serve_process_counts_sessions_and_logins(tmp_path, server_process):
         text = scrape(port)[2]
         return text if sample(text, "pop3proxy_sessions_active") == 0 else None
 
-    text = wait_for(settled, timeout=10)
+    text = eventually(settled, timeout=10)
     assert sample(text, "pop3proxy_sessions_total") == 2
     assert sample(text, "pop3proxy_logins_total", result="ok") == 1
     assert sample(text, "pop3proxy_logins_total", result="failed") == 1

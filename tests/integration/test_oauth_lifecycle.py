@@ -17,8 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers.common import HOST, wait_for
+from helpers.common import HOST
 from helpers.proxy import Proxy, retr_all, sample
+from helpers.waiting import eventually, wait_for
 
 from pop3proxy.store.paths import user_dir
 
@@ -78,15 +79,15 @@ def test_token_expiring_during_a_session_is_renewed_for_the_mirror_deletion(serv
     assert len(retr_all(client)) == 1
     client.dele(1)
     # The access token of the login expires while the session is open (a few seconds).
-    wait_for(lambda: time.time() > used["expires_at"] + 1, timeout=30)
+    eventually(lambda: time.time() > used["expires_at"] + 1, timeout=30)
     client.quit()
     # The deletion reached Dovecot with a renewed token.
-    wait_for(lambda: short_oidc.dovecot.messages(account) == [], timeout=20)
+    eventually(lambda: short_oidc.dovecot.messages(account) == [], timeout=20)
     assert tokens(proxy, account)["access_token"] != used["access_token"]
     assert tokens(proxy, account)["state"] == "ok"
     # Renewed in the background too: the token file changes again without any login.
     current = tokens(proxy, account)["access_token"]
-    wait_for(lambda: tokens(proxy, account)["access_token"] != current, timeout=30)
+    eventually(lambda: tokens(proxy, account)["access_token"] != current, timeout=30)
     for secret in (used["access_token"], used["refresh_token"], current):
         assert secret not in proxy.output()
     proxy.stop()
@@ -107,7 +108,7 @@ def test_authorization_server_down_keeps_the_token_and_serves_the_cache(server_p
         client, reply = login(proxy, account)
         assert b"offline" not in reply and len(retr_all(client)) == 1
         client.quit()
-    wait_for(lambda: time.time() > before["expires_at"] + 1, timeout=30)
+    eventually(lambda: time.time() > before["expires_at"] + 1, timeout=30)
     client, reply = login(proxy, account)  # no valid token: the cache is served, nothing is lost
     assert b"offline" in reply
     assert len(retr_all(client)) == 1
@@ -116,7 +117,7 @@ def test_authorization_server_down_keeps_the_token_and_serves_the_cache(server_p
     after = tokens(proxy, account)
     assert after["state"] == "ok" and after["refresh_token"] == before["refresh_token"]
     assert after["error"]  # the failure is recorded for `oauth status`
-    wait_for(lambda: "retrying in" in proxy.output(), timeout=20)
+    wait_for(proxy, "retrying in", timeout=20)
     status = cli("oauth", "status", "-c", str(proxy.config()))
     assert f"{account}: expired" in status.stdout
     proxy.stop()
@@ -127,10 +128,10 @@ def test_revoked_grant_marks_the_account_needs_authorisation(server_process, tmp
     proxy = make_proxy(server_process, tmp_path, short_oidc, account, metrics={"host": HOST, "port": 0})
     short_oidc.dovecot.deliver(account, sample(3))
     proxy.start()
-    metrics_port = int(wait_for(lambda: _METRICS_READY.search(proxy.output())).group(1))
+    metrics_port = int(wait_for(proxy, _METRICS_READY).group(1))
     short_oidc.revoke(tokens(proxy, account)["refresh_token"])
     # The next renewal gets invalid_grant: the account is marked, the token file is kept.
-    wait_for(lambda: tokens(proxy, account)["state"] == "needs_authorisation", timeout=30)
+    eventually(lambda: tokens(proxy, account)["state"] == "needs_authorisation", timeout=30)
     # The right local password with a token that needs authorisation is no failed guess: however often
     # the client retries (past throttle.max_failures), it keeps being told why, never LOGIN-DELAY.
     for _ in range(7):

@@ -17,8 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers.common import HOST, require_tool, wait_for, write_config
+from helpers.common import HOST, require_tool, write_config
 from helpers.proxy import Proxy, cached, retr_all, sample
+from helpers.waiting import eventually
 
 from pop3proxy.store.paths import user_dir
 
@@ -266,7 +267,7 @@ def test_service_prefetches_an_oauth2_account_without_any_login(oauth_proxy, oau
     account = oauth_proxy.account
     oauth_dovecot.deliver(account, sample(12))
     oauth_proxy.start()  # the prefetch loop's first pass runs at start
-    wait_for(lambda: any(b"Subject: message 12" in m for m in cached(oauth_proxy, account)), timeout=20)
+    eventually(lambda: any(b"Subject: message 12" in m for m in cached(oauth_proxy, account)), timeout=20)
 
 
 def test_legacy_fetchmail_moves_the_mail_home_and_the_provider_deletes_it(oauth_proxy, oauth_dovecot, tmp_path):
@@ -291,4 +292,4 @@ def test_legacy_fetchmail_moves_the_mail_home_and_the_provider_deletes_it(oauth_
     assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")
     fetched = [path.read_bytes() for path in sorted(outdir.iterdir())]
     assert len(fetched) == 2 and all(b"X-Filtered-By: pop3proxy" in m for m in fetched)
-    wait_for(lambda: oauth_dovecot.messages(account) == [], timeout=20)
+    eventually(lambda: oauth_dovecot.messages(account) == [], timeout=20)

@@ -13,7 +13,8 @@ import socket
 import time
 
 import pytest
-from helpers.common import HOST, memory_kib, wait_for, write_config
+from helpers.common import HOST, memory_kib, write_config
+from helpers.waiting import eventually
 
 from pop3proxy.proxy.credentials import set_password
 from pop3proxy.store import open_store
@@ -78,7 +79,7 @@ def test_pipelined_commands_keep_memory_bounded(tmp_path, server_process, attack
         except BlockingIOError:
             break  # the server stopped reading: back-pressure reached the client
     # Wait for the first reply octets: the server is sending, so whatever it queued before is queued.
-    wait_for(lambda: _readable(sock), timeout=20)
+    eventually(lambda: _readable(sock), timeout=20)
     peak = max(memory_kib(pid) for _ in range(20))
     took = timed_login(server.port, "alice")
     peak = max(peak, memory_kib(pid))

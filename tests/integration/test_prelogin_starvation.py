@@ -13,6 +13,7 @@ import time
 
 import trio
 from helpers.common import HOST, memory_kib, write_config
+from helpers.waiting import eventually
 
 from pop3proxy.net.pop3_server import EVICT_AFTER
 from pop3proxy.proxy.credentials import set_password
@@ -45,6 +46,15 @@ def timed_login(port: int) -> float:
     return time.monotonic() - started
 
 
+def login_when_admitted(port: int) -> float | None:
+    """`timed_login` once the server has room; None while it refuses the session ("too many sessions")."""
+    try:
+        return timed_login(port)
+    except poplib.error_proto as exc:
+        assert b"too many sessions" in exc.args[0], exc
+        return None
+
+
 def test_idle_greeted_connections_leave_room_for_a_real_login(tmp_path, server_process):
     # Default pre-login cap (200); the session cap lowered from 1000 so that the test needs fewer sockets.
     server = start(tmp_path, server_process, max_sessions=300)
@@ -55,11 +65,11 @@ def test_idle_greeted_connections_leave_room_for_a_real_login(tmp_path, server_p
             assert sock.recv(100).startswith(b"+OK")
             idle.append(sock)
         # Connections that have waited EVICT_AFTER seconds may be closed for room; a burst of real
-        # clients (younger than that) never is. The attack's connections must be that old: the
-        # passing of time is the condition here, not a synchronisation.
-        time.sleep(EVICT_AFTER + 0.2)
+        # clients (younger than that) never is: until the attack's connections are that old, a login
+        # is refused ("too many sessions"). The server admitting one is the event waited for.
         peak = memory_kib(server.proc.pid)
-        took = timed_login(server.port)
+        took = eventually(lambda: login_when_admitted(server.port), timeout=EVICT_AFTER + 30, interval=0.1,
+                          message="a real login admitted (an idle connection older than EVICT_AFTER evicted)")
         peak = max(peak, memory_kib(server.proc.pid))
         # The oldest idle connections were closed with a reason, to make room.
         closed = 0

@@ -10,9 +10,9 @@ from helpers.common import (
     HOST,
     drop_connection,
     require_tool,
-    wait_for,
 )
 from helpers.proxy import cached, closed_port, retr_all, sample
+from helpers.waiting import eventually, wait_for
 
 from pop3proxy.store.paths import user_dir
 from pop3proxy.store.state import UserState
@@ -104,7 +104,7 @@ def test_mirror_without_quit_deletes_nothing(proxy, dovecot):
     client.dele(1)
     drop_connection(client)
     # The proxy has finished with the dropped session (and would have deleted upstream by now).
-    wait_for(lambda: "session end user=" in proxy.output(), timeout=15)
+    wait_for(proxy, "session end user=", timeout=15)
     assert dovecot.messages(dovecot.user) == messages
     client = proxy.client(dovecot.user, dovecot.password)
     assert client.stat()[0] == 3
@@ -324,8 +324,8 @@ def test_login_budget_leaves_rest_for_next_login(proxy, dovecot):
     first = client.stat()[0]
     client.quit()
     assert first < total
-    wait_for(lambda: len(cached(proxy, dovecot.user)) == total, timeout=60)
-    wait_for(lambda: "synced" in proxy.output(), timeout=30)
+    eventually(lambda: len(cached(proxy, dovecot.user)) == total, timeout=60)
+    wait_for(proxy, "synced", timeout=30)
     client = proxy.client(dovecot.user, dovecot.password)
     assert client.stat()[0] == total
     client.quit()
@@ -377,7 +377,7 @@ def test_fresh_prefetch_serves_login_without_asking_the_provider(proxy, dovecot,
         listen={"host": HOST, "port": 0, "workers": workers},
         **{f'accounts."{dovecot.user}"': {"password_file": str(secret)}},
     )
-    wait_for(lambda: "prefetch of" in proxy.output() and "complete" in proxy.output(), timeout=20)
+    eventually(lambda: "prefetch of" in proxy.output() and "complete" in proxy.output(), timeout=20)
     assert len(cached(proxy, dovecot.user)) == 3
 
     def provider_logins() -> int:

@@ -9,8 +9,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers.common import HOST, wait_for
+from helpers.common import HOST
 from helpers.proxy import Proxy, cached, retr_all, sample
+from helpers.waiting import eventually
 
 from pop3proxy.store import open_store
 from pop3proxy.store.paths import user_dir
@@ -154,7 +155,7 @@ def test_kill_while_a_big_message_is_appended_to_the_mbox(server_process, tmp_pa
     thread = threading.Thread(target=login, daemon=True)
     thread.start()
     try:
-        seen = wait_for(lambda: mbox.exists() and mbox.stat().st_size > len(small) + 1_000_000 and mbox.stat().st_size,
+        seen = eventually(lambda: mbox.exists() and mbox.stat().st_size > len(small) + 1_000_000 and mbox.stat().st_size,
                         timeout=120, interval=0)
         proxy.kill()
     finally:

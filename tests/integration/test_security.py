@@ -9,7 +9,8 @@ import ssl
 import pytest
 import trio
 import trustme
-from helpers.common import HOST, wait_for, write_config
+from helpers.common import HOST, write_config
+from helpers.waiting import eventually_async, wait_for
 
 from pop3proxy.app import run_service
 from pop3proxy.config import Settings
@@ -75,15 +76,17 @@ class Client:
 
 async def connect_when_admitted(port: int, timeout: float = 10) -> Client:
     """A session once the server admits one: a refusal ("too many sessions") is retried until *timeout*."""
-    with trio.fail_after(timeout):
-        while True:
-            client = Client(await trio.open_tcp_stream(HOST, port))
-            greeting = await client.line()
-            if greeting.startswith(b"+OK"):
-                return client
-            assert b"too many sessions" in greeting, greeting
-            await client.aclose()
-            await trio.sleep(0.02)  # poll interval of the condition above
+
+    async def admitted() -> Client | None:
+        client = Client(await trio.open_tcp_stream(HOST, port))
+        greeting = await client.line()
+        if greeting.startswith(b"+OK"):
+            return client
+        assert b"too many sessions" in greeting, greeting
+        await client.aclose()
+        return None
+
+    return await eventually_async(admitted, timeout=timeout, interval=0.02, message="a session admitted")
 
 
 @pytest.fixture
@@ -268,15 +271,16 @@ async def test_slow_reader_does_not_block_others(nursery, mail_root):
     await quick.aclose()
     # The stuck session is dropped after the idle timeout (1 s), releasing alice's mailbox: a login,
     # refused while the mailbox is in use, succeeds within a bound of 10 s.
-    with trio.fail_after(10):
-        while True:
-            again = await Client.connect(ports.plain)
-            reply = await again.login()
-            if reply.startswith(b"+OK"):
-                break
-            assert b"IN-USE" in reply, reply
-            await again.aclose()
-            await trio.sleep(0.05)  # poll interval of the condition above
+    async def logged_in() -> Client | None:
+        again = await Client.connect(ports.plain)
+        reply = await again.login()
+        if reply.startswith(b"+OK"):
+            return again
+        assert b"IN-USE" in reply, reply
+        await again.aclose()
+        return None
+
+    again = await eventually_async(logged_in, timeout=10, message="alice's login once the stuck session is dropped")
     await again.aclose()
     await slow.aclose()
 
@@ -415,7 +419,7 @@ def test_sighup_reloads_certificate_without_dropping_sessions(tmp_path, mail_roo
     old.pass_(PASSWORD)
     issue("second")
     server.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "certificate reloaded" in server.output(), timeout=10)
+    wait_for(server, "certificate reloaded", timeout=10)
     new = poplib.POP3_SSL(HOST, server.tls_port, context=ctx, timeout=10)
     assert unit_of_peer_cert(new) == "second"
     new.quit()

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers.common import HOST, require_tool, wait_for
+from helpers.common import HOST, require_tool
 from helpers.smtp_fixtures import (  # noqa: F401  (fixtures)
     BOB,
-    FAST,
     PROVIDER_PASSWORD,
     PROVIDER_USER,
     SENDER,
@@ -35,6 +34,7 @@ from helpers.smtp_fixtures import (  # noqa: F401  (fixtures)
     running_relay,
     submit,
 )
+from helpers.waiting import eventually, eventually_async, wait_for
 
 from pop3proxy.config import load_settings, queue_dir
 from pop3proxy.store import open_store
@@ -56,13 +56,13 @@ def cached_messages(settings, user: str = PROVIDER_USER) -> list[bytes]:
         return out
 
 
-async def eventually(predicate, timeout: float = 10.0):
-    with trio.fail_after(timeout):
-        while True:
-            value = predicate()
-            if value:
-                return value
-            await trio.sleep(0.05)
+def delivered_from_queue(queue_id: str) -> re.Pattern[str]:
+    """The relay's log line that a queued entry was delivered: the attempt is over and the entry gone."""
+    return re.compile(rf"queued mail {re.escape(queue_id)} of .* delivered")
+
+
+def log_shows(caplog, pattern: re.Pattern[str]):
+    return lambda: pattern.search(caplog.text)
 
 
 # --- relaying ------------------------------------------------------------------------------------
@@ -284,12 +284,13 @@ async def test_unreachable_with_password_source_queues_then_delivers_once(tmp_pa
         [entry] = queued(settings)
         assert entry.id == queue_id and entry.recipients == [BOB] and entry.sender == SENDER
         assert OutQueue(queue_dir(settings)).read_message(queue_id) == data
-        await eventually(lambda: queued(settings) and queued(settings)[0].attempts >= 1)
+        await eventually_async(lambda: queued(settings) and queued(settings)[0].attempts >= 1)
         assert provider.received() == []
         await trio.to_thread.run_sync(provider.start)
-        await eventually(lambda: provider.received() and not queued(settings))  # delivered and dequeued
-        # Proving that no duplicate follows: bound of three of the tests' longest retry periods.
-        await trio.sleep(3 * FAST.longest)
+        await eventually_async(lambda: provider.received() and not queued(settings))  # delivered and dequeued
+        # No duplicate can follow once the attempt that delivered is over: it removed the entry, and
+        # the queue holds nothing else to send. The relay logs that moment.
+        await eventually_async(log_shows(caplog, delivered_from_queue(queue_id)))
     assert [m.data for m in provider.received()] == [data]
     assert provider.received()[0].sender == SENDER and provider.received()[0].recipients == (BOB,)
     assert queued(settings) == []
@@ -306,7 +307,7 @@ async def test_provider_certificate_is_verified(tmp_path, provider, server_cert)
     )
     async with running_relay(settings) as port:
         auth, reply = await trio.to_thread.run_sync(partial(submit, port, server_cert[2], message("unverified")))
-        await eventually(lambda: queued(settings) and queued(settings)[0].attempts >= 1)
+        await eventually_async(lambda: queued(settings) and queued(settings)[0].attempts >= 1)
     assert auth[0] == 235 and reply[0] == 250 and b"Queued as" in reply[1]
     assert "certificate verification failed" in queued(settings)[0].last_error
     assert provider.received() == [] and provider.auth_attempts == []  # the password never left
@@ -322,7 +323,7 @@ async def test_give_up_bounces_into_the_senders_cached_mailbox(tmp_path, provide
         _, reply = await trio.to_thread.run_sync(partial(submit, port, server_cert[2], data))
         assert reply[0] == 250 and b"Queued as" in reply[1]
         # the bounce is stored first, then the entry removed: never a moment without either
-        await eventually(lambda: cached_messages(settings) and not queued(settings), timeout=15)
+        await eventually_async(lambda: cached_messages(settings) and not queued(settings), timeout=15)
     [report] = cached_messages(settings)
     assert b"Subject: Undelivered Mail Returned to Sender\r\n" in report
     assert b"To: <alice@example.com>\r\n" in report
@@ -334,7 +335,8 @@ async def test_give_up_bounces_into_the_senders_cached_mailbox(tmp_path, provide
     assert provider.received() == []
 
 
-async def test_half_written_queue_entry_is_never_sent(tmp_path, provider, server_cert):
+async def test_half_written_queue_entry_is_never_sent(tmp_path, provider, server_cert, caplog):
+    caplog.set_level(logging.INFO)
     settings = load_settings(relay_config(tmp_path, provider, server_cert, password_source=True))
     queue = OutQueue(queue_dir(settings))
     entry = queue.add(login=PROVIDER_USER, cache_id=PROVIDER_USER, sender=SENDER, recipients=[BOB],
@@ -346,9 +348,10 @@ async def test_half_written_queue_entry_is_never_sent(tmp_path, provider, server
     old = time.time() - 2 * 86400
     os.utime(crashed, (old, old))
     async with running_relay(settings):
-        await eventually(lambda: provider.received() and not queue.entries())  # delivered and dequeued
-        # Proving that the half-written entry is never sent: bound of one of the tests' longest retry periods.
-        await trio.sleep(FAST.longest)
+        await eventually_async(lambda: provider.received() and not queue.entries())  # delivered and dequeued
+        # The half-written entry was swept before the first pass, which is over once the complete
+        # entry's delivery is logged: nothing is left that could send it.
+        await eventually_async(log_shows(caplog, delivered_from_queue(entry.id)))
     assert [m.data for m in provider.received()] == [message("complete")]
     assert queue.entries() == [] and queue.get(entry.id) is None
     assert not crashed.exists()  # swept at start
@@ -399,9 +402,9 @@ async def test_deferred_recipients_are_queued_when_a_password_source_exists(tmp_
             partial(submit, port, server_cert[2], data, recipients=[BOB, "busy@example.net"])
         )
         assert reply[0] == 250 and b"1 queued for another try" in reply[1] and b"report" not in reply[1]
-        await eventually(lambda: queued(settings) and queued(settings)[0].attempts >= 1)
+        await eventually_async(lambda: queued(settings) and queued(settings)[0].attempts >= 1)
         provider.defer.clear()
-        await eventually(lambda: len(provider.received()) == 2 and not queued(settings))
+        await eventually_async(lambda: len(provider.received()) == 2 and not queued(settings))
     assert [(m.recipients, m.data) for m in provider.received()] == [((BOB,), data), (("busy@example.net",), data)]
     assert cached_messages(settings) == []  # nothing to report: everybody got it
 
@@ -441,7 +444,7 @@ def test_kill_9_after_queueing_then_restart_delivers_exactly_once(tmp_path, prov
     data = message("survives kill -9")
 
     def smtp_port(process) -> int:
-        return int(wait_for(lambda: _SMTP_READY.search(process.output()), timeout=15).group(1))
+        return int(wait_for(process, _SMTP_READY, timeout=15).group(1))
 
     first = server_process(config).start()
     auth, reply = submit(smtp_port(first), server_cert[2], data)
@@ -453,8 +456,9 @@ def test_kill_9_after_queueing_then_restart_delivers_exactly_once(tmp_path, prov
     provider.start()
     second = server_process(config).start()
     smtp_port(second)
-    wait_for(lambda: provider.received() and not queued(settings), timeout=20)  # delivered and dequeued
-    time.sleep(1.0)  # proving that no duplicate follows: bound 1 s (nothing is queued any more)
+    eventually(lambda: provider.received() and not queued(settings), timeout=20)  # delivered and dequeued
+    # No duplicate can follow once the attempt that delivered is over and logged (nothing is queued any more).
+    wait_for(second, delivered_from_queue(entry.id), timeout=20)
     second.stop()
     assert [m.data for m in provider.received()] == [data]
     assert queued(settings) == []

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import pytest
 from helpers.daemons import GTUBE, Rspamd, Spamd, rspamd, spamd  # noqa: F401  (fixtures)
+from helpers.waiting import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -99,16 +100,6 @@ def closed_port() -> str:
     return f"127.0.0.1:{port}"
 
 
-def wait_for_log(daemon, text: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = daemon.log_text()
-        if text in log:
-            return log
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not in the {daemon.name} log:\n{daemon.log_text()[-3000:]}")
-
-
 # -- spamd --------------------------------------------------------------------------------------
 
 
@@ -159,7 +150,7 @@ def test_spamd_our_thresholds_decide_per_user(spamd: Spamd) -> None:
 def test_spamd_is_told_the_user(spamd: Spamd) -> None:
     user = f"carol{secrets.token_hex(3)}"
     make(backend="spamd", address=spamd.address)(HAM, context(user))
-    log = wait_for_log(spamd, f"user={user},")
+    log = wait_for(spamd, f"user={user},").string
     assert re.search(rf"checking message .* for {user}:", log)
 
 
@@ -329,7 +320,7 @@ def test_rspamd_actions_and_thresholds(rspamd: Rspamd) -> None:
 def test_rspamd_is_told_the_user_and_uid(rspamd: Rspamd) -> None:
     user, uid = f"dave{secrets.token_hex(3)}", f"uid{secrets.token_hex(4)}"
     make(backend="rspamd", address=rspamd.url)(HAM, context(user, uid))
-    log = wait_for_log(rspamd, f"user: {user},")
+    log = wait_for(rspamd, f"user: {user},").string
     line = next(line for line in log.splitlines() if f"user: {user}," in line)
     assert f"qid: <{uid}>," in line
 

@@ -16,8 +16,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers.common import require_tool, wait_for
+from helpers.common import require_tool
 from helpers.daemons import Rspamd, Spamd, rspamd, spamd, spamd_without_tell  # noqa: F401  (fixtures)
+from helpers.waiting import eventually
 from starlette.testclient import TestClient
 
 from pop3proxy.config import Settings, masked
@@ -185,8 +186,8 @@ def test_rspamd_learns_spam_through_the_controller(rspamd: Rspamd) -> None:
     # to 60 s, and right after it starts, which a reload (SIGHUP: new workers) makes happen now.
     assert rspamd.process is not None
     os.kill(rspamd.process.pid, signal.SIGHUP)
-    assert wait_for(lambda: trained_or_none(flt) == (before["spam"] + 1, before["ham"]), timeout=STAT_REFRESH)
-    wait_for(rspamd.ready)  # its normal worker is back too, for the tests after this one
+    assert eventually(lambda: trained_or_none(flt) == (before["spam"] + 1, before["ham"]), timeout=STAT_REFRESH)
+    eventually(rspamd.ready)  # its normal worker is back too, for the tests after this one
 
 
 def test_rspamd_controller_password_is_required(rspamd: Rspamd, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.common import HOST, wait_for, write_config
+from helpers.common import HOST, write_config
+from helpers.waiting import eventually
 
 from pop3proxy.store import open_store
 from pop3proxy.store.paths import user_dir
@@ -133,9 +134,9 @@ def test_serve_prefetches_in_the_background(setup, dovecot, server_process):
         dovecot.deliver(dovecot.user, m)
     proxy = server_process(config(interval=1)).start()
     # No client logs in: the prefetch loop fills the cache by itself, and keeps doing so.
-    wait_for(lambda: user_dir(root, ACCOUNT).exists() and cached(root, ACCOUNT) == messages, timeout=10)
+    eventually(lambda: user_dir(root, ACCOUNT).exists() and cached(root, ACCOUNT) == messages, timeout=10)
     dovecot.deliver(dovecot.user, sample(2))
-    wait_for(lambda: cached(root, ACCOUNT) == messages + [sample(2)], timeout=10)
+    eventually(lambda: cached(root, ACCOUNT) == messages + [sample(2)], timeout=10)
     assert dovecot.messages(dovecot.user) == messages + [sample(2)]  # mirror: nothing deleted
     proxy.stop()
     assert dovecot.password not in proxy.output()

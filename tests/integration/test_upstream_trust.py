@@ -16,11 +16,13 @@ connection (each try counts as a failed login at the provider: a lock-out for th
 from __future__ import annotations
 
 import poplib
+import re
 import socket
 
 import pytest
 import trio
-from helpers.common import HOST, wait_for, write_config
+from helpers.common import HOST, write_config
+from helpers.waiting import wait_for_async
 from helpers.faulty_upstream import GREETING, faulty_server
 
 PASSWORD = "trust-me-not-9"
@@ -89,10 +91,6 @@ async def provider(server_process, tmp_path):
             await proxy.stop()
 
 
-def errors_logged(proxy: Proxy) -> list[str]:
-    return [line for line in proxy.process.log if " ERROR " in line or line.startswith("ERROR")]
-
-
 @pytest.mark.parametrize("fault", ["refused", "timed out", "closed at once"])
 async def test_an_unreachable_provider_serves_the_cache(provider, fault):
     server, proxy = provider
@@ -122,8 +120,7 @@ async def test_a_tls_failure_is_never_offline(provider, fault):
     reply = await proxy.login()
     assert reply.startswith("-ERR [SYS/TEMP]") and "offline" not in reply, (fault, reply)
     # The ERROR line is written before the reply; its reader thread may see it a moment later.
-    await trio.to_thread.run_sync(lambda: wait_for(
-        lambda: any("cannot be trusted" in line for line in errors_logged(proxy)), timeout=30))
+    await wait_for_async(proxy.process, re.compile(r"ERROR .*cannot be trusted"))
 
 
 async def test_an_unanswered_password_on_the_early_connection_is_not_sent_again(provider):

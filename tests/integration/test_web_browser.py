@@ -8,9 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers.common import require_tool, wait_for
+from helpers.common import require_tool
 from helpers.daemons import GTUBE
 from helpers.proxy import Proxy, retr_all, sample
+from helpers.waiting import eventually
 
 pytestmark = pytest.mark.dovecot
 
@@ -42,7 +43,7 @@ def console(server_process, tmp_path, dovecot):
         filters=[{"use": "spam", "backend": "builtin", "database": str(tmp_path / "bayes.sqlite"),
                   "action": "quarantine"}],
     )
-    line = wait_for(lambda: next((l for l in made.process.log if "listening for the web console" in l), None))
+    line = eventually(lambda: next((l for l in made.process.log if "listening for the web console" in l), None))
     assert line, made.output()
     port = int(re.search(r"port (\d+)", line).group(1))
     made.web_url = f"http://127.0.0.1:{port}"
@@ -161,7 +162,7 @@ def test_failed_console_sign_ins_count_for_pop3_too(server_process, tmp_path, do
     made = Proxy(server_process, tmp_path, dovecot)
     made.start(web={"host": "127.0.0.1", "port": 0}, throttle={"max_failures": 3, "base_delay": 0, "max_delay": 0})
     try:
-        line = wait_for(lambda: next((l for l in made.process.log if "listening for the web console" in l), None))
+        line = eventually(lambda: next((l for l in made.process.log if "listening for the web console" in l), None))
         port = int(re.search(r"port (\d+)", line).group(1))
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url) as web:
@@ -186,7 +187,7 @@ def test_console_speaks_https_with_the_listen_certificate(server_process, tmp_pa
     made.start(listen={"host": "127.0.0.1", "port": 0, "certfile": str(certfile), "keyfile": str(keyfile)},
                web={"host": "127.0.0.1", "port": 0})
     try:
-        line = wait_for(lambda: next((l for l in made.process.log if "listening for the web console" in l), None))
+        line = eventually(lambda: next((l for l in made.process.log if "listening for the web console" in l), None))
         port = int(re.search(r"port (\d+)", line).group(1))
         context = ssl.create_default_context(cafile=str(ca_file))
         with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=context) as web:

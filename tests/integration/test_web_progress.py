@@ -13,6 +13,7 @@ import httpx
 import trio
 from helpers.common import HOST
 from helpers.proxy import sample
+from helpers.waiting import eventually_async
 from plugins import pipeline_filters
 
 from pop3proxy.app import run_service
@@ -64,9 +65,11 @@ async def test_a_running_sync_shows_its_progress(tmp_path, dovecot):
                 assert "syncing now: 0 of 3 new messages stored" in page
                 assert 'http-equiv="refresh"' in page  # the page follows the sync by itself
                 pipeline_filters.gate.set()
-                with trio.fail_after(30):  # bound: three small messages once the gate is open
-                    while await trio.to_thread.run_sync(syncing_of, web, dovecot.user) is not None:
-                        await trio.sleep(0.05)  # polling the console's own answer: the event we wait for
+                # bound: three small messages once the gate is open; the console's own answer is the event
+                async def sync_done() -> bool:
+                    return await trio.to_thread.run_sync(syncing_of, web, dovecot.user) is None
+
+                await eventually_async(sync_done, timeout=30, message="the console to show no sync running")
                 page = (await trio.to_thread.run_sync(web.get, "/")).text
                 assert "syncing now" not in page and 'http-equiv="refresh"' not in page
                 assert "3 messages" in page

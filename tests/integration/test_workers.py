@@ -14,8 +14,9 @@ import socket
 import urllib.request
 
 import pytest
-from helpers.common import HOST, children_of, wait_for, write_config
+from helpers.common import HOST, children_of, write_config
 from helpers.proxy import sample
+from helpers.waiting import eventually
 
 from pop3proxy.proxy.credentials import set_password
 from pop3proxy.store import open_store
@@ -97,7 +98,7 @@ def test_session_limits_hold_across_workers(tmp_path, server_process):
                           listen={"max_sessions_per_address": 4})
     for _ in range(20):  # four logged-in sessions (never closed to make room), on both workers
         # (a slot given back by the previous try may still be on its way to the supervisor: retried)
-        open_ = [wait_for(lambda i=i: _logged_in(server.port, f"u{i}")) for i in range(4)]
+        open_ = [eventually(lambda i=i: _logged_in(server.port, f"u{i}")) for i in range(4)]
         if len({serving_worker(server, c) for c in open_}) == 2:
             break
         for client in open_:
@@ -107,7 +108,7 @@ def test_session_limits_hold_across_workers(tmp_path, server_process):
     with socket.create_connection((HOST, server.port), timeout=10) as extra:
         assert b"too many sessions from your address" in extra.recv(200)
     open_.pop().quit()
-    wait_for(lambda: _greeted(server.port))  # the slot given back on one worker is free on all
+    eventually(lambda: _greeted(server.port))  # the slot given back on one worker is free on all
     for client in open_:
         client.quit()
 
@@ -197,7 +198,7 @@ def test_a_killed_worker_is_replaced_and_the_others_sessions_go_on(tmp_path, ser
             client.stat()
         client.close()
     # A new worker takes the dead one's place, and the service serves as before.
-    wait_for(lambda: len(children_of(server.proc.pid)) == 2 and victim not in children_of(server.proc.pid),
+    eventually(lambda: len(children_of(server.proc.pid)) == 2 and victim not in children_of(server.proc.pid),
              timeout=30)
     assert survivor in children_of(server.proc.pid)
     for name, password in users:
@@ -213,7 +214,7 @@ def test_a_killed_worker_is_replaced_and_the_others_sessions_go_on(tmp_path, ser
     values = {line.split()[0]: float(line.split()[1]) for line in scrape.splitlines()
               if line and not line.startswith("#")}
     assert values['pop3proxy_logins_total{result="ok"}'] >= len(sessions[survivor]) + len(users)
-    wait_for(lambda: _sessions_active(metrics_port) == 0)
+    eventually(lambda: _sessions_active(metrics_port) == 0)
 
     # A clean stop takes the workers with it, and none is replaced on the way out.
     workers = children_of(server.proc.pid)
@@ -273,5 +274,5 @@ def test_tls_and_certificate_reload_in_every_worker(tmp_path, server_process, se
         pem.write_to_path(str(live_cert), append=True)
     fresh.private_key_pem.write_to_path(str(live_key))
     server.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: server.output().count("SIGHUP: certificate reloaded") == 3)  # supervisor and both workers
+    eventually(lambda: server.output().count("SIGHUP: certificate reloaded") == 3)  # supervisor and both workers
     assert serial_numbers() == {fresh.cert_chain_pems[0].bytes().decode()}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers.common import wait_for
+from helpers.waiting import eventually, eventually_async
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import ConfigError
@@ -120,7 +120,7 @@ async def test_a_hanging_filter_is_killed_at_its_timeout_and_the_message_goes_on
     assert result.data.endswith(f"{WARNING_HEADER}: filter hang failed: timed out after 1 s\r\n".encode() + MESSAGE)
     assert result.action == ("hold" if on_error == "hold" else "deliver")
     hung = int(pidfile.read_text())
-    wait_for(lambda: not alive(hung), timeout=5)
+    eventually(lambda: not alive(hung), timeout=5)
     if on_error == "pass":  # the next filter ran, in a new process
         assert result.verdicts and result.verdicts[0].split()[-1] not in ("", str(hung))
 
@@ -194,13 +194,13 @@ def test_pool_processes_exit_when_idle_and_when_the_run_ends(tmp_path):
 
     async def idle() -> None:
         pid = await once()
-        await trio.to_thread.run_sync(lambda: wait_for(lambda: not alive(pid), timeout=10))
+        await eventually_async(lambda: not alive(pid), timeout=10)
         assert pid != await once()  # a new one on demand
 
     trio.run(idle)
     p.pool.idle_timeout = 600
     pid = trio.run(once)
-    wait_for(lambda: not alive(pid), timeout=10)  # gone with the run that used it, not after 600 s
+    eventually(lambda: not alive(pid), timeout=10)  # gone with the run that used it, not after 600 s
 
 
 async def test_the_command_line_runner_works_with_the_pool():
