@@ -14,9 +14,10 @@ seconds, under three keys:
   out), but past ``max_failures`` every attempt on that account is delayed by ``max_delay`` before
   the provider is asked, which slows a distributed guess to a trickle.
 
-Attempts in flight count like failures, for the pair and for the address (twenty concurrent guesses
-of one account from one address get five through, not twenty-one; concurrent guesses of many accounts
-from one address get ``address_failures`` through at most); a failure replaces its attempt in flight
+Attempts in flight count like failures, for the pair, and for the address once it has failed lately
+(twenty concurrent guesses of one account from one address get five through, not twenty-one; guesses
+of many accounts from an address that has failed get ``address_failures`` through at most, while many
+users logging in at once from one address with no recent failure are not held back); a failure replaces its attempt in flight
 in one step, so a finished attempt is never counted twice. The answer to a failure is delayed,
 doubling from ``base_delay`` up to ``max_delay``. Pure bookkeeping with an injectable clock; memory
 is bounded (the oldest keys are dropped first).
@@ -72,9 +73,12 @@ class Throttle:
     def blocked(self, address: str, account: str) -> bool:
         """True when this login must be refused without asking anyone."""
         pair, addr, _ = self._keys(address, account)
+        failures = self._recent(addr)
+        # An address's attempts in flight count once it has failed lately: many users logging in at once
+        # from one address (NAT, a gateway) are not held back, a guesser's concurrent tries are.
         return (
             self._recent(pair) + self._in_flight[pair] >= self.max_failures
-            or self._recent(addr) + self._in_flight[addr] >= self.address_failures
+            or failures + (self._in_flight[addr] if failures else 0) >= self.address_failures
         )
 
     def account_delay(self, account: str) -> float:

@@ -76,6 +76,27 @@ async def test_concurrent_attempts_from_one_address_respect_the_address_limit():
         assert not attempt.blocked
 
 
+async def test_many_users_behind_one_address_log_in_at_once():
+    # An address with no recent failure (NAT, a gateway): its logins in flight are not held back.
+    gate = Gate(Throttle(max_failures=5, address_failures=20, base_delay=0, max_delay=0), max_per_address=1000)
+    asked = trio.Event()
+    through = []
+
+    async def login(i: int) -> None:
+        async with gate.login("10.0.0.3", f"user{i}") as attempt:
+            if not attempt.blocked:
+                through.append(i)
+                await asked.wait()
+                attempt.succeeded()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(login, i)
+        await trio.testing.wait_all_tasks_blocked()
+        asked.set()
+    assert len(through) == 100
+
+
 async def test_a_failure_waiting_for_its_delay_is_counted_once():
     gate = Gate(Throttle(max_failures=3, base_delay=0, max_delay=0))
     async with gate.login("10.0.0.1", "acct") as attempt:
