@@ -18,13 +18,14 @@ from __future__ import annotations
 import binascii
 import re
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import unquote
-from typing import Iterator, Literal
+from typing import Literal
 
 from pop3proxy.filtering.headers import field_spans
 
@@ -71,13 +72,13 @@ class Entity:
     is_message: bool
     depth: int
     alt_headers: Message | None
-    children: list["Entity"] = field(default_factory=list)
+    children: list[Entity] = field(default_factory=list)
 
     @property
     def transfer_encoding(self) -> str:
         return str(self.headers.get("content-transfer-encoding", "")).strip().lower()
 
-    def walk(self) -> Iterator["Entity"]:
+    def walk(self) -> Iterator[Entity]:
         yield self
         for child in self.children:
             yield from child.walk()

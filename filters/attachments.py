@@ -68,9 +68,9 @@ import os
 import re
 import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 

@@ -153,7 +153,7 @@ class ClamAVFilter:
             parse_address(value)
             return value
 
-    def __init__(self, config: "ClamAVFilter.Config | None" = None) -> None:
+    def __init__(self, config: ClamAVFilter.Config | None = None) -> None:
         self.config = config = config or self.Config()
         self.client = ClamdClient(config.address, config.io_timeout)
 

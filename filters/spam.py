@@ -199,7 +199,7 @@ class SpamFilter:
             return value
 
         @model_validator(mode="after")
-        def _backend_options(self) -> "SpamFilter.Config":
+        def _backend_options(self) -> SpamFilter.Config:
             if self.backend == "builtin" and self.address:
                 raise ValueError("address is for the spamd and rspamd backends")
             if self.backend != "builtin" and self.database:
@@ -221,7 +221,7 @@ class SpamFilter:
                 raise ValueError("taught_counts is for the spamd backend")
             return self
 
-    def __init__(self, config: "SpamFilter.Config | None" = None) -> None:
+    def __init__(self, config: SpamFilter.Config | None = None) -> None:
         self.config = config = config or self.Config()
         address = config.address or DEFAULT_ADDRESSES.get(config.backend, "")
         self.spamd = SpamdClient(address, config.io_timeout) if config.backend == "spamd" else None

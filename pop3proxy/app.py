@@ -6,19 +6,19 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import trio
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError, StartupError
+from pop3proxy.net.backend_api import Backend
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
-from pop3proxy.net.backend_api import Backend
-from pop3proxy.net.port_claim import bind_error, claim_bound
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
+from pop3proxy.net.port_claim import bind_error, claim_bound
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.net.tls import server_context
 from pop3proxy.proxy.local import LocalBackend

@@ -8,8 +8,8 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from pop3proxy import __version__
 from pop3proxy.config import ConfigError, Settings, find_config, load_settings, masked

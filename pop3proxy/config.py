@@ -84,7 +84,7 @@ class ListenSettings(_Section):
     )
 
     @model_validator(mode="after")
-    def _tls_needs_cert(self) -> "ListenSettings":
+    def _tls_needs_cert(self) -> ListenSettings:
         if self.tls_port is not None and self.certfile is None:
             raise ValueError("tls_port needs certfile (and keyfile) to be set")
         if self.port is None and self.tls_port is None:
@@ -175,7 +175,7 @@ class OAuth2Settings(_Section):
     timeout: float = Field(30.0, gt=0, description="Seconds an authorization-server request may take.")
 
     @model_validator(mode="after")
-    def _complete(self) -> "OAuth2Settings":
+    def _complete(self) -> OAuth2Settings:
         if self.client_secret is not None and self.client_secret_file is not None:
             raise ValueError("give client_secret or client_secret_file, not both")
         if self.provider is None and not self.token_url:

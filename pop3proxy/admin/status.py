@@ -25,10 +25,10 @@ from typing import IO
 from pop3proxy.config import queue_dir
 from pop3proxy.ops.units import human_age, human_size, utc
 from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, load_tokens
+from pop3proxy.store.api import StateError
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import REMOVED_DIRS, encode_user
-from pop3proxy.store.api import StateError
 from pop3proxy.store.state_read import account_name, read_state
 from pop3proxy.store.tokens_api import local_token_store
 from pop3proxy.submission.queue import OutQueue

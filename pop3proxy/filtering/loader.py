@@ -109,7 +109,7 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     return ".".join(map(str, first["loc"])), first["msg"]
 
 
-def load_filter(table: dict[str, Any], index: int = 0) -> tuple["Filter", CommonOptions]:
+def load_filter(table: dict[str, Any], index: int = 0) -> tuple[Filter, CommonOptions]:
     """Build one filter from its ``[[filters]]`` table; every problem names the filter."""
     where = f"filters[{index}]"
     common_keys = set(CommonOptions.model_fields)

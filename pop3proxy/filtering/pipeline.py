@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import trio
 

@@ -33,7 +33,8 @@ import re
 import sys
 import threading
 import time
-from typing import IO, Iterable
+from collections.abc import Iterable
+from typing import IO
 
 __all__ = ["MIN_MASKED", "JsonFormatter", "RedactingFilter", "TextFormatter", "add_secrets", "redact",
            "setup_logging"]

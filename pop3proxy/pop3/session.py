@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from pop3proxy.pop3 import replies, sasl
 from pop3proxy.pop3.actions import (

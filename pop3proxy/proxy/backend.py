@@ -37,8 +37,8 @@ from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.early_logins import CHALLENGE_MECHANISMS, EarlyLogins
 from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavailable
 from pop3proxy.proxy.oauth.logins import OAuthLogins
-from pop3proxy.proxy.prefetch import fresh_prefetch, mark_prefetched
 from pop3proxy.proxy.offline import check_offline_password, forget_offline_password, remember_offline_password
+from pop3proxy.proxy.prefetch import fresh_prefetch, mark_prefetched
 from pop3proxy.proxy.proxied_maildrop import Mirror, ProxyMaildrop
 from pop3proxy.proxy.routing import Route, resolve
 from pop3proxy.proxy.sync import SyncResult, recover, sync_mailbox

@@ -13,10 +13,9 @@ from __future__ import annotations
 import logging
 
 from pop3proxy.errors import LoginError
+from pop3proxy.net import password_login
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamError, UpstreamUnavailable
-from pop3proxy.net.backend_api import Maildrop
-from pop3proxy.net import password_login
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.proxy.routing import Route, default_endpoint
 

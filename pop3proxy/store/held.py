@@ -23,10 +23,11 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pop3proxy.filtering.api import FilterResult
 from pop3proxy.filtering.headers import split_header
@@ -111,7 +112,7 @@ class HeldStore:
         self._meta = self.path / META_DIR
 
     @classmethod
-    def of_directory(cls, directory: Path, backend: str = "maildir") -> "HeldStore":
+    def of_directory(cls, directory: Path, backend: str = "maildir") -> HeldStore:
         """The held mail in a user directory whose user name is unknown: it can be listed and read."""
         store = cls.__new__(cls)
         store.root, store.user, store.backend = directory.parent, None, backend

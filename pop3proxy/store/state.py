@@ -34,8 +34,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from pop3proxy.store.journal import Journal, private_fd
 
@@ -174,7 +175,7 @@ class UserState:
             if not check or check[0] != "ok":
                 raise _Corrupt(f"integrity check failed: {check[0] if check else 'no answer'}")
             columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
-            if columns and not _COLUMNS <= columns:
+            if columns and not columns >= _COLUMNS:
                 raise _Corrupt("not a pop3proxy state database (its messages table differs)")
             db.executescript(_SCHEMA)
             if columns and "source" not in columns:  # a database from before messages were matched by content
@@ -250,7 +251,7 @@ class UserState:
             self._db.close()
             self._journal.close()
 
-    def __enter__(self) -> "UserState":
+    def __enter__(self) -> UserState:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,8 @@ import logging
 import socket
 import ssl
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import trio
 from aiosmtpd.smtp import SMTP, AuthResult, Session
@@ -213,7 +214,7 @@ class _Listener:
         self.loop.set_exception_handler(_asyncio_error)
         self.thread: Any = None
         self.server: asyncio.AbstractServer | None = None
-        self.protocols: "weakref.WeakSet[SMTP]" = weakref.WeakSet()
+        self.protocols: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def _make(self) -> SMTP:
         protocol = self.factory(self.loop)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import trio
 

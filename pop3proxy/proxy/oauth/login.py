@@ -11,8 +11,8 @@ from __future__ import annotations
 import http.server
 import time
 import urllib.parse
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from pop3proxy.config import OAuth2Settings
 from pop3proxy.ops import metrics
@@ -117,7 +117,7 @@ def login(store: StoreOrRoot, account: str, settings: OAuth2Settings, flow: str,
 def _when(stamp: float) -> str:
     if not stamp:
         return "unknown"
-    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def status(store: StoreOrRoot, accounts: dict[str, OAuth2Settings], now: float | None = None) -> list[dict]:
