@@ -386,7 +386,7 @@ def _read_file(path: Path, skipped: list[str]) -> Iterator[tuple[str, bytes]]:
     if head.startswith(b"From "):
         box = mailbox.mbox(path, create=False)
         try:
-            for key in box.keys():
+            for key in box.iterkeys():  # iterating a mailbox gives messages, not keys
                 yield f"{path}#{key}", box.get_bytes(key)
         finally:
             box.close()

@@ -16,6 +16,7 @@ Scanning is linear in the message size per nesting level (``bytes.find`` over ea
 from __future__ import annotations
 
 import binascii
+import contextlib
 import re
 import urllib.parse
 from collections.abc import Iterator
@@ -171,10 +172,8 @@ def _multipart(data: bytes, entity: Entity) -> tuple[str, list[tuple[int, int]]]
     """
     readings = [(entity.content_type, entity.headers.get_boundary())]
     if entity.alt_headers is not None:
-        try:
+        with contextlib.suppress(Exception):  # the default policy's parser failed on junk: compat32's stands
             readings.append((entity.alt_headers.get_content_type(), entity.alt_headers.get_boundary()))
-        except Exception:  # the default policy's parser failed on junk; the compat32 reading stands
-            pass
     found: list[tuple[str, list[tuple[int, int]]]] = []
     tried: set[bytes] = set()
     for content_type, boundary in readings:

@@ -114,7 +114,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"# effective configuration from {source or '(built-in defaults)'} and POP3PROXY_* variables")
     print(json.dumps(masked(settings), indent=2, default=str))
     if settings.standalone and settings.local.users_file is None:
-        print("warning: neither upstream.host nor local.users_file is set: `serve` has nothing to serve", file=sys.stderr)
+        print("warning: neither upstream.host nor local.users_file is set: `serve` has nothing to serve",
+              file=sys.stderr)
     return 0
 
 
@@ -389,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--account", help="only this [accounts] entry")
     sync.set_defaults(func=cmd_sync)
 
-    filt = with_config(sub.add_parser("filter", help="run the configured filters on message files and show what they do"))
+    filt = with_config(
+        sub.add_parser("filter", help="run the configured filters on message files and show what they do"))
     filt.add_argument("files", nargs="+", metavar="FILE", help="a message file (RFC 5322, as a mail provider sends it)")
     filt.add_argument("--user", default="cli", help="user name the filters see (default: cli)")
     filt.set_defaults(func=cmd_filter)
@@ -406,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         act.add_argument("--user", help="only this user's held mail (default: every user)")
         act.set_defaults(func=cmd_held)
 
-    queue = with_config(sub.add_parser("queue", help="list, retry now or delete outgoing mail waiting for the provider"))
+    queue = with_config(
+        sub.add_parser("queue", help="list, retry now or delete outgoing mail waiting for the provider"))
     queue.add_argument("action", choices=["list", "flush", "delete"])
     queue.add_argument("ids", nargs="*", metavar="ID", help="queue entries (default: all; delete needs them)")
     queue.set_defaults(func=cmd_queue)

@@ -165,7 +165,8 @@ def format_status(accounts: list[AccountStatus], settings, now: float | None = N
             lines.append("  cached      nothing yet")
         else:
             lines.append(f"  cached      {_plural(status.messages, 'message')}, {human_size(status.octets)}")
-        lines.append(f"  held        {status.held}" + (f", stripped parts kept {status.removed_parts}" if status.removed_parts else ""))
+        kept = f", stripped parts kept {status.removed_parts}" if status.removed_parts else ""
+        lines.append(f"  held        {status.held}" + kept)
         if status.queued:
             soonest = min(entry.next_try for entry in status.queued)
             errors = [entry.last_error for entry in status.queued if entry.last_error]

@@ -430,7 +430,8 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         if verdict == "full" and state.make_room():  # the session closed for room leaves soon
             verdict = await state.gate.admit(address, force=True)
         if verdict != "ok":
-            refusal = "too many sessions, try again later" if verdict == "full" else "too many sessions from your address"
+            refusal = ("too many sessions, try again later" if verdict == "full"
+                       else "too many sessions from your address")
             with trio.move_on_after(5):
                 await stream.send_all(p.err(refusal, "SYS/TEMP"))
             return

@@ -156,7 +156,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False, default=str)
 
 
-def setup_logging(log_settings, stream: IO[str] | None = None, *, secrets: Iterable[str | None] = ()) -> logging.Handler:
+def setup_logging(log_settings, stream: IO[str] | None = None, *,
+                  secrets: Iterable[str | None] = ()) -> logging.Handler:
     """Configure the root logger from a ``[log]`` section (``level``, ``format``); returns the handler."""
     level = getattr(logging, str(getattr(log_settings, "level", "info")).upper(), logging.INFO)
     fmt = getattr(log_settings, "format", "text")

@@ -170,11 +170,6 @@ class ReplyReader:
         """True while the body of a multi-line reply is being read."""
         return self._in_data
 
-    @property
-    def in_data(self) -> bool:
-        """True while the body of a multi-line reply is being read."""
-        return self._in_data
-
     def expect(self, multiline: bool) -> None:
         """Queue the kind of the next reply (multi-line if positive)."""
         self._expected.append(multiline)

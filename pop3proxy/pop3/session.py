@@ -175,10 +175,13 @@ class Session:
                 return self._bad(replies.err("authentication line too long", "AUTH"))
             return self._bad(replies.err("command line too long"))
         assert isinstance(event, Line)
-        if not sasl and len(event.data) + 2 > MAX_COMMAND_LINE:
-            # Only credentials may be long; every other command keeps RFC 2449's 255 octets.
-            if event.data.split(b" ", 1)[0].upper() not in CREDENTIAL_COMMANDS:
-                return self._bad(replies.err("command line too long"))
+        # Only credentials may be long; every other command keeps RFC 2449's 255 octets.
+        if (
+            not sasl
+            and len(event.data) + 2 > MAX_COMMAND_LINE
+            and event.data.split(b" ", 1)[0].upper() not in CREDENTIAL_COMMANDS
+        ):
+            return self._bad(replies.err("command line too long"))
         if sasl:
             self._pending = _Pending.NOTHING
             return self._sasl_response(event.data)

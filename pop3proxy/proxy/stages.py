@@ -9,6 +9,7 @@ settles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable
@@ -30,10 +31,8 @@ def digest(data: bytes) -> str:
 
 
 def unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 @dataclass
@@ -71,7 +70,8 @@ class Window:
 
     async def reserve(self, size: int, items: int = 1) -> None:
         async with self._changed:
-            while (self.used and self.used + size > self.limit) or (self.count and self.count + items > self.count_limit):
+            while ((self.used and self.used + size > self.limit)
+                   or (self.count and self.count + items > self.count_limit)):
                 await self._changed.wait()
             self.used += size
             self.count += items
@@ -141,8 +141,8 @@ def store_batch(state: UserState, mailbox: Mailbox, hold: Callable[[bytes, str, 
     messages. If this fails (or the process dies) between claim and settle, claims stay 'fetching' and
     recover() settles them. Returns the items this call stored (another claim wins over a duplicate)."""
     granted = state.begin_fetch_many([(item.uid, item.digest) for item in batch], [item.source for item in batch])
-    mine = [item for item, ok in zip(batch, granted) if ok]
-    for item, ok in zip(batch, granted):
+    mine = [item for item, ok in zip(batch, granted, strict=True) if ok]
+    for item, ok in zip(batch, granted, strict=True):
         if not ok and item.spooled is not None:
             unlink(item.spooled.path)
     settled = []
@@ -154,7 +154,7 @@ def store_batch(state: UserState, mailbox: Mailbox, hold: Callable[[bytes, str, 
         elif item.outcome is not None:
             small.append(item)
     infos = mailbox.add_many([item.cached for item in small])
-    settled += [(item.uid, info.key, info.size, "cached") for item, info in zip(small, infos)]
+    settled += [(item.uid, info.key, info.size, "cached") for item, info in zip(small, infos, strict=True)]
     for item in mine:
         if item.spooled is not None:
             info = mailbox.add_file(item.spooled.path, item.spooled.size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterable
@@ -38,10 +39,8 @@ def write_new_file(
             os.fsync(fd)
     except BaseException:
         # A partial file (a full disk) must not keep the space it took.
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
         raise
     finally:
         os.close(fd)

@@ -17,6 +17,7 @@ Synchronous code, like ``store``; callers in trio run it in worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,10 +84,8 @@ def _header_text(raw: bytes) -> str:
     dropped, at most 120 characters)."""
     value = raw.split(b":", 1)[1] if b":" in raw else b""
     text = " ".join(value.decode("utf-8", "replace").split())
-    try:
+    with contextlib.suppress(Exception):  # a malformed encoded word: show it as it is
         text = str(make_header(decode_header(text)))
-    except Exception:  # a malformed encoded word: show it as it is
-        pass
     text = "".join(c if c.isprintable() else " " for c in text)
     return text if len(text) <= 120 else text[:117] + "..."
 

@@ -143,7 +143,7 @@ class MaildirMailbox(Mailbox):
                 self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0))
                 infos.append(MessageInfo(key=name, uidl=name, size=size))
         except BaseException:
-            for name, tmp, _ in written:
+            for _name, tmp, _ in written:
                 tmp.unlink(missing_ok=True)
             raise
         fsync_dir(self._subdirs["new"])

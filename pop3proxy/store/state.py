@@ -29,6 +29,7 @@ Synchronous code; callers run it in worker threads. A lock serialises calls from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -155,10 +156,8 @@ class UserState:
         try:
             os.close(private_fd(self.path))
             for suffix in ("-wal", "-shm"):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.close(private_fd(Path(str(self.path) + suffix), create=False))
-                except FileNotFoundError:
-                    pass
         except OSError as exc:
             raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
         try:
@@ -333,7 +332,7 @@ class UserState:
         known = self.known_uids_among([uid for uid, _ in claims])
         seen: set[str] = set()
         statements, granted, notes = [], [], []
-        for (uid, d), source in zip(claims, sources):
+        for (uid, d), source in zip(claims, sources, strict=True):
             ok = uid not in known and uid not in seen
             seen.add(uid)
             granted.append(ok)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import socket
 import ssl
@@ -177,7 +178,8 @@ class _RelaySMTP(SMTP):
         if not name or not secret:
             return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
         try:
-            verdict: AuthVerdict = await self._bridge.call(self._relay.authenticate, name, secret, _peer_host(self.session))
+            verdict: AuthVerdict = await self._bridge.call(
+                self._relay.authenticate, name, secret, _peer_host(self.session))
         except RelayClosed:
             return AuthResult(success=False, handled=False, message="454 4.3.2 pop3proxy is shutting down")
         except Exception as exc:
@@ -251,10 +253,8 @@ class _Listener:
                     task.cancel()
             await asyncio.sleep(0.05)
 
-        try:
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         if not self.thread.is_alive():

@@ -179,7 +179,8 @@ def _open(endpoint: SubmissionEndpoint) -> smtplib.SMTP:
     except smtplib.SMTPResponseException as exc:  # EHLO/STARTTLS refused
         _close(client)
         if endpoint.tls == "starttls":
-            raise SubmissionUnavailable(f"{endpoint.where}: STARTTLS failed: {exc.smtp_code} {_text(exc.smtp_error)}") from None
+            raise SubmissionUnavailable(
+                f"{endpoint.where}: STARTTLS failed: {exc.smtp_code} {_text(exc.smtp_error)}") from None
         raise SubmissionRejected(exc.smtp_code, _text(exc.smtp_error)) from None
     except (OSError, smtplib.SMTPException) as exc:
         _close(client)

@@ -86,7 +86,8 @@ def code_flow(settings: OAuth2Settings, out: Out, port: int = 0, timeout: float 
     if params.get("state") != request.state:
         raise flows.OAuthFailure("the redirect's state does not match (refusing the code)")
     if "error" in params:
-        raise flows.OAuthFailure(f"authorisation refused: {params['error']} {params.get('error_description', '')}".strip())
+        detail = f"{params['error']} {params.get('error_description', '')}"
+        raise flows.OAuthFailure(f"authorisation refused: {detail}".strip())
     if "code" not in params:
         raise flows.OAuthFailure("the redirect carries no code")
     return flows.exchange_code(settings, request, params["code"])
