@@ -338,9 +338,9 @@ def file_names(entity: Entity) -> list[str]:
             alternatives = [entity.alt_headers.get_filename(), entity.alt_headers.get_param("name")]
         except Exception:  # its parser failed on junk; the compat32 reading stands
             alternatives = []
-    for raw in alternatives:
-        if isinstance(raw, str):
-            for name in _name_forms(raw):
+    for alternative in alternatives:
+        if isinstance(alternative, str):
+            for name in _name_forms(alternative):
                 if name and name not in names:
                     names.append(name)
     return names

@@ -242,7 +242,7 @@ class UpstreamClient:
             with trio.fail_after(self.endpoint.timeout):
                 await self._stream.send_all(line)
 
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | bytearray:
         with self._io_errors("while waiting for the provider"):
             with trio.fail_after(self.endpoint.timeout):
                 data = await self._stream.receive_some(RECEIVE_SIZE)

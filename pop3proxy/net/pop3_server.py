@@ -346,16 +346,16 @@ class _Connection:
             and isinstance(self.stream, trio.SocketStream)
         ):
             try:
-                f = await trio.to_thread.run_sync(_open_for_sendfile, maildrop, action.key, action.size)
+                sendable = await trio.to_thread.run_sync(_open_for_sendfile, maildrop, action.key, action.size)
             except (OSError, KeyError, ValueError):
-                f = None
-            if f is not None:
+                sendable = None
+            if sendable is not None:
                 try:
                     self._queue(action.status)
                     await self.flush()
-                    await self._sendfile(f, action.size)
+                    await self._sendfile(sendable, action.size)
                 finally:
-                    f.close()
+                    sendable.close()
                 self._queue(b".\r\n")
                 return
         try:

@@ -151,7 +151,7 @@ class Session:
     def greeting(self) -> bytes:
         return replies.ok(f"{self._greeting} {self.apop_timestamp}" if self.apop_timestamp else self._greeting)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._reader.receive_data(data)
 
     @property

@@ -124,4 +124,4 @@ class _CrlfStream(io.RawIOBase):
 def _stream(
     source: BinaryIO, converter: _BareLfConverter | _MboxrdConverter, length: int | None = None
 ) -> BinaryIO:
-    return io.BufferedReader(_CrlfStream(source, converter, length), CHUNK)  # type: ignore[return-value]
+    return io.BufferedReader(_CrlfStream(source, converter, length), CHUNK)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -114,7 +115,7 @@ class MboxMailbox(Mailbox):
     def add(self, data: bytes) -> MessageInfo:
         return self.add_many([data])[0]
 
-    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+    def add_many(self, messages: builtins.list[bytes]) -> builtins.list[MessageInfo]:
         """Append the messages with one fsync and one commit: a crash leaves none of them served or all."""
         if not messages:
             return []
@@ -155,7 +156,7 @@ class MboxMailbox(Mailbox):
         path.unlink(missing_ok=True)
         return info
 
-    def _append(self, write) -> list[MessageInfo]:
+    def _append(self, write) -> builtins.list[MessageInfo]:
         """Append records under the lock with one fsync and one commit; ``write(fd, from_line)`` writes
         them at the end of the file and returns (SHA-1 of the CRLF form, body octets on disk, CRLF size)
         for each. A failure cuts the file back: nothing past the committed length is ever served."""

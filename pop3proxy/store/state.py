@@ -428,7 +428,7 @@ class UserState:
         When no row says ``held`` for it but its upstream ``uid`` has no row at all, a ``cached`` row is
         written, so the message is not fetched again.
         """
-        statements = [
+        statements: list[tuple[str, tuple]] = [
             ("UPDATE messages SET status = 'cached', key = ?, size = ? WHERE key = ? AND status = 'held'",
              (key, size, held_key)),
         ]
