@@ -13,6 +13,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from pop3proxy.config import OAuth2Settings
 from pop3proxy.ops import metrics
@@ -126,7 +127,7 @@ def status(store: StoreOrRoot, accounts: dict[str, OAuth2Settings], now: float |
     `store`, a `TokenStore` or a cache root)."""
     store = token_store(store)
     now = time.time() if now is None else now
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, settings in sorted(accounts.items()):
         try:
             tokens = load_tokens(store, name)
