@@ -143,6 +143,7 @@ class _RelaySMTP(SMTP):
             self._auth_require_tls = not allowed
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        blob: object  # the challenge answer (bytes or aiosmtpd's MISSING) or the decoded argument (bytes or None)
         if len(args) == 1:
             blob = await self.challenge_auth("")
             if not isinstance(blob, bytes):
@@ -157,6 +158,7 @@ class _RelaySMTP(SMTP):
         return await self._check(parts[1], parts[2])
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        user: object  # as ``blob`` in auth_PLAIN
         if len(args) == 1:
             user = await self.challenge_auth("Username:")
             if not isinstance(user, bytes):
@@ -315,7 +317,7 @@ async def run_smtp(
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
     current_tls: Callable[[], ssl.SSLContext | None] = (
-        tls_context if callable(tls_context) else (lambda: tls_context)  # type: ignore[assignment,return-value]
+        tls_context if callable(tls_context) else (lambda: tls_context)
     )
     try:
         sock = _bind(smtp.host, smtp.port)

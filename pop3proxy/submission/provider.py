@@ -12,7 +12,7 @@ import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import trio
 
@@ -23,7 +23,7 @@ log = logging.getLogger("pop3proxy.smtp")
 
 EHLO_NAME = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
 
-_ABANDON = (
+_ABANDON: dict[str, Any] = (  # the keyword of this trio version
     {"abandon_on_cancel": True}
     if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
     else {"cancellable": True}
