@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -127,7 +128,7 @@ def log_listening(settings: Settings, ports: Ports, stls: bool) -> None:
 
 
 async def start_services(nursery: trio.Nursery, settings: Settings, backend: Backend, gate: Gate,
-                         tls_context: Callable[[], object], ports: Ports) -> None:
+                         tls_context: Callable[[], ssl.SSLContext | None], ports: Ports) -> None:
     """What runs once per service whatever the number of POP3 workers: the SMTP relay with its queue
     runner, the metrics endpoint and the web console (which shares the POP3 logins' gate)."""
     if settings.smtp.port is not None:

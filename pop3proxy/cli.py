@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from pop3proxy import __version__
@@ -39,7 +39,7 @@ def _settings(args: argparse.Namespace, **overrides) -> Settings:
         raise CliError(f"config error: {exc}", EXIT_USAGE) from None
 
 
-def _run(main: Callable[[], object]) -> None:
+def _run(main: Callable[[], Awaitable[object]]) -> None:
     import trio
 
     from pop3proxy.errors import ListenError, StartupError
@@ -188,6 +188,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from pop3proxy.app import build_backend
     from pop3proxy.errors import StartupError
     from pop3proxy.net.endpoint import UpstreamError
+    from pop3proxy.proxy.backend import ProxyBackend
     from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenUnavailable
     from pop3proxy.store.api import MailboxBusy, StateError
 
@@ -195,6 +196,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         backend = build_backend(settings)
     except StartupError as exc:
         raise CliError(str(exc)) from None
+    assert isinstance(backend, ProxyBackend)  # a provider is configured (checked above)
     names = [name for name in names if name in backend.passwords or name in backend.oauth]
     if not names:
         raise CliError("no account has a password source (password_file or password_env) or oauth2 to sync with")

@@ -26,6 +26,7 @@ from pop3proxy.config import queue_dir
 from pop3proxy.ops.units import human_age, human_size, utc
 from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, load_tokens
 from pop3proxy.store.api import StateError
+from pop3proxy.store.base import Mailbox
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import REMOVED_DIRS, encode_user
@@ -75,6 +76,7 @@ def _account(directory: Path) -> AccountStatus:
     except StateError as exc:
         status.problem = f"state database unreadable: {exc}"
     try:
+        mailbox: Mailbox | None
         if (directory / "Maildir").is_dir():
             mailbox = MaildirMailbox(directory / "Maildir", create=False)
         elif (directory / "mbox").is_file():
@@ -120,10 +122,10 @@ def collect_status(settings) -> list[AccountStatus]:
                 directory_name = encode_user(entry.cache_id)
             except ValueError:
                 directory_name = ""
-            status = by_dir.get(directory_name) or found.get(entry.cache_id) or found.get(entry.login)
-            if status is None:
-                status = found[entry.cache_id] = AccountStatus(entry.cache_id)
-            status.queued.append(entry)
+            owner = by_dir.get(directory_name) or found.get(entry.cache_id) or found.get(entry.login)
+            if owner is None:
+                owner = found[entry.cache_id] = AccountStatus(entry.cache_id)
+            owner.queued.append(entry)
     now = time.time()
     for status in found.values():
         status.oauth2 = oauth2_state(settings, status.name, now)
