@@ -42,7 +42,12 @@ def device_flow(settings: OAuth2Settings, out: Out) -> dict:
     return flows.poll_device(settings, device)
 
 
+class _RedirectServer(http.server.HTTPServer):
+    result: dict[str, str] | None = None  # the redirect's query, once it came
+
+
 class _Redirect(http.server.BaseHTTPRequestHandler):
+    server: _RedirectServer
     result: dict[str, str] = {}
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -51,7 +56,7 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         params = dict(urllib.parse.parse_qsl(url.query))
-        self.server.result = params  # type: ignore[attr-defined]
+        self.server.result = params
         ok = "code" in params and "error" not in params
         body = (b"pop3proxy: authorised, you can close this page." if ok
                 else b"pop3proxy: the authorisation did not succeed; see the terminal.")
@@ -67,8 +72,7 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
 
 def code_flow(settings: OAuth2Settings, out: Out, port: int = 0, timeout: float = 300.0) -> dict:
     """Authorization code + PKCE; the redirect comes to a listener on 127.0.0.1 that takes one request."""
-    server = http.server.HTTPServer((REDIRECT_HOST, port), _Redirect)
-    server.result = None  # type: ignore[attr-defined]
+    server = _RedirectServer((REDIRECT_HOST, port), _Redirect)
     server.timeout = 1.0
     try:
         redirect_uri = f"http://{REDIRECT_HOST}:{server.server_address[1]}{REDIRECT_PATH}"
@@ -77,11 +81,11 @@ def code_flow(settings: OAuth2Settings, out: Out, port: int = 0, timeout: float 
         out(request.url)
         out(f"Waiting for the redirect to {redirect_uri} ...")
         deadline = time.monotonic() + timeout
-        while server.result is None:  # type: ignore[attr-defined]
+        while server.result is None:
             if time.monotonic() > deadline:
                 raise flows.OAuthFailure(f"no redirect within {timeout:g} s")
             server.handle_request()
-        params: dict[str, str] = server.result  # type: ignore[attr-defined]
+        params: dict[str, str] = server.result
     finally:
         server.server_close()
     if params.get("state") != request.state:
