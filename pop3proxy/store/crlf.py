@@ -93,6 +93,7 @@ class _CrlfStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    # Narrower than RawIOBase's any writable buffer: io.BufferedReader, its only caller, passes these.
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         while self._pos >= len(self._out):
             if self._eof:
