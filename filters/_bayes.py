@@ -28,9 +28,10 @@ import os
 import re
 import sqlite3
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import NoReturn
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -386,7 +387,7 @@ def _read_file(path: Path, skipped: list[str]) -> Iterator[tuple[str, bytes]]:
     if head.startswith(b"From "):
         box = mailbox.mbox(path, create=False)
         try:
-            for key in box.keys():
+            for key in box.iterkeys():  # iterating a mailbox gives messages, not keys
                 yield f"{path}#{key}", box.get_bytes(key)
         finally:
             box.close()
@@ -431,7 +432,7 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise _UsageError(message)
 
 

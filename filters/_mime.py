@@ -16,15 +16,17 @@ Scanning is linear in the message size per nesting level (``bytes.find`` over ea
 from __future__ import annotations
 
 import binascii
+import contextlib
 import re
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import unquote
-from typing import Iterator, Literal
+from typing import Literal
 
 from pop3proxy.filtering.headers import field_spans
 
@@ -71,13 +73,13 @@ class Entity:
     is_message: bool
     depth: int
     alt_headers: Message | None
-    children: list["Entity"] = field(default_factory=list)
+    children: list[Entity] = field(default_factory=list)
 
     @property
     def transfer_encoding(self) -> str:
         return str(self.headers.get("content-transfer-encoding", "")).strip().lower()
 
-    def walk(self) -> Iterator["Entity"]:
+    def walk(self) -> Iterator[Entity]:
         yield self
         for child in self.children:
             yield from child.walk()
@@ -170,10 +172,8 @@ def _multipart(data: bytes, entity: Entity) -> tuple[str, list[tuple[int, int]]]
     """
     readings = [(entity.content_type, entity.headers.get_boundary())]
     if entity.alt_headers is not None:
-        try:
+        with contextlib.suppress(Exception):  # the default policy's parser failed on junk: compat32's stands
             readings.append((entity.alt_headers.get_content_type(), entity.alt_headers.get_boundary()))
-        except Exception:  # the default policy's parser failed on junk; the compat32 reading stands
-            pass
     found: list[tuple[str, list[tuple[int, int]]]] = []
     tried: set[bytes] = set()
     for content_type, boundary in readings:
@@ -338,9 +338,9 @@ def file_names(entity: Entity) -> list[str]:
             alternatives = [entity.alt_headers.get_filename(), entity.alt_headers.get_param("name")]
         except Exception:  # its parser failed on junk; the compat32 reading stands
             alternatives = []
-    for raw in alternatives:
-        if isinstance(raw, str):
-            for name in _name_forms(raw):
+    for alternative in alternatives:
+        if isinstance(alternative, str):
+            for name in _name_forms(alternative):
                 if name and name not in names:
                     names.append(name)
     return names

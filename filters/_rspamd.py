@@ -67,6 +67,7 @@ def parse_reply(status: int, body: bytes) -> RspamdReply:
             raise RspamdError(f"rspamd reply has no numeric {name}: {value!r}")
     if not isinstance(action, str):
         raise RspamdError(f"rspamd reply has no action: {action!r}")
+    assert isinstance(score, (int, float)) and isinstance(required, (int, float))  # checked just above
     symbols = doc.get("symbols", {})
     if not isinstance(symbols, dict):
         raise RspamdError("rspamd reply: 'symbols' is not an object")

@@ -37,6 +37,7 @@ every read and write. Every failure is a `SpamdError`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 from dataclasses import dataclass, field
@@ -194,10 +195,8 @@ class SpamdClient:
         try:
             with sock:
                 sock.sendall(request)
-                try:
+                with contextlib.suppress(OSError):  # the reply may still come; reading tells
                     sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass  # the reply may still come; reading tells
                 data = read_until_eof(sock, MAX_REPLY)
         except TimeoutError:
             raise SpamdError(f"{where} did not answer within {self.timeout:g} s") from None

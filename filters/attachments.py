@@ -68,9 +68,10 @@ import os
 import re
 import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TypeAlias
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
@@ -198,7 +199,7 @@ class AttachmentsFilter:
     """Replace dangerous attachments by a note; keep the originals aside."""
 
     name = "attachments"
-    Config = Config
+    Config: TypeAlias = Config
     cpu_bound = True  # MIME parsing computes: it runs in a pool process (filters processes > 0)
 
     def __init__(self, config: Config | None = None) -> None:

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pop3proxy.filtering import FilterContext, FilterOutcome, add_header
+from pop3proxy.filtering import Action, FilterContext, FilterOutcome, add_header
 from pop3proxy.filters._net import Address, connect, parse_address
 
 HEADER = "X-Virus-Status"
@@ -153,7 +153,7 @@ class ClamAVFilter:
             parse_address(value)
             return value
 
-    def __init__(self, config: "ClamAVFilter.Config | None" = None) -> None:
+    def __init__(self, config: ClamAVFilter.Config | None = None) -> None:
         self.config = config = config or self.Config()
         self.client = ClamdClient(config.address, config.io_timeout)
 
@@ -167,7 +167,7 @@ class ClamAVFilter:
         if signature is None:
             return FilterOutcome(add_header(message, HEADER, "Clean"), verdict="clean")
         tagged = add_header(message, HEADER, f"Infected ({signature})")
-        action = "quarantine" if self.config.action == "quarantine" else "deliver"
+        action: Action = "quarantine" if self.config.action == "quarantine" else "deliver"
         return FilterOutcome(tagged, verdict=f"infected: {signature}", action=action)
 
 

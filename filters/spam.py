@@ -46,11 +46,11 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from pop3proxy.filtering import FilterContext, FilterOutcome, add_header, header_end
+from pop3proxy.filtering import Action, FilterContext, FilterOutcome, add_header, header_end
 from pop3proxy.filters._bayes import Bayes, default_database, has_gtube, parse, train_command
 from pop3proxy.filters._net import parse_address
 from pop3proxy.filters._rspamd import RspamdClient, RspamdController, RspamdError
@@ -199,7 +199,7 @@ class SpamFilter:
             return value
 
         @model_validator(mode="after")
-        def _backend_options(self) -> "SpamFilter.Config":
+        def _backend_options(self) -> SpamFilter.Config:
             if self.backend == "builtin" and self.address:
                 raise ValueError("address is for the spamd and rspamd backends")
             if self.backend != "builtin" and self.database:
@@ -221,7 +221,7 @@ class SpamFilter:
                 raise ValueError("taught_counts is for the spamd backend")
             return self
 
-    def __init__(self, config: "SpamFilter.Config | None" = None) -> None:
+    def __init__(self, config: SpamFilter.Config | None = None) -> None:
         self.config = config = config or self.Config()
         address = config.address or DEFAULT_ADDRESSES.get(config.backend, "")
         self.spamd = SpamdClient(address, config.io_timeout) if config.backend == "spamd" else None
@@ -294,7 +294,7 @@ class SpamFilter:
             return 0, 0
         except (OSError, ValueError) as exc:
             raise LearnError(f"cannot read the counts in {self.taught_counts}: {exc}") from None
-        counts = [doc.get(label) if isinstance(doc, dict) else None for label in LABELS]
+        counts: list[Any] = [doc.get(label) if isinstance(doc, dict) else None for label in LABELS]
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
             raise LearnError(f"{self.taught_counts} does not hold spam and ham counts")
         return counts[0], counts[1]
@@ -321,9 +321,9 @@ class SpamFilter:
             reply = self.spamd.check(message, context.user)
             return Report(reply.score, reply.symbols)
         if self.rspamd is not None:
-            reply = self.rspamd.check(message, context.user, context.uid)
-            hint = reply.action in self.config.spam_actions
-            return Report(reply.score, reply.symbols, hint, note=f"action {reply.action}")
+            answer = self.rspamd.check(message, context.user, context.uid)
+            hint = answer.action in self.config.spam_actions
+            return Report(answer.score, answer.symbols, hint, note=f"action {answer.action}")
         return self._builtin(message)
 
     def _builtin(self, message: bytes) -> Report:
@@ -357,7 +357,7 @@ class SpamFilter:
         verdict = f"{'spam' if spam else 'ham'}, score {format_score(report.score)}/{format_score(required)}"
         if report.note:
             verdict += f", {report.note}"
-        action = "quarantine" if spam and self.config.action == "quarantine" else "deliver"
+        action: Action = "quarantine" if spam and self.config.action == "quarantine" else "deliver"
         return FilterOutcome(tagged, verdict=verdict, action=action)
 
 

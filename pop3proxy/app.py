@@ -6,19 +6,20 @@ import logging
 import os
 import signal
 import socket
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import trio
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError, StartupError
+from pop3proxy.net.backend_api import Backend
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
-from pop3proxy.net.backend_api import Backend
-from pop3proxy.net.port_claim import bind_error, claim_bound
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
+from pop3proxy.net.port_claim import bind_error, claim_bound
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.net.tls import server_context
 from pop3proxy.proxy.local import LocalBackend
@@ -127,7 +128,7 @@ def log_listening(settings: Settings, ports: Ports, stls: bool) -> None:
 
 
 async def start_services(nursery: trio.Nursery, settings: Settings, backend: Backend, gate: Gate,
-                         tls_context: Callable[[], object], ports: Ports) -> None:
+                         tls_context: Callable[[], ssl.SSLContext | None], ports: Ports) -> None:
     """What runs once per service whatever the number of POP3 workers: the SMTP relay with its queue
     runner, the metrics endpoint and the web console (which shares the POP3 logins' gate)."""
     if settings.smtp.port is not None:

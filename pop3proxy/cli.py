@@ -8,8 +8,8 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from pop3proxy import __version__
 from pop3proxy.config import ConfigError, Settings, find_config, load_settings, masked
@@ -39,7 +39,7 @@ def _settings(args: argparse.Namespace, **overrides) -> Settings:
         raise CliError(f"config error: {exc}", EXIT_USAGE) from None
 
 
-def _run(main: Callable[[], object]) -> None:
+def _run(main: Callable[[], Awaitable[object]]) -> None:
     import trio
 
     from pop3proxy.errors import ListenError, StartupError
@@ -114,7 +114,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"# effective configuration from {source or '(built-in defaults)'} and POP3PROXY_* variables")
     print(json.dumps(masked(settings), indent=2, default=str))
     if settings.standalone and settings.local.users_file is None:
-        print("warning: neither upstream.host nor local.users_file is set: `serve` has nothing to serve", file=sys.stderr)
+        print("warning: neither upstream.host nor local.users_file is set: `serve` has nothing to serve",
+              file=sys.stderr)
     return 0
 
 
@@ -187,6 +188,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from pop3proxy.app import build_backend
     from pop3proxy.errors import StartupError
     from pop3proxy.net.endpoint import UpstreamError
+    from pop3proxy.proxy.backend import ProxyBackend
     from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenUnavailable
     from pop3proxy.store.api import MailboxBusy, StateError
 
@@ -194,6 +196,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         backend = build_backend(settings)
     except StartupError as exc:
         raise CliError(str(exc)) from None
+    assert isinstance(backend, ProxyBackend)  # a provider is configured (checked above)
     names = [name for name in names if name in backend.passwords or name in backend.oauth]
     if not names:
         raise CliError("no account has a password source (password_file or password_env) or oauth2 to sync with")
@@ -389,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--account", help="only this [accounts] entry")
     sync.set_defaults(func=cmd_sync)
 
-    filt = with_config(sub.add_parser("filter", help="run the configured filters on message files and show what they do"))
+    filt = with_config(
+        sub.add_parser("filter", help="run the configured filters on message files and show what they do"))
     filt.add_argument("files", nargs="+", metavar="FILE", help="a message file (RFC 5322, as a mail provider sends it)")
     filt.add_argument("--user", default="cli", help="user name the filters see (default: cli)")
     filt.set_defaults(func=cmd_filter)
@@ -406,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         act.add_argument("--user", help="only this user's held mail (default: every user)")
         act.set_defaults(func=cmd_held)
 
-    queue = with_config(sub.add_parser("queue", help="list, retry now or delete outgoing mail waiting for the provider"))
+    queue = with_config(
+        sub.add_parser("queue", help="list, retry now or delete outgoing mail waiting for the provider"))
     queue.add_argument("action", choices=["list", "flush", "delete"])
     queue.add_argument("ids", nargs="*", metavar="ID", help="queue entries (default: all; delete needs them)")
     queue.set_defaults(func=cmd_queue)

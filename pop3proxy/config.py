@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -52,7 +53,8 @@ def usable_cpus() -> int:
 
 class ListenSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the POP3 listeners bind to.")
-    port: int | None = Field(1110, ge=0, le=65535, description="Plain POP3 port (STLS offered when a certificate is set); empty to disable.")
+    port: int | None = Field(
+        1110, ge=0, le=65535, description="Plain POP3 port (STLS offered when a certificate is set); empty to disable.")
     tls_port: int | None = Field(None, ge=0, le=65535, description="Implicit TLS (POP3S) port; unset disables it.")
     certfile: Path | None = Field(None, description="PEM certificate chain for STLS and POP3S.")
     keyfile: Path | None = Field(None, description="PEM private key; defaults to certfile.")
@@ -60,8 +62,10 @@ class ListenSettings(_Section):
         "loopback",
         description="Where USER/PASS and AUTH PLAIN are allowed without TLS: loopback clients only, always, or never.",
     )
-    idle_timeout: float = Field(600.0, gt=0, description="Seconds a client may stay silent (RFC 1939 asks for at least 10 minutes).")
-    max_sessions: int = Field(1000, ge=1, description="Concurrent client sessions; further clients get -ERR [SYS/TEMP].")
+    idle_timeout: float = Field(
+        600.0, gt=0, description="Seconds a client may stay silent (RFC 1939 asks for at least 10 minutes).")
+    max_sessions: int = Field(
+        1000, ge=1, description="Concurrent client sessions; further clients get -ERR [SYS/TEMP].")
     login_timeout: float = Field(
         60.0, gt=0, description="Seconds from the greeting to a successful login, however active the client is."
     )
@@ -73,7 +77,8 @@ class ListenSettings(_Section):
     )
     tls_handshake_timeout: float = Field(30.0, gt=0, description="Seconds a client has to finish a TLS handshake.")
     tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = Field(
-        "1.2", description="Lowest TLS version offered to clients; 1.0/1.1 only for legacy clients (logged as a warning)."
+        "1.2", description="Lowest TLS version offered to clients; 1.0/1.1 only for legacy clients (logged as a "
+        "warning)."
     )
     max_sessions_per_address: int = Field(50, ge=1, description="Concurrent sessions from one client address.")
     max_bad_commands: int = Field(20, ge=1, description="Invalid commands a session may send before it is closed.")
@@ -84,7 +89,7 @@ class ListenSettings(_Section):
     )
 
     @model_validator(mode="after")
-    def _tls_needs_cert(self) -> "ListenSettings":
+    def _tls_needs_cert(self) -> ListenSettings:
         if self.tls_port is not None and self.certfile is None:
             raise ValueError("tls_port needs certfile (and keyfile) to be set")
         if self.port is None and self.tls_port is None:
@@ -93,19 +98,26 @@ class ListenSettings(_Section):
 
 
 class UpstreamSettings(_Section):
-    host: str | None = Field(None, description="The provider's POP3 server; unset means standalone mode (local users file).")
-    port: int | None = Field(None, ge=1, le=65535, description="Provider port; default 995 for implicit TLS, 110 otherwise.")
-    tls: Literal["implicit", "starttls", "none"] = Field("implicit", description="How to secure the provider connection.")
+    host: str | None = Field(
+        None, description="The provider's POP3 server; unset means standalone mode (local users file).")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Provider port; default 995 for implicit TLS, 110 otherwise.")
+    tls: Literal["implicit", "starttls", "none"] = Field(
+        "implicit", description="How to secure the provider connection.")
     ca_file: str = Field("", description="CA bundle to verify the provider; empty uses the system trust store.")
     tls_min_version: Literal["1.2", "1.3"] = Field("1.2", description="Lowest TLS version accepted from the provider.")
     auth: list[Literal["apop", "plain", "user"]] = Field(
         ["plain", "user", "apop"], description="Login methods to try upstream, in order of preference."
     )
-    delete: Literal["mirror", "after_fetch", "never"] = Field("mirror", description="What happens upstream to mail the client deletes.")
-    delete_after_days: int | None = Field(None, ge=0, description="Also delete upstream copies older than this many days once cached.")
+    delete: Literal["mirror", "after_fetch", "never"] = Field(
+        "mirror", description="What happens upstream to mail the client deletes.")
+    delete_after_days: int | None = Field(
+        None, ge=0, description="Also delete upstream copies older than this many days once cached.")
     early_connect: bool = Field(
-        True, description="Connect to this provider while a client greets (saves a round trip; needed for APOP and CRAM-MD5).")
-    early_connections: int = Field(64, ge=0, description="Most provider connections opened early at once; more clients are served without.")
+        True, description="Connect to this provider while a client greets (saves a round trip; needed for APOP and "
+        "CRAM-MD5).")
+    early_connections: int = Field(
+        64, ge=0, description="Most provider connections opened early at once; more clients are served without.")
     pass_challenges: list[Literal["apop", "cram-md5"]] = Field(
         ["apop"], description="Challenge-response logins passed to the default provider when it offers them "
         "(its APOP timestamp in the greeting, its CRAM-MD5 challenge relayed); such sessions have no offline login.")
@@ -115,11 +127,16 @@ class UpstreamSettings(_Section):
         False, description="The providers tell user names apart by case (Bob is not bob): one cache per spelling."
     )
     vanished: Literal["keep", "drop"] = Field(
-        "keep", description="Cached messages the provider no longer lists: keep serving them, or drop them from the cache."
+        "keep", description="Cached messages the provider no longer lists: keep serving them, or drop them from the "
+        "cache."
     )
     timeout: float = Field(30.0, gt=0, description="Connect and read timeout for the provider, in seconds.")
-    max_message_size: int = Field(256 * 1024 * 1024, ge=1024, description="Largest message fetched from the provider, octets; a larger one fails that sync.")
-    max_listing: int = Field(1_000_000, ge=1, description="Most entries accepted in the provider's LIST or UIDL answer; more fail that sync.")
+    max_message_size: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Largest message fetched from the provider, octets; a larger one "
+        "fails that sync.")
+    max_listing: int = Field(
+        1_000_000, ge=1, description="Most entries accepted in the provider's LIST or UIDL answer; more fail that "
+        "sync.")
 
     def effective_port(self) -> int:
         if self.port is not None:
@@ -165,17 +182,19 @@ class OAuth2Settings(_Section):
     client_secret: str | None = Field(None, description="Client secret, for confidential clients.")
     client_secret_file: Path | None = Field(None, description="File holding the client secret (mode 0600).")
     grant: Literal["user", "client_credentials"] = Field(
-        "user", description="user: a person authorises once (device or browser flow); client_credentials: a service principal.")
+        "user", description="user: a person authorises once (device or browser flow); client_credentials: a service "
+        "principal.")
     token_url: str | None = None
     authorization_url: str | None = None
     device_url: str | None = None
     scopes: list[str] | None = Field(None, description="Scopes to ask for (default: the preset's).")
     refresh_margin: float = Field(300.0, ge=0, description="Seconds before expiry at which a token is refreshed.")
-    retry_max: float = Field(300.0, gt=0, description="Longest wait between retries of a refresh that failed transiently.")
+    retry_max: float = Field(
+        300.0, gt=0, description="Longest wait between retries of a refresh that failed transiently.")
     timeout: float = Field(30.0, gt=0, description="Seconds an authorization-server request may take.")
 
     @model_validator(mode="after")
-    def _complete(self) -> "OAuth2Settings":
+    def _complete(self) -> OAuth2Settings:
         if self.client_secret is not None and self.client_secret_file is not None:
             raise ValueError("give client_secret or client_secret_file, not both")
         if self.provider is None and not self.token_url:
@@ -211,7 +230,8 @@ class AccountSettings(_Section):
     smtp_port: int | None = Field(None, ge=1, le=65535)
     smtp_tls: Literal["implicit", "starttls", "none"] | None = None
     oauth2: OAuth2Settings | None = Field(
-        None, description="Log in to the provider with OAuth2; the client logs in with a local password (`pop3proxy passwd`).")
+        None, description="Log in to the provider with OAuth2; the client logs in with a local password (`pop3proxy "
+        "passwd`).")
 
 
 class CacheSettings(_Section):
@@ -222,7 +242,8 @@ class CacheSettings(_Section):
 class SyncSettings(_Section):
     login_budget: float = Field(20.0, gt=0, description="Seconds a login may spend fetching new mail before answering.")
     interval: float = Field(300.0, gt=0, description="Background prefetch period for accounts with a password source.")
-    deadline: float = Field(600.0, gt=0, description="Seconds a whole sync pass may take before it is stopped (a trickling provider).")
+    deadline: float = Field(
+        600.0, gt=0, description="Seconds a whole sync pass may take before it is stopped (a trickling provider).")
     auth_cache_ttl: float = Field(
         0.0, ge=0, description="Seconds a password the provider accepted is trusted for a login served at once "
         "from the cache (the provider is asked in the background); 0: off.")
@@ -253,26 +274,37 @@ class LocalSettings(_Section):
 
 
 class ThrottleSettings(_Section):
-    max_failures: int = Field(5, ge=1, description="Failed logins of one account from one client address before further attempts of that pair are refused without asking the provider; past it, attempts on the account from anywhere are delayed by max_delay.")
-    address_failures: int = Field(20, ge=1, description="Failed logins from one client address, across accounts, before every login from it is refused.")
+    max_failures: int = Field(
+        5, ge=1, description="Failed logins of one account from one client address before further attempts of that "
+        "pair are refused without asking the provider; past it, attempts on the account from anywhere are delayed by "
+        "max_delay.")
+    address_failures: int = Field(
+        20, ge=1, description="Failed logins from one client address, across accounts, before every login from it is "
+        "refused.")
     window: float = Field(900.0, gt=0, description="Seconds over which failed logins are counted.")
-    base_delay: float = Field(0.5, ge=0, description="Delay before answering a failed login; doubles with each further failure.")
+    base_delay: float = Field(
+        0.5, ge=0, description="Delay before answering a failed login; doubles with each further failure.")
     max_delay: float = Field(8.0, ge=0, description="Longest delay before answering a failed login.")
 
 
 class SmtpUpstreamSettings(_Section):
     host: str | None = Field(None, description="The provider's submission server.")
-    port: int | None = Field(None, ge=1, le=65535, description="Submission port; default 465 for implicit TLS, 587 otherwise.")
-    tls: Literal["implicit", "starttls", "none"] = Field("starttls", description="How to secure the submission connection.")
-    ca_file: str = Field("", description="CA bundle to verify the submission server; empty uses the system trust store.")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Submission port; default 465 for implicit TLS, 587 otherwise.")
+    tls: Literal["implicit", "starttls", "none"] = Field(
+        "starttls", description="How to secure the submission connection.")
+    ca_file: str = Field(
+        "", description="CA bundle to verify the submission server; empty uses the system trust store.")
     timeout: float = Field(60.0, gt=0, description="Connect and read timeout, seconds.")
 
 
 class SmtpSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the SMTP submission listener binds to.")
-    port: int | None = Field(None, ge=0, le=65535, description="Submission listener port (plain + STARTTLS); unset disables the relay.")
+    port: int | None = Field(
+        None, ge=0, le=65535, description="Submission listener port (plain + STARTTLS); unset disables the relay.")
     queue_dir: Path | None = Field(None, description="Outgoing queue; default <cache.root>/.queue.")
-    give_up_after: float = Field(5 * 86400.0, gt=0, description="Seconds to keep retrying queued mail before bouncing it.")
+    give_up_after: float = Field(
+        5 * 86400.0, gt=0, description="Seconds to keep retrying queued mail before bouncing it.")
     max_message_size: int = Field(50 * 1024 * 1024, ge=1024, description="Largest message accepted, in octets.")
     upstream: SmtpUpstreamSettings = Field(default_factory=SmtpUpstreamSettings)
 
@@ -284,10 +316,13 @@ class MetricsSettings(_Section):
 
 class WebSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the web console binds to.")
-    port: int | None = Field(None, ge=0, le=65535, description="Web console port (HTTPS when listen.certfile is set); unset disables it.")
-    admins: list[str] = Field(default_factory=list, description="Users who may see and act on every account in the console.")
+    port: int | None = Field(
+        None, ge=0, le=65535, description="Web console port (HTTPS when listen.certfile is set); unset disables it.")
+    admins: list[str] = Field(
+        default_factory=list, description="Users who may see and act on every account in the console.")
     session_lifetime: float = Field(3600.0, gt=0, description="Seconds a console sign-in stays valid.")
-    max_sessions: int = Field(1000, ge=1, description="Console sessions kept at once; the oldest is signed out beyond it.")
+    max_sessions: int = Field(
+        1000, ge=1, description="Console sessions kept at once; the oldest is signed out beyond it.")
 
 
 class LogSettings(_Section):
@@ -306,7 +341,8 @@ class Settings(BaseSettings):
 
     listen: ListenSettings = Field(default_factory=ListenSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
-    routes: dict[str, RouteSettings] = Field(default_factory=dict, description="Domain → provider, for user@domain logins.")
+    routes: dict[str, RouteSettings] = Field(
+        default_factory=dict, description="Domain → provider, for user@domain logins.")
     accounts: dict[str, AccountSettings] = Field(default_factory=dict, description="Per-user overrides.")
     cache: CacheSettings = Field(default_factory=CacheSettings)
     sync: SyncSettings = Field(default_factory=SyncSettings)
@@ -363,14 +399,18 @@ def find_config(path: Path | None) -> Path | None:
     return None
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown setting"
-    if "input" in error and error["type"] not in ("missing",) and not isinstance(error["input"], (dict, list)):
-        if not any(secret in key.lower() for secret in SECRET_KEYS):
-            return f"{key}: {message} (got {error['input']!r})"
+    if (
+        "input" in error
+        and error["type"] not in ("missing",)
+        and not isinstance(error["input"], (dict, list))
+        and not any(secret in key.lower() for secret in SECRET_KEYS)
+    ):
+        return f"{key}: {message} (got {error['input']!r})"
     return f"{key}: {message}"
 
 

@@ -89,7 +89,8 @@ Claim your prize now.
 {GTUBE}
 """
     )
-    payload = base64.encodebytes(b"MZ\x90\x00" + b"\x00" * 60 + b"This program cannot be run in DOS mode.").decode("ascii")
+    stub = b"MZ\x90\x00" + b"\x00" * 60 + b"This program cannot be run in DOS mode."
+    payload = base64.encodebytes(stub).decode("ascii")
     parcel = _crlf(
         f"""From: "Parcel Service" <noreply@parcels.example>
 To: demo@pop3proxy.example
@@ -130,7 +131,8 @@ def try_it_lines(host: str, port: int, web_port: int | None = None) -> str:
             f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/        # list messages",
             f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/1       # read message 1",
             f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/3       # spam, tagged X-Spam-Flag: YES",
-            f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/4       # its .exe attachment replaced by a note",
+            f"  curl -s pop3://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/4       "
+            "# its .exe attachment replaced by a note",
             f"  python3 -c \"import poplib; p = poplib.POP3('{host}', {port}); p.user('{DEMO_USER}'); "
             f"p.pass_('{DEMO_PASSWORD}'); print(p.stat()); print(b'\\n'.join(p.retr(1)[1]).decode()); p.quit()\"",
             *web,

@@ -31,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
@@ -379,8 +380,8 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # logged in one line: no traceback on the user's terminal
-        exc = sole_exception(exc)
-        log.error("worker process %d failed: %s: %s", payload.get("index", -1), type(exc).__name__, exc)
+        error = sole_exception(exc)
+        log.error("worker process %d failed: %s: %s", payload.get("index", -1), type(error).__name__, error)
         return 1
     return 0
 

@@ -133,7 +133,7 @@ class DiskCollector:
         yield octets
 
 
-_disk_collector: "DiskCollector | None" = None
+_disk_collector: DiskCollector | None = None
 _disk_lock = threading.Lock()
 
 

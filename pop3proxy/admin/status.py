@@ -25,10 +25,11 @@ from typing import IO
 from pop3proxy.config import queue_dir
 from pop3proxy.ops.units import human_age, human_size, utc
 from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, load_tokens
+from pop3proxy.store.api import StateError
+from pop3proxy.store.base import Mailbox
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import REMOVED_DIRS, encode_user
-from pop3proxy.store.api import StateError
 from pop3proxy.store.state_read import account_name, read_state
 from pop3proxy.store.tokens_api import local_token_store
 from pop3proxy.submission.queue import OutQueue
@@ -75,6 +76,7 @@ def _account(directory: Path) -> AccountStatus:
     except StateError as exc:
         status.problem = f"state database unreadable: {exc}"
     try:
+        mailbox: Mailbox | None
         if (directory / "Maildir").is_dir():
             mailbox = MaildirMailbox(directory / "Maildir", create=False)
         elif (directory / "mbox").is_file():
@@ -120,10 +122,10 @@ def collect_status(settings) -> list[AccountStatus]:
                 directory_name = encode_user(entry.cache_id)
             except ValueError:
                 directory_name = ""
-            status = by_dir.get(directory_name) or found.get(entry.cache_id) or found.get(entry.login)
-            if status is None:
-                status = found[entry.cache_id] = AccountStatus(entry.cache_id)
-            status.queued.append(entry)
+            owner = by_dir.get(directory_name) or found.get(entry.cache_id) or found.get(entry.login)
+            if owner is None:
+                owner = found[entry.cache_id] = AccountStatus(entry.cache_id)
+            owner.queued.append(entry)
     now = time.time()
     for status in found.values():
         status.oauth2 = oauth2_state(settings, status.name, now)
@@ -165,7 +167,8 @@ def format_status(accounts: list[AccountStatus], settings, now: float | None = N
             lines.append("  cached      nothing yet")
         else:
             lines.append(f"  cached      {_plural(status.messages, 'message')}, {human_size(status.octets)}")
-        lines.append(f"  held        {status.held}" + (f", stripped parts kept {status.removed_parts}" if status.removed_parts else ""))
+        kept = f", stripped parts kept {status.removed_parts}" if status.removed_parts else ""
+        lines.append(f"  held        {status.held}" + kept)
         if status.queued:
             soonest = min(entry.next_try for entry in status.queued)
             errors = [entry.last_error for entry in status.queued if entry.last_error]

@@ -7,9 +7,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.header import Header
-from typing import Iterable
 
 log = logging.getLogger("pop3proxy.filters")
 

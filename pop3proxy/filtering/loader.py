@@ -109,7 +109,7 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     return ".".join(map(str, first["loc"])), first["msg"]
 
 
-def load_filter(table: dict[str, Any], index: int = 0) -> tuple["Filter", CommonOptions]:
+def load_filter(table: dict[str, Any], index: int = 0) -> tuple[Filter, CommonOptions]:
     """Build one filter from its ``[[filters]]`` table; every problem names the filter."""
     where = f"filters[{index}]"
     common_keys = set(CommonOptions.model_fields)
@@ -130,11 +130,13 @@ def load_filter(table: dict[str, Any], index: int = 0) -> tuple["Filter", Common
     if config_model is not None and not (inspect.isclass(config_model) and issubclass(config_model, BaseModel)):
         raise FilterConfigError(f"{label}: its Config is not a pydantic model")
     options = {k: v for k, v in table.items() if k not in common_keys}
+    # A class whatever its signature; what its instances are is checked below (callable, its call's arguments).
+    factory: Callable[..., Any] = cls
     try:
         if config_model is None:
             if options:
                 raise FilterConfigError(f"{label}: unknown option(s) {', '.join(sorted(options))}")
-            instance = cls()
+            instance = factory()
         else:
             lenient = config_model.model_config.get("extra") in (None, "ignore")
             if lenient:  # pydantic would drop a misspelt option silently
@@ -143,7 +145,7 @@ def load_filter(table: dict[str, Any], index: int = 0) -> tuple["Filter", Common
                 if unknown:
                     raise FilterConfigError(f"{label}: unknown option(s) {', '.join(sorted(unknown))}")
             model = config_model.model_validate(options)
-            instance = cls(model)
+            instance = factory(model)
     except FilterConfigError:
         raise
     except ValidationError as exc:

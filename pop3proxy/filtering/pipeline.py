@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -77,7 +78,7 @@ class Pipeline:
         self._pooled: list[dict[str, Any] | None] = [None] * len(self.filters)
         if processes > 0 and tables is not None and len(tables) == len(self.filters):
             self._pooled = [dict(table) if cpu_bound(flt) else None
-                            for table, (flt, _) in zip(tables, self.filters)]
+                            for table, (flt, _) in zip(tables, self.filters, strict=True)]
         self.pool = ProcessPool(processes) if any(t is not None for t in self._pooled) else None
         self.concurrency = concurrency
 

@@ -5,7 +5,8 @@ the `Maildrop` it returns (the messages of one locked mailbox).
 from __future__ import annotations
 
 import logging
-from typing import BinaryIO, Sequence
+from collections.abc import Sequence
+from typing import BinaryIO
 
 import trio
 

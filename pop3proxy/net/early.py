@@ -12,8 +12,8 @@ import logging
 
 import trio
 
-from pop3proxy.net.endpoint import Endpoint, UpstreamError
 from pop3proxy.net import password_login
+from pop3proxy.net.endpoint import Endpoint, UpstreamError
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 
 log = logging.getLogger("pop3proxy.upstream")

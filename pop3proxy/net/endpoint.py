@@ -27,7 +27,7 @@ _AUTH_CODES = ("IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM", "AUTH")
 
 
 # What a client is told when the provider refuses a login with one of these RFC 3206 codes.
-AUTH_TEXT = {
+AUTH_TEXT: dict[str | None, str] = {  # by response code (None: the provider gave none)
     "AUTH": "invalid user name or password",
     "IN-USE": "the mailbox is in use at the mail provider",
     "LOGIN-DELAY": "the mail provider asks to wait before logging in again",

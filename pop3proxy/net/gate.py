@@ -32,7 +32,7 @@ class Attempt:
     blocked: bool
     delay: float = 0.0
     ok: bool = False
-    _gate: "Gate | None" = None
+    _gate: Gate | None = None
     _address: str = ""
     _account: str = ""
     _ref: int = 0  # the parent's name for it (`RemoteGate`)

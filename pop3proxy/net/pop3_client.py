@@ -1,6 +1,6 @@
 """The POP3 client towards a provider (trio): connect (implicit TLS, STLS or none, verified),
-log in (USER/PASS, AUTH PLAIN, APOP; an OAuth2 bearer token with XOAUTH2 or OAUTHBEARER), list, fetch and delete. Every read is under a deadline
-and trio's errors are mapped to `UpstreamError`s.
+log in (USER/PASS, AUTH PLAIN, APOP; an OAuth2 bearer token with XOAUTH2 or OAUTHBEARER), list, fetch
+and delete. Every read is under a deadline and trio's errors are mapped to `UpstreamError`s.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class UpstreamClient:
             with trio.fail_after(self.endpoint.timeout):
                 await self._stream.send_all(line)
 
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | bytearray:
         with self._io_errors("while waiting for the provider"):
             with trio.fail_after(self.endpoint.timeout):
                 data = await self._stream.receive_some(RECEIVE_SIZE)
@@ -493,7 +493,5 @@ class UpstreamClient:
             await trio.aclose_forcefully(self._stream)
             return
         with trio.move_on_after(self.endpoint.timeout):
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await self._stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass

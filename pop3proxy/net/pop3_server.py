@@ -11,17 +11,18 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import trio
 
 from pop3proxy import pop3 as p
 from pop3proxy.errors import LoginError, sole_exception
 from pop3proxy.net.addresses import is_loopback
+from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.gate import Gate
-from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
 from pop3proxy.pop3 import session as s
@@ -60,7 +61,7 @@ class ServerState:
     gate: Gate | None = None  # sessions (all, per address) and the login throttle; built from config if None
     stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0, "evicted": 0})
     # Connections still in AUTHORIZATION, oldest first (dicts keep insertion order).
-    unauthenticated: dict["_Connection", None] = field(default_factory=dict)
+    unauthenticated: dict[_Connection, None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.gate is None:
@@ -76,7 +77,7 @@ class ServerState:
                 return True
         return False
 
-    def admit(self, conn: "_Connection") -> None:
+    def admit(self, conn: _Connection) -> None:
         """Count a new pre-login connection; beyond the cap, close an old idle one to make room, so
         that idle or trickling connections can never keep a real user from logging in."""
         if len(self.unauthenticated) >= self.config.max_unauthenticated:
@@ -345,16 +346,16 @@ class _Connection:
             and isinstance(self.stream, trio.SocketStream)
         ):
             try:
-                f = await trio.to_thread.run_sync(_open_for_sendfile, maildrop, action.key, action.size)
+                sendable = await trio.to_thread.run_sync(_open_for_sendfile, maildrop, action.key, action.size)
             except (OSError, KeyError, ValueError):
-                f = None
-            if f is not None:
+                sendable = None
+            if sendable is not None:
                 try:
                     self._queue(action.status)
                     await self.flush()
-                    await self._sendfile(f, action.size)
+                    await self._sendfile(sendable, action.size)
                 finally:
-                    f.close()
+                    sendable.close()
                 self._queue(b".\r\n")
                 return
         try:
@@ -429,7 +430,8 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         if verdict == "full" and state.make_room():  # the session closed for room leaves soon
             verdict = await state.gate.admit(address, force=True)
         if verdict != "ok":
-            refusal = "too many sessions, try again later" if verdict == "full" else "too many sessions from your address"
+            refusal = ("too many sessions, try again later" if verdict == "full"
+                       else "too many sessions from your address")
             with trio.move_on_after(5):
                 await stream.send_all(p.err(refusal, "SYS/TEMP"))
             return

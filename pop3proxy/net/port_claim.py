@@ -94,11 +94,12 @@ def claim(ip: str, port: int) -> socket.socket | None:
             return None
         holder = _holder(_name(ip, port))
         if holder is None:
-            raise PortInUse(errno.EADDRINUSE, "already in use by another pop3proxy (its pid could not be found)")
+            raise PortInUse(errno.EADDRINUSE,
+                            "already in use by another pop3proxy (its pid could not be found)") from exc
         if holder[1] != me:
             log.warning("the claim of port %d is held by another user (pid %d); not checked", port, holder[0])
             return None
-        raise PortInUse(errno.EADDRINUSE, f"already in use by pop3proxy serve ({describe_holder(holder[0])})")
+        raise PortInUse(errno.EADDRINUSE, f"already in use by pop3proxy serve ({describe_holder(holder[0])})") from exc
     for name in _claimed_names(port) - {_name(ip, port)}:
         other = name[len(PREFIX):].rsplit(":", 1)[0]
         holder = _holder(name) if _overlaps(ip, other) else None

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
@@ -85,7 +85,8 @@ class RemoteGate(Gate):
             try:
                 while True:
                     reply = await self._lines.receive()
-                    waiter = self._waiting.pop(reply.get("id"), None)
+                    ident: Any = reply.get("id")  # a JSON value from the peer: a key of ours or not
+                    waiter = self._waiting.pop(ident, None)
                     if waiter is not None:
                         waiter[1].append(reply)
                         waiter[0].set()
@@ -111,7 +112,7 @@ class RemoteGate(Gate):
     def _start(self, message: dict[str, Any]) -> tuple[int, trio.Event, list[dict]]:
         self._next_id += 1
         ident = self._next_id
-        event, box = trio.Event(), []
+        event, box = trio.Event(), list[dict]()
         self._waiting[ident] = (event, box)
         self._notify({**message, "id": ident})
         return ident, event, box
@@ -207,7 +208,9 @@ class GateServer:
                 except (ChannelClosed, ValueError):
                     return
                 op = request.get("op")
-                ident = request.get("id")
+                # JSON values from the worker: an id it chose, or the id (ref) of an earlier request
+                ident: Any = request.get("id")
+                ref: Any = request.get("ref")
                 reply: dict[str, Any] | None = None
                 if op == "admit":
                     address = str(request.get("addr", ""))
@@ -216,9 +219,9 @@ class GateServer:
                         sessions[ident] = address
                     reply = {"id": ident, "verdict": verdict}
                 elif op == "leave":
-                    address = sessions.pop(request.get("ref"), None)
-                    if address is not None:
-                        gate.leave(address)
+                    left = sessions.pop(ref, None)
+                    if left is not None:
+                        gate.leave(left)
                 elif op == "begin":
                     address, account = str(request.get("addr", "")), str(request.get("acct", ""))
                     blocked, delay = gate.begin(address, account)
@@ -226,14 +229,14 @@ class GateServer:
                         logins[ident] = (address, account)
                     reply = {"id": ident, "blocked": blocked, "delay": delay}
                 elif op == "failed":
-                    held = logins.pop(request.get("ref"), None)
+                    held = logins.pop(ref, None)
                     if held is not None:  # no longer in flight, a failure: never both, never neither
                         delay = gate.throttle.failed_attempt(*held)
                     else:
                         delay = gate.throttle.failed(str(request.get("addr", "")), str(request.get("acct", "")))
                     reply = {"id": ident, "delay": delay}
                 elif op == "end":
-                    held = logins.pop(request.get("ref"), None)
+                    held = logins.pop(ref, None)
                     if held is not None:
                         gate.end(*held, bool(request.get("ok")))
                     if ident is not None:

@@ -33,7 +33,8 @@ import re
 import sys
 import threading
 import time
-from typing import IO, Iterable
+from collections.abc import Iterable
+from typing import IO
 
 __all__ = ["MIN_MASKED", "JsonFormatter", "RedactingFilter", "TextFormatter", "add_secrets", "redact",
            "setup_logging"]
@@ -155,7 +156,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False, default=str)
 
 
-def setup_logging(log_settings, stream: IO[str] | None = None, *, secrets: Iterable[str | None] = ()) -> logging.Handler:
+def setup_logging(log_settings, stream: IO[str] | None = None, *,
+                  secrets: Iterable[str | None] = ()) -> logging.Handler:
     """Configure the root logger from a ``[log]`` section (``level``, ``format``); returns the handler."""
     level = getattr(logging, str(getattr(log_settings, "level", "info")).upper(), logging.INFO)
     fmt = getattr(log_settings, "format", "text")

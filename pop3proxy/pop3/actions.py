@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol
 
 
 class MessageInfo(Protocol):
@@ -83,4 +83,4 @@ class Close:
     """Close the connection (after flushing what was sent)."""
 
 
-Action = Union[Send, SendMessage, Authenticate, Challenge, StartTLS, Update, Close]
+Action = Send | SendMessage | Authenticate | Challenge | StartTLS | Update | Close

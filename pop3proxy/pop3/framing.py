@@ -54,12 +54,7 @@ class LineReader:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    @property
-    def in_data(self) -> bool:
-        """True while the body of a multi-line reply is being read."""
-        return self._in_data
-
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def discard_buffer(self) -> int:
@@ -174,7 +169,7 @@ class ReplyReader:
         """Queue the kind of the next reply (multi-line if positive)."""
         self._expected.append(multiline)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def next_event(self) -> Event | NeedData:

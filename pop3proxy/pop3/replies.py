@@ -1,4 +1,5 @@
-"""Formatting of server replies: +OK / -ERR status lines, multi-line replies, SASL continuations, response codes (RFC 1939, 2449, 5034)."""
+"""Formatting of server replies: +OK / -ERR status lines, multi-line replies, SASL continuations,
+response codes (RFC 1939, 2449, 5034)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from pop3proxy.pop3 import replies, sasl
 from pop3proxy.pop3.actions import (
@@ -151,7 +151,7 @@ class Session:
     def greeting(self) -> bytes:
         return replies.ok(f"{self._greeting} {self.apop_timestamp}" if self.apop_timestamp else self._greeting)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         self._reader.receive_data(data)
 
     @property
@@ -175,10 +175,13 @@ class Session:
                 return self._bad(replies.err("authentication line too long", "AUTH"))
             return self._bad(replies.err("command line too long"))
         assert isinstance(event, Line)
-        if not sasl and len(event.data) + 2 > MAX_COMMAND_LINE:
-            # Only credentials may be long; every other command keeps RFC 2449's 255 octets.
-            if event.data.split(b" ", 1)[0].upper() not in CREDENTIAL_COMMANDS:
-                return self._bad(replies.err("command line too long"))
+        # Only credentials may be long; every other command keeps RFC 2449's 255 octets.
+        if (
+            not sasl
+            and len(event.data) + 2 > MAX_COMMAND_LINE
+            and event.data.split(b" ", 1)[0].upper() not in CREDENTIAL_COMMANDS
+        ):
+            return self._bad(replies.err("command line too long"))
         if sasl:
             self._pending = _Pending.NOTHING
             return self._sasl_response(event.data)

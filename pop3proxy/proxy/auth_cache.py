@@ -3,8 +3,9 @@ the cache at once; the provider is asked in the background, and an entry it refu
 
 Only a keyed digest of each password is kept (the key is random and lives in memory only, shared by the
 worker processes of one service); a different password never uses an entry. An entry is a small file in
-the account's cache directory, so that every worker process serves from it and a drop holds for all. The trade-off (a password changed at the provider keeps opening the cache
-until the entry expires or the background check sees it refused) is in SECURITY.md.
+the account's cache directory, so that every worker process serves from it and a drop holds for all.
+The trade-off (a password changed at the provider keeps opening the cache until the entry expires or
+the background check sees it refused) is in SECURITY.md.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.early_logins import CHALLENGE_MECHANISMS, EarlyLogins
 from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavailable
 from pop3proxy.proxy.oauth.logins import OAuthLogins
-from pop3proxy.proxy.prefetch import fresh_prefetch, mark_prefetched
 from pop3proxy.proxy.offline import check_offline_password, forget_offline_password, remember_offline_password
+from pop3proxy.proxy.prefetch import fresh_prefetch, mark_prefetched
 from pop3proxy.proxy.proxied_maildrop import Mirror, ProxyMaildrop
 from pop3proxy.proxy.routing import Route, resolve
 from pop3proxy.proxy.sync import SyncResult, recover, sync_mailbox
@@ -62,6 +62,11 @@ class SyncReport:
     done: trio.Event = field(default_factory=trio.Event)
     result: SyncResult | None = None
     store_error: Exception | None = None  # the cache could not be written
+
+
+def _close(*files: Mailbox | AccountState) -> None:
+    for file in files:
+        file.close()
 
 
 def _banner(count: int, report: SyncReport) -> str:
@@ -157,18 +162,18 @@ class ProxyBackend(Backend):
         if isinstance(password, BearerToken):
             return await self._online_session(route, await self.oauth_logins.bearer_login(route, password), password)
         if route.cache_id in self.oauth:
-            client = await self.oauth_logins.login(route, password)
-            if client is None:
+            oauth_client = await self.oauth_logins.login(route, password)
+            if oauth_client is None:
                 return await self._cached_session(route, None, OFFLINE_NOTE)
-            return await self._online_session(route, client, None)
+            return await self._online_session(route, oauth_client, None)
         if fresh_prefetch(self.root, route.cache_id, self.passwords.get(route.cache_id), password,
                           self.settings.sync.interval):
             return await self._cached_session(route, password, "")
         if self.auth_cache.matches(route.cache_id, password):
             maildrop = await self._cached_session(route, password, "")
             assert self._nursery is not None, "ProxyBackend.attach() was not called"
-            client = await early.take(route.endpoint) if early is not None and early.ready.is_set() else None
-            self._nursery.start_soon(self._check_in_background, route, password, client)
+            waiting = await early.take(route.endpoint) if early is not None and early.ready.is_set() else None
+            self._nursery.start_soon(self._check_in_background, route, password, waiting)
             return maildrop
         return await self._password_login(route, password, peer, early)
 
@@ -263,7 +268,7 @@ class ProxyBackend(Backend):
                 if not handed_over:
                     await client.aclose()
                 if files is not None:
-                    await trio.to_thread.run_sync(lambda: (files[0].close(), files[1].close()))
+                    await trio.to_thread.run_sync(_close, files[0], files[1])
                 await account.release(session=True)
             if isinstance(exc, Exception) and not isinstance(exc, LoginError):
                 log.exception("login of %r failed: internal error", route.cache_id)
@@ -363,7 +368,7 @@ class ProxyBackend(Backend):
             raise
         finally:
             self.syncing.pop(route.cache_id, None)
-            await trio.to_thread.run_sync(lambda: (mailbox.close(), state.close()))
+            await trio.to_thread.run_sync(_close, mailbox, state)
 
     # -- offline ---------------------------------------------------------------------------------
 

@@ -11,14 +11,17 @@ copies of what the client deletes go at the next sync (policy ``mirror``) rather
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from pop3proxy.errors import LoginError
+from pop3proxy.net import password_login
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.endpoint import UpstreamAuthError, UpstreamError, UpstreamUnavailable
-from pop3proxy.net.backend_api import Maildrop
-from pop3proxy.net import password_login
 from pop3proxy.net.pop3_client import UpstreamClient, connect
 from pop3proxy.proxy.routing import Route, default_endpoint
+
+if TYPE_CHECKING:
+    from pop3proxy.config import Settings
 
 log = logging.getLogger("pop3proxy.proxy")
 
@@ -68,7 +71,8 @@ class EarlyLogins:
         except UpstreamError:
             raise LoginError("the mail provider cannot be reached now", "SYS/TEMP") from None
 
-    async def connect_for_login(self, route: Route, early: EarlyUpstream | None, peer: str) -> tuple[UpstreamClient, bool]:
+    async def connect_for_login(self, route: Route, early: EarlyUpstream | None,
+                                peer: str) -> tuple[UpstreamClient, bool]:
         """A connection for this login: the early one when it is to the same provider, else a new one
         (telling the provider the client's address when configured). (client, whether it was early)."""
         client = await early.take(route.endpoint) if early is not None else None
@@ -101,8 +105,8 @@ class EarlyLogins:
         except UpstreamAuthError as exc:
             await client.aclose()
             log.info("provider refused the %s login of %r: %s", mechanism, route.cache_id, exc)
-            raise LoginError("invalid user name or password" if exc.code == "AUTH" else "login refused by the mail provider",
-                             exc.code) from None
+            reason = "invalid user name or password" if exc.code == "AUTH" else "login refused by the mail provider"
+            raise LoginError(reason, exc.code) from None
         except UpstreamUnavailable:
             await client.aclose()
             raise LoginError("the mail provider cannot be reached now (no offline login with "

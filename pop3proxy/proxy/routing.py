@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from pop3proxy.config import Settings
 from pop3proxy.errors import LoginError
@@ -28,14 +29,15 @@ class Route:
     cache_id: str  # the local cache (and lock, and state) of this provider account: see `cache_id`
 
 
-def _endpoint(settings: Settings, host: str, port: int | None, tls: str, ca_file: str | None = None) -> Endpoint:
+def _endpoint(settings: Settings, host: str, port: int | None, tls: Literal["implicit", "starttls", "none"],
+              ca_file: str | None = None) -> Endpoint:
     up = settings.upstream
     if port is None:
         port = 995 if tls == "implicit" else 110
     return Endpoint(
         host=host,
         port=port,
-        tls=tls,  # type: ignore[arg-type]
+        tls=tls,
         ca_file=ca_file if ca_file else up.ca_file,
         tls_min_version=up.tls_min_version,
         timeout=up.timeout,

@@ -9,6 +9,7 @@ settles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable
@@ -19,10 +20,10 @@ import trio
 
 from pop3proxy.filtering.api import FilterContext, FilterResult
 from pop3proxy.filtering.pipeline import Pipeline
+from pop3proxy.store.api import AccountState
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.crlf import normalise
 from pop3proxy.store.spool import Spooled
-from pop3proxy.store.state import UserState
 
 
 def digest(data: bytes) -> str:
@@ -30,10 +31,8 @@ def digest(data: bytes) -> str:
 
 
 def unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 @dataclass
@@ -71,7 +70,8 @@ class Window:
 
     async def reserve(self, size: int, items: int = 1) -> None:
         async with self._changed:
-            while (self.used and self.used + size > self.limit) or (self.count and self.count + items > self.count_limit):
+            while ((self.used and self.used + size > self.limit)
+                   or (self.count and self.count + items > self.count_limit)):
                 await self._changed.wait()
             self.used += size
             self.count += items
@@ -135,26 +135,30 @@ class FilterStage:
                 await out.send(item)
 
 
-def store_batch(state: UserState, mailbox: Mailbox, hold: Callable[[bytes, str, FilterResult], str] | None,
+def store_batch(state: AccountState, mailbox: Mailbox, hold: Callable[[bytes, str, FilterResult], str] | None,
                 batch: list[Item]) -> list[Item]:
     """Claim, write, settle, for the whole batch in one worker-thread hop: one flush to disk for all the
     messages. If this fails (or the process dies) between claim and settle, claims stay 'fetching' and
     recover() settles them. Returns the items this call stored (another claim wins over a duplicate)."""
     granted = state.begin_fetch_many([(item.uid, item.digest) for item in batch], [item.source for item in batch])
-    mine = [item for item, ok in zip(batch, granted) if ok]
-    for item, ok in zip(batch, granted):
+    mine = [item for item, ok in zip(batch, granted, strict=True) if ok]
+    for item, ok in zip(batch, granted, strict=True):
         if not ok and item.spooled is not None:
             unlink(item.spooled.path)
     settled = []
-    small = []
+    small: list[Item] = []
+    datas: list[bytes] = []
     for item in mine:
-        if item.outcome is not None and item.outcome.hold and hold is not None:
+        if item.outcome is None or item.cached is None:  # spooled: stored below (both are set together)
+            continue
+        if item.outcome.hold and hold is not None:
             item.held = True
             settled.append((item.uid, hold(item.cached, item.uid, item.outcome), item.size, "held"))
-        elif item.outcome is not None:
+        else:
             small.append(item)
-    infos = mailbox.add_many([item.cached for item in small])
-    settled += [(item.uid, info.key, info.size, "cached") for item, info in zip(small, infos)]
+            datas.append(item.cached)
+    infos = mailbox.add_many(datas)
+    settled += [(item.uid, info.key, info.size, "cached") for item, info in zip(small, infos, strict=True)]
     for item in mine:
         if item.spooled is not None:
             info = mailbox.add_file(item.spooled.path, item.spooled.size)

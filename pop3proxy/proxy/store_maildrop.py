@@ -3,7 +3,8 @@ session's cache is (`proxied_maildrop` builds on it)."""
 
 from __future__ import annotations
 
-from typing import BinaryIO, Sequence
+from collections.abc import Sequence
+from typing import BinaryIO
 
 import trio
 

@@ -22,9 +22,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import trio
 
@@ -38,9 +38,10 @@ from pop3proxy.proxy.deletion import DeletionPlan, check_policies, plan_deletion
 from pop3proxy.proxy.stages import FilterStage, Item, digest, store_batch  # noqa: F401  (digest: re-exported)
 from pop3proxy.proxy.stages import Window as _Window
 from pop3proxy.proxy.stages import unlink as _unlink
+from pop3proxy.store.api import AccountState
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.spool import Spool, Spooled
-from pop3proxy.store.state import Row, UserState
+from pop3proxy.store.state import Row
 
 log = logging.getLogger("pop3proxy.proxy.sync")
 
@@ -78,7 +79,7 @@ def _first_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def recover(mailbox: Mailbox, state: UserState) -> tuple[int, int]:
+def recover(mailbox: Mailbox, state: AccountState) -> tuple[int, int]:
     """Resolve ``fetching`` rows a crash left behind; drop files of ``deleted`` rows.
 
     Returns (claimed, dropped). Runs with the mailbox lock held and no sync in progress.
@@ -163,13 +164,13 @@ class _Listing:
         return orphans
 
 
-async def _read_listing(client: UpstreamClient, state: UserState) -> _Listing:
+async def _read_listing(client: UpstreamClient, state: AccountState) -> _Listing:
     ids = await upstream_ids(client)
     rows = {row.uid: row for row in await trio.to_thread.run_sync(state.rows)}
     return _Listing(ids, rows)
 
 
-async def _load_refused(state: UserState, listing: _Listing) -> dict[str, dict]:
+async def _load_refused(state: AccountState, listing: _Listing) -> dict[str, dict]:
     """Messages the provider refused (-ERR to RETR), still listed and still unknown: uid -> {"tries",
     "next", "reason"}. They are skipped, and asked for again with back-off."""
     raw = await trio.to_thread.run_sync(state.get_meta, REFUSED)
@@ -184,7 +185,7 @@ async def _load_refused(state: UserState, listing: _Listing) -> dict[str, dict]:
 async def sync_mailbox(
     client: UpstreamClient,
     mailbox: Mailbox,
-    state: UserState,
+    state: AccountState,
     *,
     user: str,
     pipeline: Pipeline,
@@ -235,7 +236,7 @@ class _Fetcher:
     in provider order. What waits between receiving and storing is bounded by count and by octets (a
     message bigger than max_filtered_size waits on disk, not here)."""
 
-    def __init__(self, client: UpstreamClient, mailbox: Mailbox, state: UserState, result: SyncResult, *,
+    def __init__(self, client: UpstreamClient, mailbox: Mailbox, state: AccountState, result: SyncResult, *,
                  user: str, pipeline: Pipeline, new: list[tuple[int, str]], sizes: dict[int, int],
                  refused: dict[str, dict], orphans: dict[str, list[str]], max_filtered_size: int,
                  hold: Callable[[bytes, str, FilterResult], str] | None, removed_dir: Path | None,
@@ -396,7 +397,7 @@ async def _delete_after_fetch(client: UpstreamClient, plan: DeletionPlan, fetche
     return deleted
 
 
-async def _drop_vanished(mailbox: Mailbox, state: UserState, plan: DeletionPlan, result: SyncResult,
+async def _drop_vanished(mailbox: Mailbox, state: AccountState, plan: DeletionPlan, result: SyncResult,
                          user: str) -> None:
     """Drop the cached copies of messages the provider no longer lists (vanished = "drop")."""
     if not plan.drop:
@@ -405,13 +406,13 @@ async def _drop_vanished(mailbox: Mailbox, state: UserState, plan: DeletionPlan,
             if row.uid in plan.drop and row.status == "cached" and row.key]
     if gone:
         # The files first: a crash in between leaves rows without files, which the next pass drops.
-        await trio.to_thread.run_sync(mailbox.delete, [row.key for row in gone])
+        await trio.to_thread.run_sync(mailbox.delete, [row.key for row in gone if row.key])
         await trio.to_thread.run_sync(state.drop_rows, [row.uid for row in gone])
         result.dropped = len(gone)
         log.info("dropped %d cached messages of %r that the provider no longer lists", len(gone), user)
 
 
-async def _quit(client: UpstreamClient, state: UserState, deleted_uids: list[str], result: SyncResult) -> None:
+async def _quit(client: UpstreamClient, state: AccountState, deleted_uids: list[str], result: SyncResult) -> None:
     if deleted_uids:
         # What the deletions rely on must be on disk before the provider acts on them.
         await trio.to_thread.run_sync(state.sync_to_disk)
@@ -421,7 +422,7 @@ async def _quit(client: UpstreamClient, state: UserState, deleted_uids: list[str
         result.deleted_upstream = len(deleted_uids)
 
 
-async def delete_upstream(client: UpstreamClient, state: UserState, uids: set[str]) -> int:
+async def delete_upstream(client: UpstreamClient, state: AccountState, uids: set[str]) -> int:
     """Delete these upstream messages (mirror policy at the client's QUIT) and QUIT."""
     ids = await upstream_ids(client) if uids else {}
     numbers = [(n, uid) for n, uid in sorted(ids.items()) if uid in uids]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -36,7 +37,7 @@ class Mailbox(abc.ABC):
     def add(self, data: bytes) -> MessageInfo:
         """Store a message atomically and durably (fsync'ed) and describe it."""
 
-    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+    def add_many(self, messages: builtins.list[bytes]) -> builtins.list[MessageInfo]:
         """Store several messages; when it returns, all are durable (one flush for the batch where the
         backend can do that). A crash meanwhile leaves each message either stored whole or not at all."""
         return [self.add(data) for data in messages]
@@ -55,7 +56,7 @@ class Mailbox(abc.ABC):
     def delete(self, keys: Iterable[str]) -> None:
         """Remove messages durably; keys that are not (or no longer) present are ignored."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a deliberate no-op default, not a forgotten abstract method
         """Release what the object holds; files returned by `open()` stay usable."""
 
     def __enter__(self) -> Mailbox:

@@ -93,6 +93,7 @@ class _CrlfStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    # Narrower than RawIOBase's any writable buffer: io.BufferedReader, its only caller, passes these.
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         while self._pos >= len(self._out):
             if self._eof:
@@ -124,4 +125,4 @@ class _CrlfStream(io.RawIOBase):
 def _stream(
     source: BinaryIO, converter: _BareLfConverter | _MboxrdConverter, length: int | None = None
 ) -> BinaryIO:
-    return io.BufferedReader(_CrlfStream(source, converter, length), CHUNK)  # type: ignore[return-value]
+    return io.BufferedReader(_CrlfStream(source, converter, length), CHUNK)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -38,10 +39,8 @@ def write_new_file(
             os.fsync(fd)
     except BaseException:
         # A partial file (a full disk) must not keep the space it took.
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
         raise
     finally:
         os.close(fd)

@@ -17,16 +17,18 @@ Synchronous code, like ``store``; callers in trio run it in worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pop3proxy.filtering.api import FilterResult
 from pop3proxy.filtering.headers import split_header
@@ -82,10 +84,8 @@ def _header_text(raw: bytes) -> str:
     dropped, at most 120 characters)."""
     value = raw.split(b":", 1)[1] if b":" in raw else b""
     text = " ".join(value.decode("utf-8", "replace").split())
-    try:
+    with contextlib.suppress(Exception):  # a malformed encoded word: show it as it is
         text = str(make_header(decode_header(text)))
-    except Exception:  # a malformed encoded word: show it as it is
-        pass
     text = "".join(c if c.isprintable() else " " for c in text)
     return text if len(text) <= 120 else text[:117] + "..."
 
@@ -111,7 +111,7 @@ class HeldStore:
         self._meta = self.path / META_DIR
 
     @classmethod
-    def of_directory(cls, directory: Path, backend: str = "maildir") -> "HeldStore":
+    def of_directory(cls, directory: Path, backend: str = "maildir") -> HeldStore:
         """The held mail in a user directory whose user name is unknown: it can be listed and read."""
         store = cls.__new__(cls)
         store.root, store.user, store.backend = directory.parent, None, backend

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import itertools
 import os
@@ -25,7 +26,8 @@ _DELIVERY_TIME = re.compile(r"(\d+)\.(?:[^.]*?M(\d+))?")
 _OWN_NAME = re.compile(r"(\d+)\.M(\d+)[^,]*,S=(\d+),W=(\d+)$")
 _SCANS: dict[str, tuple[tuple[int, ...], dict]] = {}  # Maildir path -> (directory mtimes, entries)
 _SETTLED_NS = 2 * 10**9  # a directory unchanged this long has no change pending within its mtime's tick
-_LISTS: dict[str, tuple[dict, list]] = {}  # Maildir path -> (the scan it was made from, its MessageInfos)
+# Maildir path -> (the scan it was made from, its MessageInfos)
+_LISTS: dict[str, tuple[dict[str, _MaildirEntry] | None, list[MessageInfo]]] = {}
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:12] or "localhost"
 
 _clock_lock = threading.Lock()
@@ -116,7 +118,7 @@ class MaildirMailbox(Mailbox):
     def add(self, data: bytes) -> MessageInfo:
         return self.add_many([data])[0]
 
-    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+    def add_many(self, messages: builtins.list[bytes]) -> builtins.list[MessageInfo]:
         """Write each to tmp/, then fsync each (the disk sees the whole batch before the first flush),
         rename each into new/, fsync new/ once. A crash leaves a message in tmp/ (never served) or whole
         in new/."""
@@ -143,7 +145,7 @@ class MaildirMailbox(Mailbox):
                 self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0))
                 infos.append(MessageInfo(key=name, uidl=name, size=size))
         except BaseException:
-            for name, tmp, _ in written:
+            for _name, tmp, _ in written:
                 tmp.unlink(missing_ok=True)
             raise
         fsync_dir(self._subdirs["new"])
@@ -243,7 +245,7 @@ class MaildirMailbox(Mailbox):
             self._entries = dict(self._entries)
         return self._entries
 
-    def _crlf_size(self, key: str, path: Path) -> int:
+    def _crlf_size(self, key: str, path: str | Path) -> int:
         with open(path, "rb") as file:
             st = os.fstat(file.fileno())
             cached = self._sizes.get(key)

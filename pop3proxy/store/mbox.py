@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -102,7 +103,7 @@ class MboxMailbox(Mailbox):
             entry = index.by_key.get(key)
             if entry is None:
                 raise KeyError(key)
-            file = open(self.path, "rb", buffering=0)
+            file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - handed to the returned stream or closed below
             st = os.fstat(file.fileno())
             if (st.st_dev, st.st_ino) == index.identity[:2] and st.st_size >= entry.stop:
                 file.seek(entry.start)
@@ -114,7 +115,7 @@ class MboxMailbox(Mailbox):
     def add(self, data: bytes) -> MessageInfo:
         return self.add_many([data])[0]
 
-    def add_many(self, messages: list[bytes]) -> list[MessageInfo]:
+    def add_many(self, messages: builtins.list[bytes]) -> builtins.list[MessageInfo]:
         """Append the messages with one fsync and one commit: a crash leaves none of them served or all."""
         if not messages:
             return []
@@ -124,7 +125,8 @@ class MboxMailbox(Mailbox):
         def write(fd: int, from_line: bytes) -> list[tuple[str, int, int]]:
             for body in bodies:  # each record ends in a blank line (the body ends with LF, then one more)
                 write_all(fd, from_line + body + b"\n")
-            return [(hashlib.sha1(data).hexdigest(), len(body), len(data)) for data, body in zip(datas, bodies)]
+            return [(hashlib.sha1(data).hexdigest(), len(body), len(data))
+                    for data, body in zip(datas, bodies, strict=True)]
 
         return self._append(write)
 
@@ -154,7 +156,7 @@ class MboxMailbox(Mailbox):
         path.unlink(missing_ok=True)
         return info
 
-    def _append(self, write) -> list[MessageInfo]:
+    def _append(self, write) -> builtins.list[MessageInfo]:
         """Append records under the lock with one fsync and one commit; ``write(fd, from_line)`` writes
         them at the end of the file and returns (SHA-1 of the CRLF form, body octets on disk, CRLF size)
         for each. A failure cuts the file back: nothing past the committed length is ever served."""
@@ -173,10 +175,8 @@ class MboxMailbox(Mailbox):
                 self._commit(st.st_ino, st.st_size)
             except BaseException:  # leave no partial message behind (for example on a full disk)
                 self._index = None
-                try:
+                with contextlib.suppress(OSError):  # the commit file still says `end`: nothing past it is served
                     os.ftruncate(fd, end)
-                except OSError:
-                    pass  # the commit file still says `end`: nothing past it is ever served
                 raise
             infos = []
             position = end + len(separator)
@@ -203,7 +203,7 @@ class MboxMailbox(Mailbox):
             st = os.fstat(fd)
             ends = [e.record for e in index.entries[1:]] + [end]
             ranges = [(0, index.entries[0].record)]  # anything before the first message is kept
-            ranges += [(e.record, stop) for e, stop in zip(index.entries, ends) if e.key not in doomed]
+            ranges += [(e.record, stop) for e, stop in zip(index.entries, ends, strict=True) if e.key not in doomed]
             tmp = self._tmp_name("")
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:

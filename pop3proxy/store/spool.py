@@ -15,6 +15,7 @@ never taken by the mailbox is removed by `discard`, or by the mailbox's ``clean_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -111,7 +112,5 @@ class Spool:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass

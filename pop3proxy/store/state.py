@@ -29,13 +29,15 @@ Synchronous code; callers run it in worker threads. A lock serialises calls from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from pop3proxy.store.journal import Journal, private_fd
 
@@ -154,10 +156,8 @@ class UserState:
         try:
             os.close(private_fd(self.path))
             for suffix in ("-wal", "-shm"):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.close(private_fd(Path(str(self.path) + suffix), create=False))
-                except FileNotFoundError:
-                    pass
         except OSError as exc:
             raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
         try:
@@ -174,7 +174,7 @@ class UserState:
             if not check or check[0] != "ok":
                 raise _Corrupt(f"integrity check failed: {check[0] if check else 'no answer'}")
             columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
-            if columns and not _COLUMNS <= columns:
+            if columns and not columns >= _COLUMNS:
                 raise _Corrupt("not a pop3proxy state database (its messages table differs)")
             db.executescript(_SCHEMA)
             if columns and "source" not in columns:  # a database from before messages were matched by content
@@ -250,7 +250,7 @@ class UserState:
             self._db.close()
             self._journal.close()
 
-    def __enter__(self) -> "UserState":
+    def __enter__(self) -> UserState:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -332,7 +332,7 @@ class UserState:
         known = self.known_uids_among([uid for uid, _ in claims])
         seen: set[str] = set()
         statements, granted, notes = [], [], []
-        for (uid, d), source in zip(claims, sources):
+        for (uid, d), source in zip(claims, sources, strict=True):
             ok = uid not in known and uid not in seen
             seen.add(uid)
             granted.append(ok)
@@ -428,7 +428,7 @@ class UserState:
         When no row says ``held`` for it but its upstream ``uid`` has no row at all, a ``cached`` row is
         written, so the message is not fetched again.
         """
-        statements = [
+        statements: list[tuple[str, tuple]] = [
             ("UPDATE messages SET status = 'cached', key = ?, size = ? WHERE key = ? AND status = 'held'",
              (key, size, held_key)),
         ]

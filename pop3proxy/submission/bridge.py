@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import socket
 import ssl
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import trio
 from aiosmtpd.smtp import SMTP, AuthResult, Session
@@ -141,6 +143,7 @@ class _RelaySMTP(SMTP):
             self._auth_require_tls = not allowed
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        blob: object  # the challenge answer (bytes or aiosmtpd's MISSING) or the decoded argument (bytes or None)
         if len(args) == 1:
             blob = await self.challenge_auth("")
             if not isinstance(blob, bytes):
@@ -155,6 +158,7 @@ class _RelaySMTP(SMTP):
         return await self._check(parts[1], parts[2])
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+        user: object  # as ``blob`` in auth_PLAIN
         if len(args) == 1:
             user = await self.challenge_auth("Username:")
             if not isinstance(user, bytes):
@@ -176,7 +180,8 @@ class _RelaySMTP(SMTP):
         if not name or not secret:
             return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
         try:
-            verdict: AuthVerdict = await self._bridge.call(self._relay.authenticate, name, secret, _peer_host(self.session))
+            verdict: AuthVerdict = await self._bridge.call(
+                self._relay.authenticate, name, secret, _peer_host(self.session))
         except RelayClosed:
             return AuthResult(success=False, handled=False, message="454 4.3.2 pop3proxy is shutting down")
         except Exception as exc:
@@ -213,7 +218,7 @@ class _Listener:
         self.loop.set_exception_handler(_asyncio_error)
         self.thread: Any = None
         self.server: asyncio.AbstractServer | None = None
-        self.protocols: "weakref.WeakSet[SMTP]" = weakref.WeakSet()
+        self.protocols: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def _make(self) -> SMTP:
         protocol = self.factory(self.loop)
@@ -250,10 +255,8 @@ class _Listener:
                     task.cancel()
             await asyncio.sleep(0.05)
 
-        try:
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         if not self.thread.is_alive():
@@ -314,7 +317,7 @@ async def run_smtp(
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot load listen.certfile/keyfile: {exc}") from None
     current_tls: Callable[[], ssl.SSLContext | None] = (
-        tls_context if callable(tls_context) else (lambda: tls_context)  # type: ignore[assignment,return-value]
+        tls_context if callable(tls_context) else (lambda: tls_context)
     )
     try:
         sock = _bind(smtp.host, smtp.port)

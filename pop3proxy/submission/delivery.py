@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import trio
 

@@ -8,8 +8,8 @@ import email.utils
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from pop3proxy.filtering.headers import header_end
 from pop3proxy.pop3.dotstuff import to_crlf

@@ -10,8 +10,9 @@ import re
 import smtplib
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal
 
 import trio
 
@@ -22,7 +23,7 @@ log = logging.getLogger("pop3proxy.smtp")
 
 EHLO_NAME = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "localhost"
 
-_ABANDON = (
+_ABANDON: dict[str, Any] = (  # the keyword of this trio version
     {"abandon_on_cancel": True}
     if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
     else {"cancellable": True}
@@ -178,7 +179,8 @@ def _open(endpoint: SubmissionEndpoint) -> smtplib.SMTP:
     except smtplib.SMTPResponseException as exc:  # EHLO/STARTTLS refused
         _close(client)
         if endpoint.tls == "starttls":
-            raise SubmissionUnavailable(f"{endpoint.where}: STARTTLS failed: {exc.smtp_code} {_text(exc.smtp_error)}") from None
+            raise SubmissionUnavailable(
+                f"{endpoint.where}: STARTTLS failed: {exc.smtp_code} {_text(exc.smtp_error)}") from None
         raise SubmissionRejected(exc.smtp_code, _text(exc.smtp_error)) from None
     except (OSError, smtplib.SMTPException) as exc:
         _close(client)

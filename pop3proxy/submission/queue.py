@@ -89,7 +89,7 @@ class Entry:
         return json.dumps(asdict(self), ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Entry":
+    def from_json(cls, data: bytes) -> Entry:
         raw = json.loads(data.decode("utf-8"))
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in raw.items() if k in names})

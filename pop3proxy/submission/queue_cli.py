@@ -48,12 +48,14 @@ def _queue_action(settings, queue: OutQueue, action: str, ids: list[str], out, e
         if not entries:
             print("the outgoing queue is empty", file=out)
             return 0
-        print(f"{'ID':24} {'SENDER':28} {'RCPTS':>5} {'SIZE':>9} {'AGE':>5} {'TRIES':>5} {'NEXT TRY':>8}  LAST ERROR", file=out)
+        print(f"{'ID':24} {'SENDER':28} {'RCPTS':>5} {'SIZE':>9} {'AGE':>5} {'TRIES':>5} {'NEXT TRY':>8}  LAST ERROR",
+              file=out)
         for e in entries:
             next_try = "now" if e.next_try <= now else "in " + human_age(e.next_try - now, compact=True)
             sender = e.sender or "<>"
             print(
-                f"{e.id:24} {sender[:28]:28} {len(e.recipients):>5} {e.size:>9} {human_age(now - e.created, compact=True):>5} "
+                f"{e.id:24} {sender[:28]:28} {len(e.recipients):>5} {e.size:>9} "
+                f"{human_age(now - e.created, compact=True):>5} "
                 f"{e.attempts:>5} {next_try:>8}  {e.last_error[:120]}",
                 file=out,
             )

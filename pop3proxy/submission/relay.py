@@ -7,9 +7,10 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import trio
 
@@ -142,7 +143,8 @@ class Relay:
                 _Login(name, password, route, offline=True),
             )
         if verdict is False:
-            log.info("smtp login failed for %r from %s (offline check)", name, peer, extra={**fields, "result": "failed"})
+            log.info("smtp login failed for %r from %s (offline check)", name, peer,
+                     extra={**fields, "result": "failed"})
             metrics.smtp_login("failed")
             return AuthVerdict("535 5.7.8 Authentication credentials invalid")
         log.warning(

@@ -45,15 +45,17 @@ async def serve_web(
         config.keyfile = str(listen.keyfile or listen.certfile)
     app = build_app(settings, backend, gate, secure=listen.certfile is not None)
 
-    class Status:
-        def started(self, binds: list[str]) -> None:
-            url = binds[0]
+    class Status:  # a trio.TaskStatus[list[str]]: hypercorn reports the addresses it bound
+        def started(self, value: list[str] | None = None) -> None:
+            assert value is not None  # hypercorn always passes its binds
+            url = value[0]
             port = int(url.rsplit(":", 1)[1])
             log.info("listening for the web console on %s port %d (%s)", web.host, port, url)
             task_status.started(port)
 
     try:
-        await serve(app, config, task_status=Status())
+        # Starlette is an ASGI 3 app, but its Scope/Receive/Send types are not hypercorn's TypedDicts.
+        await serve(app, config, task_status=Status())  # type: ignore[arg-type]
     except (OSError, BaseExceptionGroup) as exc:
         error = sole_exception(exc)
         if not isinstance(error, OSError):  # hypercorn's failure to bind, bare or in a (nested) group

@@ -55,8 +55,8 @@ def held_list(settings: Settings, user: str, admin: bool) -> list[tuple[str, Hel
     """(account, item) for every held message the user may see, as `pop3proxy held list`."""
     root, backend = settings.cache.root, settings.cache.backend
     if admin:
-        owners = [o for o in held_owners(root) if o.user is not None]
-        return [(o.user, item) for o in owners for item in o.store(root, backend).list()]
+        return [(o.user, item) for o in held_owners(root) if o.user is not None
+                for item in o.store(root, backend).list()]
     return [(user, item) for item in held_store(settings, user).list()]
 
 
@@ -90,7 +90,7 @@ def cached_message(settings: Settings, account: str, key: str) -> bytes | None:
         mailbox.close()
 
 
-def _headers(raw: bytes) -> email.message.Message:
+def _headers(raw: bytes) -> email.message.EmailMessage:
     return email.message_from_bytes(raw, policy=email.policy.default)
 
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pop3proxy.store.api import MailboxBusy
-from pop3proxy.store.held import HeldError
+from pop3proxy.store.held import HeldError, HeldItem
 from pop3proxy.web import data
 from pop3proxy.web.console import Fields, Forbidden, console, guarded, run
 from pop3proxy.web.plots import charts
@@ -47,7 +47,7 @@ async def held(request: Request, session: Session, fields: Fields) -> Response:
     return here.page(request, session, "held.html", items=items, trained=await run(data.trained, here.settings))
 
 
-async def held_item(request: Request) -> tuple[str, object]:
+async def held_item(request: Request) -> tuple[str, HeldItem]:
     """The held message named in the URL: (account, item), or Forbidden."""
     account, key = request.path_params["account"], request.path_params["key"]
     item = await run(data.held_item, console(request).settings, account, key)

@@ -24,7 +24,9 @@ class Session:
         return self.admin or account == self.user
 
     def csrf_ok(self, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(token.encode(), self.csrf.encode())
+        if not token:
+            return False
+        return hmac.compare_digest(token.encode(), self.csrf.encode())
 
 
 class Sessions:

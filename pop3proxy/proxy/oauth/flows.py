@@ -12,9 +12,9 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 from authlib.common.security import generate_token

@@ -11,8 +11,9 @@ from __future__ import annotations
 import http.server
 import time
 import urllib.parse
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from pop3proxy.config import OAuth2Settings
 from pop3proxy.ops import metrics
@@ -41,7 +42,12 @@ def device_flow(settings: OAuth2Settings, out: Out) -> dict:
     return flows.poll_device(settings, device)
 
 
+class _RedirectServer(http.server.HTTPServer):
+    result: dict[str, str] | None = None  # the redirect's query, once it came
+
+
 class _Redirect(http.server.BaseHTTPRequestHandler):
+    server: _RedirectServer
     result: dict[str, str] = {}
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -50,7 +56,7 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         params = dict(urllib.parse.parse_qsl(url.query))
-        self.server.result = params  # type: ignore[attr-defined]
+        self.server.result = params
         ok = "code" in params and "error" not in params
         body = (b"pop3proxy: authorised, you can close this page." if ok
                 else b"pop3proxy: the authorisation did not succeed; see the terminal.")
@@ -66,8 +72,7 @@ class _Redirect(http.server.BaseHTTPRequestHandler):
 
 def code_flow(settings: OAuth2Settings, out: Out, port: int = 0, timeout: float = 300.0) -> dict:
     """Authorization code + PKCE; the redirect comes to a listener on 127.0.0.1 that takes one request."""
-    server = http.server.HTTPServer((REDIRECT_HOST, port), _Redirect)
-    server.result = None  # type: ignore[attr-defined]
+    server = _RedirectServer((REDIRECT_HOST, port), _Redirect)
     server.timeout = 1.0
     try:
         redirect_uri = f"http://{REDIRECT_HOST}:{server.server_address[1]}{REDIRECT_PATH}"
@@ -76,17 +81,18 @@ def code_flow(settings: OAuth2Settings, out: Out, port: int = 0, timeout: float 
         out(request.url)
         out(f"Waiting for the redirect to {redirect_uri} ...")
         deadline = time.monotonic() + timeout
-        while server.result is None:  # type: ignore[attr-defined]
+        while server.result is None:
             if time.monotonic() > deadline:
                 raise flows.OAuthFailure(f"no redirect within {timeout:g} s")
             server.handle_request()
-        params: dict[str, str] = server.result  # type: ignore[attr-defined]
+        params: dict[str, str] = server.result
     finally:
         server.server_close()
     if params.get("state") != request.state:
         raise flows.OAuthFailure("the redirect's state does not match (refusing the code)")
     if "error" in params:
-        raise flows.OAuthFailure(f"authorisation refused: {params['error']} {params.get('error_description', '')}".strip())
+        detail = f"{params['error']} {params.get('error_description', '')}"
+        raise flows.OAuthFailure(f"authorisation refused: {detail}".strip())
     if "code" not in params:
         raise flows.OAuthFailure("the redirect carries no code")
     return flows.exchange_code(settings, request, params["code"])
@@ -117,7 +123,7 @@ def login(store: StoreOrRoot, account: str, settings: OAuth2Settings, flow: str,
 def _when(stamp: float) -> str:
     if not stamp:
         return "unknown"
-    return datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def status(store: StoreOrRoot, accounts: dict[str, OAuth2Settings], now: float | None = None) -> list[dict]:
@@ -125,7 +131,7 @@ def status(store: StoreOrRoot, accounts: dict[str, OAuth2Settings], now: float |
     `store`, a `TokenStore` or a cache root)."""
     store = token_store(store)
     now = time.time() if now is None else now
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, settings in sorted(accounts.items()):
         try:
             tokens = load_tokens(store, name)

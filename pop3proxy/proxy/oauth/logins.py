@@ -64,12 +64,14 @@ class OAuthLogins:
                 raise LoginError("the account needs authorisation at the mail provider again; ask the "
                                  "administrator to run `pop3proxy oauth login`", "AUTH", verified=True) from None
             except TokenUnavailable as exc:
-                return self._offline(route, exc)
+                self._offline(route, exc)
+                return None
             started = time.monotonic()
             try:
                 client = await connect(route.endpoint)
             except UpstreamUnavailable as exc:
-                return self._offline(route, exc)
+                self._offline(route, exc)
+                return None
             try:
                 await client.login(route.remote_user, token)
             except UpstreamAuthError as exc:
@@ -83,7 +85,8 @@ class OAuthLogins:
                                  exc.code if exc.code != "AUTH" else "SYS/TEMP") from None
             except UpstreamUnavailable as exc:
                 await client.aclose()
-                return self._offline(route, exc)
+                self._offline(route, exc)
+                return None
             except BaseException:
                 await client.aclose()
                 raise

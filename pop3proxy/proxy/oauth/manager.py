@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
@@ -116,7 +116,8 @@ class TokenManager:
     async def _renew(self, account: str, min_valid: float) -> TokenSet:
         async with self._locks[account]:
             return await trio.to_thread.run_sync(
-                lambda: renew_locked(self.store, account, self.accounts[account], min_valid=min_valid, clock=self.clock))
+                lambda: renew_locked(self.store, account, self.accounts[account], min_valid=min_valid,
+                                     clock=self.clock))
 
     def _publish(self, account: str, tokens: TokenSet | None) -> None:
         needs = tokens is None or tokens.state == NEEDS_AUTHORISATION

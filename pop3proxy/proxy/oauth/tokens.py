@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from pop3proxy.proxy.credentials import hash_password, verify_password
 from pop3proxy.store.tokens_api import TokenStore, local_token_store
@@ -38,7 +39,7 @@ class TokenSet:
     updated: float = 0.0
 
     @classmethod
-    def from_response(cls, token: dict, previous: "TokenSet | None" = None, now: float | None = None) -> "TokenSet":
+    def from_response(cls, token: dict, previous: TokenSet | None = None, now: float | None = None) -> TokenSet:
         """A token endpoint's answer; a refresh without a new refresh token keeps the old one."""
         now = time.time() if now is None else now
         expires_at = token.get("expires_at")
@@ -56,7 +57,7 @@ class TokenSet:
         )
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "TokenSet":
+    def from_record(cls, record: Mapping[str, Any]) -> TokenSet:
         """The tokens of a stored record (keys this version does not know are left out)."""
         return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
 
