@@ -326,3 +326,40 @@ def test_meta_is_set_replaced_and_deleted_by_none(state):
     state.set_meta("never set", None)
     state.set_meta("empty", "")
     assert state.get_meta("empty") == ""
+
+
+# -- two nodes at once -------------------------------------------------------------------------------------
+
+
+def test_concurrent_claims_from_two_nodes_grant_each_uid_once(engine, request):
+    if engine.name == "sqlite":
+        # UserState.begin_fetch_many answers from a read made before its transaction: two objects claiming
+        # the same uids at once may both be told yes (one row is kept). Not reached today (one sync per
+        # account at a time, under the session lock); fails only when the threads overlap.
+        request.applymarker(pytest.mark.xfail(reason="UserState.begin_fetch_many grants from a read outside its "
+                                                     "transaction", strict=False))
+    uids = [f"u{i:03}" for i in range(300)]
+    orders = {"first": uids, "second": uids[::-1]}  # the same claims at once, in opposite orders
+    states = {name: engine.states().open("alice") for name in orders}
+    start = threading.Barrier(len(orders))
+    granted: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def claim(name: str) -> None:
+        try:
+            start.wait(WAIT)
+            answer = states[name].begin_fetch_many([(uid, f"{name}-{uid}") for uid in orders[name]])
+            granted[name] = [uid for uid, ok in zip(orders[name], answer, strict=True) if ok]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(name,), daemon=True) for name in orders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT * 2)
+    assert errors == []
+    assert sorted(granted["first"] + granted["second"]) == uids  # each uid once, none lost
+    digests = {row.uid: row.digest for row in states["first"].rows()}
+    assert all(digests[uid] == f"first-{uid}" for uid in granted["first"])
+    assert all(digests[uid] == f"second-{uid}" for uid in granted["second"])

@@ -152,7 +152,10 @@ class PostgresAccountState:
 
     def begin_fetch_many(self, claims: list[tuple[str, str]], sources: list[str | None] | None = None) -> list[bool]:
         """``begin_fetch`` for several (uid, digest) pairs in one transaction; a uid listed twice is
-        claimed by its first pair. ``sources``: the digest of each message as the provider sent it."""
+        claimed by its first pair. ``sources``: the digest of each message as the provider sent it.
+
+        The rows are inserted in the order of their uids, whatever the order of ``claims``: two nodes
+        claiming overlapping uids wait for each other in the same order and never deadlock."""
         sources = sources or [None] * len(claims)
         first: dict[str, tuple[str, str | None]] = {}
         for (uid, digest), source in zip(claims, sources, strict=False):
@@ -163,7 +166,7 @@ class PostgresAccountState:
                 "INSERT INTO messages (account, uid, status, digest, upstream, source)"
                 " SELECT %s, c.uid, 'fetching', c.digest, true, c.source"
                 " FROM unnest(%s::text[], %s::text[], %s::text[]) AS c (uid, digest, source)"
-                " ON CONFLICT DO NOTHING RETURNING uid",
+                " ORDER BY c.uid ON CONFLICT DO NOTHING RETURNING uid",
                 (self.account, list(first), [d for d, _ in first.values()], [s for _, s in first.values()]))}
         answer: list[bool] = []
         for uid, _ in claims:
