@@ -82,6 +82,11 @@ def test_accounts_are_locked_independently(engine, held):
     held.append(locks.try_lock("bob"))
 
 
+def test_the_empty_account_name_is_refused(engine):
+    with pytest.raises(ValueError):
+        engine.locks().try_lock("")
+
+
 def test_one_of_many_threads_gets_the_account(engine, held):
     locks = engine.locks()
     start = threading.Barrier(8)

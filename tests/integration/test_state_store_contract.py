@@ -60,6 +60,14 @@ def test_open_existing_finds_nothing_for_a_new_account_and_creates_nothing(engin
     assert states.open_existing("someone else") is None
 
 
+def test_the_empty_account_name_is_refused(engine):
+    states = engine.states()
+    with pytest.raises(ValueError):
+        states.open("")
+    with pytest.raises(ValueError):
+        states.open_existing("")
+
+
 def test_two_accounts_never_see_each_others_rows(engine):
     states = engine.states()
     alice, bob = states.open("alice"), states.open("bob")

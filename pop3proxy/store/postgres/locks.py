@@ -79,7 +79,9 @@ class PostgresSessionLocks:
 
     def try_lock(self, cache_id: str) -> PostgresSessionLock:
         """Hold the account now, or raise `MailboxBusy` (held by any process on any node) or `StateError`
-        (the database cannot be reached)."""
+        (the database cannot be reached). The empty name raises ValueError, as it does for ``flock``."""
+        if not cache_id:
+            raise ValueError("empty cache id")
         key = session_key(cache_id)
         try:
             conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=self.connect_timeout,

@@ -31,6 +31,12 @@ def _row(found: tuple[Any, ...]) -> Row:
     return Row(uid, key, status, digest, size, fetched_at, bool(upstream), source)
 
 
+def _check_name(cache_id: str) -> None:
+    """The empty name is refused, as the engines on files refuse it (ValueError)."""
+    if not cache_id:
+        raise ValueError("empty cache id")
+
+
 @contextmanager
 def _transaction(pool: ConnectionPool, what: str) -> Iterator[psycopg.Connection]:
     """A pooled connection in a transaction, committed on leaving the block; psycopg's errors (the pool's
@@ -57,12 +63,14 @@ class PostgresStateStore:
 
     def open(self, cache_id: str) -> PostgresAccountState:
         """The account's state, created (its ``accounts`` row) when it has none yet."""
+        _check_name(cache_id)
         with _transaction(self.pool, cache_id) as conn:
             conn.execute("INSERT INTO accounts (account) VALUES (%s) ON CONFLICT DO NOTHING", (cache_id,))
         return PostgresAccountState(self.pool, cache_id)
 
     def open_existing(self, cache_id: str) -> PostgresAccountState | None:
         """The account's state, or None when it has none (nothing is created)."""
+        _check_name(cache_id)
         with _transaction(self.pool, cache_id) as conn:
             found = conn.execute("SELECT 1 FROM accounts WHERE account = %s", (cache_id,)).fetchone()
         return PostgresAccountState(self.pool, cache_id) if found else None
