@@ -26,6 +26,7 @@ from pop3proxy.store.state import Row, StateError
 
 __all__ = ["PostgresAccountState", "PostgresStateStore"]
 
+
 def _row(found: tuple[Any, ...]) -> Row:
     uid, key, status, digest, size, fetched_at, upstream, source = found
     return Row(uid, key, status, digest, size, fetched_at, bool(upstream), source)
