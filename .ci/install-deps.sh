@@ -24,6 +24,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 $SUDO bash "$here/install-dovecot.sh"
+$SUDO bash "$here/install-postgres.sh"  # the cluster engines' tests start their own server
 $SUDO bash "$here/install-filters.sh"
 # oidc-provider, pinned by tests/helpers/oidc/package-lock.json.
 (cd "$here/../tests/helpers/oidc" && npm ci --no-audit --no-fund --loglevel=error)

@@ -18,9 +18,9 @@ Attempts in flight count like failures, for the pair, and for the address once i
 (twenty concurrent guesses of one account from one address get five through, not twenty-one; guesses
 of many accounts from an address that has failed get ``address_failures`` through at most, while many
 users logging in at once from one address with no recent failure are not held back); a failure
-replaces its attempt in flight in one step, so a finished attempt is never counted twice. The answer to a failure is delayed,
-doubling from ``base_delay`` up to ``max_delay``. Pure bookkeeping with an injectable clock; memory
-is bounded (the oldest keys are dropped first).
+replaces its attempt in flight in one step, so a finished attempt is never counted twice. The answer
+to a failure is delayed, doubling from ``base_delay`` up to ``max_delay``. Pure bookkeeping with an
+injectable clock; memory is bounded (the oldest keys are dropped first).
 """
 
 from __future__ import annotations
