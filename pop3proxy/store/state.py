@@ -329,21 +329,31 @@ class UserState:
         """``begin_fetch`` for several (uid, digest) pairs in one transaction. ``sources``: the digest of
         each message as the provider sent it (see `adopt`)."""
         sources = sources or [None] * len(claims)
-        known = self.known_uids_among([uid for uid, _ in claims])
         seen: set[str] = set()
-        statements, granted, notes = [], [], []
-        for (uid, d), source in zip(claims, sources, strict=True):
-            ok = uid not in known and uid not in seen
-            seen.add(uid)
-            granted.append(ok)
-            if ok:
-                statements.append(
-                    ("INSERT OR IGNORE INTO messages (uid, status, digest, upstream, source) "
-                     "VALUES (?, 'fetching', ?, 1, ?)", (uid, d, source))
-                )
-                notes.append({"u": uid, "s": "fetching", "d": d, **({"src": source} if source else {})})
-        if statements:
-            self._transaction(statements)
+        granted: list[bool] = []
+        notes: list[dict] = []
+        # One write transaction for the check and the claims: another object (process, thread) claiming
+        # the same uids at once waits for it, and is told no for every uid this one got.
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for (uid, d), source in zip(claims, sources, strict=True):
+                        ok = uid not in seen and self._db.execute(
+                            "INSERT OR IGNORE INTO messages (uid, status, digest, upstream, source) "
+                            "VALUES (?, 'fetching', ?, 1, ?)", (uid, d, source)).rowcount == 1
+                        seen.add(uid)
+                        granted.append(ok)
+                        if ok:
+                            notes.append({"u": uid, "s": "fetching", "d": d, **({"src": source} if source else {})})
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StateError(f"state database {self.path.name}: {exc}") from exc
+        if notes:
             # Durable before the messages are written: a database rebuilt from the journal still has
             # the claims, and recover() finds their cached copies by digest.
             self._note(*notes, durable=True)

@@ -339,13 +339,7 @@ def test_meta_is_set_replaced_and_deleted_by_none(state):
 # -- two nodes at once -------------------------------------------------------------------------------------
 
 
-def test_concurrent_claims_from_two_nodes_grant_each_uid_once(engine, request):
-    if engine.name == "sqlite":
-        # UserState.begin_fetch_many answers from a read made before its transaction: two objects claiming
-        # the same uids at once may both be told yes (one row is kept). Not reached today (one sync per
-        # account at a time, under the session lock); fails only when the threads overlap.
-        request.applymarker(pytest.mark.xfail(reason="UserState.begin_fetch_many grants from a read outside its "
-                                                     "transaction", strict=False))
+def test_concurrent_claims_from_two_nodes_grant_each_uid_once(engine):
     uids = [f"u{i:03}" for i in range(300)]
     orders = {"first": uids, "second": uids[::-1]}  # the same claims at once, in opposite orders
     states = {name: engine.states().open("alice") for name in orders}
