@@ -29,6 +29,8 @@ log = logging.getLogger("pop3proxy.filters")
 POOL_IDLE_TIMEOUT = 60.0  # seconds an idle pool process waits for work before it exits
 POOL_GRACE_PERIOD = 5.0  # seconds pool processes get to exit at shutdown before they are killed
 MAX_BUILT = 32  # filters a pool process keeps built (one per distinct [[filters]] table)
+POOL_START_TIMEOUT = 120.0  # seconds a new pool process may take to start and build a filter (beyond: the
+# timed call starts it)
 
 
 def cpu_bound(flt: Any) -> bool:
@@ -73,16 +75,30 @@ def table_key(table: dict[str, Any], index: int) -> str:
 _built: dict[str, Any] = {}
 
 
+def _build(key: str, table: dict[str, Any], index: int) -> Any:
+    flt = _built.get(key)
+    if flt is None:
+        flt = load_filter(dict(table), index)[0]
+        if len(_built) >= MAX_BUILT:
+            _built.clear()
+        _built[key] = flt
+    return flt
+
+
+def build_in_worker(key: str, table: dict[str, Any], index: int) -> str:
+    """Run in a pool process: build the filter (memoised) before its timed call; "" or why it failed (the
+    call then says so again)."""
+    try:
+        _build(key, table, index)
+    except (Exception, SystemExit) as exc:
+        return describe(exc)
+    return ""
+
+
 def call_in_worker(key: str, table: dict[str, Any], index: int, data: bytes, context: FilterContext) -> tuple:
     """Run in a pool process: ("ok", FilterOutcome) or ("error", why). Never raises for a filter's sake."""
-    flt = _built.get(key)
     try:
-        if flt is None:
-            flt = load_filter(dict(table), index)[0]
-            if len(_built) >= MAX_BUILT:
-                _built.clear()
-            _built[key] = flt
-        outcome = flt(data, context)
+        outcome = _build(key, table, index)(data, context)
     except (Exception, SystemExit) as exc:  # a filter's bug must never cost a message
         return ("error", describe(exc))
     error = check_outcome(outcome, data)
@@ -156,6 +172,12 @@ class ProcessPool:
         workers = await self._worker_context()
         # The process slot is taken outside the timeout: waiting for a busy pool is no failure.
         async with self.limiter:
+            if workers.statistics().idle_workers == 0:
+                # A process is started for this call: its start and the filter's build are not on the
+                # filter's time (on a loaded machine a start alone can take longer than the timeout).
+                with trio.move_on_after(POOL_START_TIMEOUT):
+                    await workers.run_sync(build_in_worker, table_key(table, index), table, index,
+                                           kill_on_cancel=True, limiter=contextlib.nullcontext())
             with trio.fail_after(timeout):
                 try:
                     status, value = await workers.run_sync(

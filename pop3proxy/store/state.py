@@ -316,14 +316,7 @@ class UserState:
 
     def begin_fetch(self, uid: str, digest: str) -> bool:
         """Claim ``uid`` for fetching; False when some row for it exists already."""
-        try:
-            self._run(
-                "INSERT INTO messages (uid, status, digest, upstream) VALUES (?, 'fetching', ?, 1)", (uid, digest)
-            )
-        except sqlite3.IntegrityError:
-            return False
-        self._note({"u": uid, "s": "fetching", "d": digest}, durable=True)
-        return True
+        return self.begin_fetch_many([(uid, digest)])[0]
 
     def begin_fetch_many(self, claims: list[tuple[str, str]], sources: list[str | None] | None = None) -> list[bool]:
         """``begin_fetch`` for several (uid, digest) pairs in one transaction. ``sources``: the digest of

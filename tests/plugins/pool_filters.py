@@ -36,6 +36,22 @@ class Where:
         return FilterOutcome(add_header(message, "X-Pid", str(os.getpid())), verdict=f"pid {os.getpid()}")
 
 
+class SlowStart:
+    """Takes ``seconds`` to build (a slow import or model load in a new pool process), then passes."""
+
+    name = "slowstart"
+    cpu_bound = True
+
+    class Config(BaseModel):
+        seconds: float = Field(0.0, ge=0)
+
+    def __init__(self, config: Config) -> None:
+        time.sleep(config.seconds)
+
+    def __call__(self, message: bytes, context: FilterContext) -> FilterOutcome:
+        return FilterOutcome(message, verdict=f"started {os.getpid()}")
+
+
 class ThreadWhere(Where):
     """The same, but not CPU-bound: it stays in a thread of the proxy's process."""
 
