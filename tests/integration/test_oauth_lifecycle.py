@@ -113,7 +113,7 @@ def test_authorization_server_down_keeps_the_token_and_serves_the_cache(server_p
     assert b"offline" in reply
     assert len(retr_all(client)) == 1
     client.quit()
-    assert f"OAuth2 account '{account}' cannot reach the provider now" in proxy.output()
+    wait_for(proxy, f"OAuth2 account '{account}' cannot reach the provider now")
     after = tokens(proxy, account)
     assert after["state"] == "ok" and after["refresh_token"] == before["refresh_token"]
     assert after["error"]  # the failure is recorded for `oauth status`
