@@ -257,7 +257,7 @@ class UserState:
         self.close()
 
     # sqlite's own errors (a full disk, I/O errors) become StateError, which callers handle; only a
-    # constraint violation stays sqlite3.IntegrityError (begin_fetch relies on it).
+    # constraint violation stays sqlite3.IntegrityError.
 
     def _run(self, sql: str, params: Iterable = ()) -> list[tuple]:
         with self._lock:
@@ -268,13 +268,15 @@ class UserState:
             except sqlite3.Error as exc:
                 raise StateError(f"state database {self.path.name}: {exc}") from exc
 
-    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: another connection writing waits), committed when the
+        block ends, rolled back when it raises; sqlite's errors become `StateError`."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    for sql, params in statements:
-                        self._db.execute(sql, params)
+                    yield self._db
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:  # also when COMMIT itself failed
@@ -282,6 +284,11 @@ class UserState:
                     raise
             except sqlite3.Error as exc:
                 raise StateError(f"state database {self.path.name}: {exc}") from exc
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._writing() as db:
+            for sql, params in statements:
+                db.execute(sql, params)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -327,25 +334,15 @@ class UserState:
         notes: list[dict] = []
         # One write transaction for the check and the claims: another object (process, thread) claiming
         # the same uids at once waits for it, and is told no for every uid this one got.
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for (uid, d), source in zip(claims, sources, strict=True):
-                        ok = uid not in seen and self._db.execute(
-                            "INSERT OR IGNORE INTO messages (uid, status, digest, upstream, source) "
-                            "VALUES (?, 'fetching', ?, 1, ?)", (uid, d, source)).rowcount == 1
-                        seen.add(uid)
-                        granted.append(ok)
-                        if ok:
-                            notes.append({"u": uid, "s": "fetching", "d": d, **({"src": source} if source else {})})
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StateError(f"state database {self.path.name}: {exc}") from exc
+        with self._writing() as db:
+            for (uid, d), source in zip(claims, sources, strict=True):
+                ok = uid not in seen and db.execute(
+                    "INSERT OR IGNORE INTO messages (uid, status, digest, upstream, source) "
+                    "VALUES (?, 'fetching', ?, 1, ?)", (uid, d, source)).rowcount == 1
+                seen.add(uid)
+                granted.append(ok)
+                if ok:
+                    notes.append({"u": uid, "s": "fetching", "d": d, **({"src": source} if source else {})})
         if notes:
             # Durable before the messages are written: a database rebuilt from the journal still has
             # the claims, and recover() finds their cached copies by digest.
@@ -357,21 +354,11 @@ class UserState:
         mailbox re-created at the provider): the row moves to the new uid, with its cached copy, its
         status and everything else. Returns the moved row, or None when ``old_uid`` has no row (any more)
         or ``new_uid`` has one already."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    taken = self._db.execute("SELECT 1 FROM messages WHERE uid = ?", (new_uid,)).fetchone()
-                    moved = None if taken else self._db.execute(
-                        "UPDATE messages SET uid = ?, upstream = 1 WHERE uid = ? AND status != 'fetching' "
-                        "RETURNING key, status, digest, size, fetched_at, source", (new_uid, old_uid)).fetchone()
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StateError(f"state database {self.path.name}: {exc}") from exc
+        with self._writing() as db:
+            taken = db.execute("SELECT 1 FROM messages WHERE uid = ?", (new_uid,)).fetchone()
+            moved = None if taken else db.execute(
+                "UPDATE messages SET uid = ?, upstream = 1 WHERE uid = ? AND status != 'fetching' "
+                "RETURNING key, status, digest, size, fetched_at, source", (new_uid, old_uid)).fetchone()
         if moved is None:
             return None
         key, status, d, size, fetched, source = moved
