@@ -1,39 +1,13 @@
-"""Configuration: a TOML file merged under ``POP3PROXY_*`` environment variables.
-
-``load_settings(path)`` is the one entry point. Environment variables win over the file; nested keys
-use ``__``: ``POP3PROXY_UPSTREAM__HOST=pop.example.com``. Every problem (a named file that does not
-exist, TOML syntax, an unknown key, a bad value) becomes a ``ConfigError`` whose message names the key.
-"""
+"""The settings' sections: one pydantic model per ``[table]`` of the configuration file."""
 
 from __future__ import annotations
 
 import os
-import tomllib
-from collections.abc import Mapping
+import socket
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
-
-from pop3proxy.errors import ConfigError
-
-SECRET_KEYS = frozenset({"password", "secret", "token"})
-_NOT_SECRET = frozenset(
-    {"password_file", "password_env", "client_secret_file", "token_url", "controller_password_file"}
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -82,6 +56,12 @@ class ListenSettings(_Section):
     )
     max_sessions_per_address: int = Field(50, ge=1, description="Concurrent sessions from one client address.")
     max_bad_commands: int = Field(20, ge=1, description="Invalid commands a session may send before it is closed.")
+    proxy_protocol: bool = Field(
+        False, description="Expect a PROXY protocol header (v1 or v2) from a load balancer before each connection; "
+        "its client address is the one the throttle, logs and metrics see.")
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="Networks a PROXY protocol header is accepted from; a connection from elsewhere is closed.")
     workers: int = Field(
         0, ge=0, le=MAX_WORKERS,
         description="Processes serving POP3 clients, sharing the listening sockets (`serve` only); 0 = one per CPU, "
@@ -95,6 +75,18 @@ class ListenSettings(_Section):
         if self.port is None and self.tls_port is None:
             raise ValueError("set port or tls_port: nothing would listen")
         return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an address or network (e.g. 10.0.0.0/8)") from None
+        return value
 
 
 class UpstreamSettings(_Section):
@@ -330,131 +322,39 @@ class LogSettings(_Section):
     format: Literal["text", "json"] = Field("text", description="Log line format.")
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="POP3PROXY_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        validate_default=True,
-    )
-    _toml_file: ClassVar[Path | None] = None
+class ClusterSettings(_Section):
+    database: str = Field(
+        description="The shared PostgreSQL database, as a postgresql:// URL (without its password).")
+    database_password_file: Path | None = Field(
+        None, description="File holding the database password (mode 0600); never logged.")
+    node: str = Field(
+        default_factory=socket.gethostname,
+        description="This node's name in the cluster (status, logs); default the host name.")
+    pool_size: int = Field(10, ge=1, le=1000, description="Database connections a node process keeps at most.")
+    database_timeout: float = Field(
+        5.0, gt=0, description="Seconds a node waits for the database before a login gets -ERR [SYS/TEMP].")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="Seconds a node stopping (SIGTERM) lets its sessions finish before closing them.")
+    heartbeat: float = Field(5.0, gt=0, description="Seconds between a node's heartbeats in the database.")
 
-    listen: ListenSettings = Field(default_factory=ListenSettings)
-    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
-    routes: dict[str, RouteSettings] = Field(
-        default_factory=dict, description="Domain → provider, for user@domain logins.")
-    accounts: dict[str, AccountSettings] = Field(default_factory=dict, description="Per-user overrides.")
-    cache: CacheSettings = Field(default_factory=CacheSettings)
-    sync: SyncSettings = Field(default_factory=SyncSettings)
-    offline: OfflineSettings = Field(default_factory=OfflineSettings)
-    local: LocalSettings = Field(default_factory=LocalSettings)
-    log: LogSettings = Field(default_factory=LogSettings)
-    throttle: ThrottleSettings = Field(default_factory=ThrottleSettings)
-    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-    web: WebSettings = Field(default_factory=WebSettings)
-    filters: list[dict[str, Any]] = Field(default_factory=list, description="The filter pipeline, in order.")
-
-    @field_validator("filters")
+    @field_validator("database")
     @classmethod
-    def _filters_named(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for index, table in enumerate(value):
-            if not isinstance(table.get("use"), str) or not table["use"]:
-                raise ValueError(f"filters[{index}] needs a 'use' key naming the filter")
-        return value
+    def _postgres_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
-        return tuple(sources)
-
-    @property
-    def standalone(self) -> bool:
-        return self.upstream.host is None
-
-
-def default_config_paths() -> list[Path]:
-    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return [Path("pop3proxy.toml"), xdg / "pop3proxy" / "config.toml", Path("/etc/pop3proxy/config.toml")]
-
-
-def find_config(path: Path | None) -> Path | None:
-    """The file to read: the named one (which must exist), else the first default that exists."""
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        return path
-    for candidate in default_config_paths():
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    message = error["msg"]
-    if error["type"] == "extra_forbidden":
-        return f"{key}: unknown setting"
-    if (
-        "input" in error
-        and error["type"] not in ("missing",)
-        and not isinstance(error["input"], (dict, list))
-        and not any(secret in key.lower() for secret in SECRET_KEYS)
-    ):
-        return f"{key}: {message} (got {error['input']!r})"
-    return f"{key}: {message}"
-
-
-def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Read the configuration; ``overrides`` (init values) win over environment and file."""
-    config_file = find_config(path)
-    if config_file is not None:
         try:
-            with open(config_file, "rb") as f:
-                tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_file}: invalid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read {config_file}: {exc.strerror}") from None
-    Settings._toml_file = config_file
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        where = f"{config_file}: " if config_file else ""
-        lines = [_describe(error) for error in exc.errors()]
-        raise ConfigError(where + "; ".join(lines)) from None
-    finally:
-        Settings._toml_file = None
-    return settings
-
-
-def masked(settings: Settings) -> dict[str, Any]:
-    """The effective configuration as plain data, with secrets replaced by ``***``."""
-
-    def mask(value: Any, key: str = "") -> Any:
-        if isinstance(value, dict):
-            return {k: mask(v, k) for k, v in value.items()}
-        if isinstance(value, list):
-            return [mask(v, key) for v in value]
-        if any(secret in key.lower() for secret in SECRET_KEYS) and key not in _NOT_SECRET:
-            return "***" if value not in (None, "") else value
-        if isinstance(value, Path):
-            return str(value)
+            parts = urlsplit(value)
+        except ValueError:
+            raise ValueError("not a URL (expected postgresql://user@host:port/dbname)") from None
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("expected a postgresql:// URL, e.g. postgresql://pop3proxy@db.example:5432/pop3proxy")
+        if parts.password:
+            raise ValueError("keep the password out of the URL: put it in database_password_file (mode 0600)")
         return value
 
-    return mask(settings.model_dump(mode="python"))
-
-
-def queue_dir(settings) -> Path:
-    """The outgoing queue: ``smtp.queue_dir``, else ``.queue`` below the cache root (a name no user's
-    cache directory can have)."""
-    return Path(settings.smtp.queue_dir) if settings.smtp.queue_dir else Path(settings.cache.root) / ".queue"
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("a node name is 1 to 64 letters, digits, '-', '_' or '.'")
+        return value
