@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -23,6 +24,8 @@ from pop3proxy.net.port_claim import bind_error, claim_bound
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.net.tls import server_context
 from pop3proxy.proxy.local import LocalBackend
+from pop3proxy.store.api import Stores
+from pop3proxy.store.engines import open_stores
 
 log = logging.getLogger("pop3proxy")
 
@@ -38,13 +41,26 @@ class Ports:
 
 
 def build_backend(settings: Settings) -> Backend:
+    """The backend the settings ask for, on the engines they name (`open_stores`: a cluster's database,
+    or files under the cache root); the engines close with the backend."""
+    if settings.standalone and settings.local.users_file is None:
+        raise StartupError("nothing to serve: set upstream.host (proxy mode) or local.users_file (standalone mode)")
+    stores = open_stores(settings)
+    try:
+        backend = _backend_on(settings, stores)
+    except BaseException:
+        stores.close()
+        raise
+    backend.close_with(stores.close)
+    return backend
+
+
+def _backend_on(settings: Settings, stores: Stores) -> Backend:
     if settings.standalone:
-        if settings.local.users_file is None:
-            raise StartupError(
-                "nothing to serve: set upstream.host (proxy mode) or local.users_file (standalone mode)"
-            )
+        assert settings.local.users_file is not None
         try:
-            return LocalBackend(settings.local.users_file, settings.cache.root, settings.cache.backend)
+            return LocalBackend(settings.local.users_file, settings.cache.root, settings.cache.backend,
+                                locks=stores.locks)
         except Exception as exc:
             raise StartupError(str(exc)) from None
     from pop3proxy.filtering.api import FilterConfigError
@@ -53,7 +69,7 @@ def build_backend(settings: Settings) -> Backend:
     )
 
     try:
-        return ProxyBackend(settings)
+        return ProxyBackend(settings, stores=stores)
     except (FilterConfigError, ValueError) as exc:
         raise StartupError(str(exc)) from None
 
@@ -146,6 +162,44 @@ async def start_services(nursery: trio.Nursery, settings: Settings, backend: Bac
         ports.web = await nursery.start(partial(serve_web, settings, backend, gate))
 
 
+async def keep_heartbeat(backend: Backend, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+    """A cluster node's entry in the ``nodes`` table: registered now, a heartbeat every
+    ``cluster.heartbeat`` seconds while the service runs, marked stopped when it ends. A database that
+    cannot be reached is logged once (and once more when it is back); the node keeps serving what it can."""
+    stores: Stores | None = getattr(backend, "stores", None)
+    directory = stores.directory if stores is not None else None
+    if directory is None:
+        task_status.started()
+        return
+    from pop3proxy import __version__
+    from pop3proxy.store.api import StateError
+
+    try:
+        await trio.to_thread.run_sync(directory.register, __version__)
+    except StateError as exc:
+        log.warning("cluster: node %s not registered yet: %s", directory.node, exc)
+    task_status.started()
+    reachable = True
+    try:
+        while True:
+            await trio.sleep(directory.heartbeat)
+            try:
+                await trio.to_thread.run_sync(directory.beat, getattr(backend, "node_state", "serving"))
+            except StateError as exc:
+                if reachable:
+                    log.warning("cluster: the database cannot be reached (heartbeat of %s): %s", directory.node, exc)
+                reachable = False
+                continue
+            if not reachable:
+                log.info("cluster: the database is reachable again")
+                await trio.to_thread.run_sync(directory.register, __version__)
+            reachable = True
+    finally:
+        with trio.CancelScope(shield=True), contextlib.suppress(StateError):
+            await trio.to_thread.run_sync(directory.stopped)
+
+
 async def run_service(
     settings: Settings,
     backend: Backend | None = None,
@@ -177,6 +231,7 @@ async def run_service(
             nursery.start_soon(serve_listeners, state, plain, tls)
             if primary:
                 assert state.gate is not None
+                await nursery.start(keep_heartbeat, backend)
                 await start_services(nursery, settings, backend, state.gate,
                                      lambda: state.config.ssl_context, ports)
                 # last, as with worker processes: whoever waits for this line finds every listener up

@@ -214,6 +214,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
         return progress
 
     async def run() -> None:
+        try:
+            await sync_all()
+        finally:
+            await backend.aclose()
+
+    async def sync_all() -> None:
         nonlocal failures
         for name in names:
             try:
@@ -360,6 +366,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status_command(settings)
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from pop3proxy.errors import StartupError
+    from pop3proxy.store.engines import upgrade_database
+
+    try:
+        print(upgrade_database(settings))
+    except StartupError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3proxy", description="A caching, filtering POP3 proxy with offline reading."
@@ -418,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = with_config(sub.add_parser("status", help="per account: last sync, cached, held and queued mail"))
     status.set_defaults(func=cmd_status)
+
+    db = sub.add_parser("db", help="the cluster's database ([cluster] database)")
+    db_actions = db.add_subparsers(dest="db_action", metavar="ACTION", required=True)
+    upgrade = with_config(db_actions.add_parser(
+        "upgrade", help="create or upgrade the schema (before starting nodes of a new version)"))
+    upgrade.set_defaults(func=cmd_db)
 
     oauth = sub.add_parser("oauth", help="authorise OAuth2 accounts and show their tokens' state")
     oauth_actions = oauth.add_subparsers(dest="oauth_action", metavar="ACTION", required=True)

@@ -265,6 +265,7 @@ async def run_supervised(settings: Settings, workers: int,
         Ports,
         build_backend,
         build_server_config,
+        keep_heartbeat,
         log_listening,
         start_services,
         until_stopped,
@@ -285,6 +286,7 @@ async def run_supervised(settings: Settings, workers: int,
         try:
             async with trio.open_nursery() as nursery:
                 backend.attach(nursery)
+                await nursery.start(keep_heartbeat, backend)
                 await nursery.start(supervisor.run)
                 await start_services(nursery, settings, backend, state.gate, lambda: state.config.ssl_context, ports)
                 log_listening(settings, ports, state.config.ssl_context is not None)

@@ -14,7 +14,6 @@ too long to encode reversibly are read from the state database's ``user`` entry,
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,14 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from pop3proxy.admin.cluster_view import cluster_view, format_cluster, last_sync, read_account_state
 from pop3proxy.config import queue_dir
 from pop3proxy.ops.units import human_age, human_size, utc
 from pop3proxy.proxy.oauth.tokens import NEEDS_AUTHORISATION, load_tokens
-from pop3proxy.store.api import StateError
+from pop3proxy.store.api import StateError, StateStore
 from pop3proxy.store.base import Mailbox
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
-from pop3proxy.store.paths import REMOVED_DIRS, encode_user
+from pop3proxy.store.paths import REMOVED_DIRS, decode_user, encode_user
 from pop3proxy.store.state_read import account_name, read_state
 from pop3proxy.store.tokens_api import local_token_store
 from pop3proxy.submission.queue import OutQueue
@@ -62,16 +62,18 @@ def _count_files(path: Path) -> int:
     return count
 
 
-def _account(directory: Path) -> AccountStatus:
+def _account(directory: Path, states: StateStore | None = None) -> AccountStatus:
+    """One cache directory's account; ``states``: the cluster's state store (else its ``state.db``)."""
     status = AccountStatus(account_name(directory), directory)
     hidden: set[str] = set()
     try:
-        meta, counts, hidden = read_state(directory / "state.db")
-        if meta.get("last_sync"):
-            try:
-                status.last_sync = json.loads(meta["last_sync"])
-            except ValueError:
-                status.last_sync = {"result": "unreadable"}
+        if states is None:
+            meta, counts, hidden = read_state(directory / "state.db")
+        else:
+            found = read_account_state(states, decode_user(directory.name) or directory.name)
+            meta, counts, hidden = found if found is not None else ({}, {}, set())
+            status.name = meta.get("user") or status.name
+        status.last_sync = last_sync(meta)
         status.held = counts.get("held", 0)
     except StateError as exc:
         status.problem = f"state database unreadable: {exc}"
@@ -97,8 +99,9 @@ def _account(directory: Path) -> AccountStatus:
     return status
 
 
-def collect_status(settings) -> list[AccountStatus]:
-    """Every account the cache, the configuration or the queue knows, sorted by name."""
+def collect_status(settings, states: StateStore | None = None) -> list[AccountStatus]:
+    """Every account the cache, the configuration or the queue knows, sorted by name; ``states``: the
+    cluster's state store (an account is then a directory holding a Maildir)."""
     root = Path(settings.cache.root)
     found: dict[str, AccountStatus] = {}
     by_dir: dict[str, AccountStatus] = {}
@@ -108,9 +111,9 @@ def collect_status(settings) -> list[AccountStatus]:
         names = []
     for name in names:
         directory = root / name
-        if name.startswith(".") or not (directory / "state.db").is_file():
+        if name.startswith(".") or not (directory / ("state.db" if states is None else "Maildir")).exists():
             continue
-        status = _account(directory)
+        status = _account(directory, states)
         found[status.name] = status
         by_dir[name] = status
     for name in settings.accounts:
@@ -209,6 +212,13 @@ def oauth2_state(settings, name: str, now: float) -> str:
 def status_command(settings, out: IO[str] | None = None) -> int:
     """Print the status of every account; 0, or 1 when some account's files cannot be read."""
     out = out or sys.stdout
-    accounts = collect_status(settings)
+    view, stores = cluster_view(settings)
+    try:
+        if view is not None:
+            print("\n".join(format_cluster(view)) + "\n", file=out)
+        accounts = collect_status(settings, stores.states if stores is not None else None)
+    finally:
+        if stores is not None:
+            stores.close()
     print(format_status(accounts, settings), file=out)
-    return 1 if any(status.problem for status in accounts) else 0
+    return 1 if any(status.problem for status in accounts) or (view is not None and view.problem) else 0

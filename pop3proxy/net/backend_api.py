@@ -5,7 +5,7 @@ the `Maildrop` it returns (the messages of one locked mailbox).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import trio
@@ -66,5 +66,12 @@ class Backend:
         """Called once before serving, with a nursery for work that outlives a session. ``background``:
         also start the work that runs once per service (False in the workers of a multi-process one)."""
 
+    def close_with(self, close: Callable[[], None]) -> None:
+        """Have `aclose` call ``close`` (in a worker thread): what the composition root opened for
+        this backend (the store's connections) goes with it."""
+        self.__dict__.setdefault("_closers", []).append(close)
+
     async def aclose(self) -> None:
-        pass
+        """Let go of what the backend holds; a subclass that overrides it calls this too."""
+        for close in reversed(self.__dict__.pop("_closers", [])):
+            await trio.to_thread.run_sync(close)

@@ -97,7 +97,8 @@ class ProxyBackend(Backend):
         self._nursery: trio.Nursery | None = None
         # Its key keys the digests kept to skip scrypt too (memory only; the worker processes of one
         # service share it, so a digest one of them wrote to a state database serves them all).
-        self.auth_cache = AuthCache(self.root, secrets.token_bytes(32), settings.sync.auth_cache_ttl)
+        self.auth_cache = AuthCache(self.root, self.stores.shared_key or secrets.token_bytes(32),
+                                    settings.sync.auth_cache_ttl)
         self.early = EarlyLogins(settings)
         self.passwords: dict[str, str] = {}
         # Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console.
@@ -216,6 +217,19 @@ class ProxyBackend(Backend):
         self.auth_cache.remember(route.cache_id, password)
         return await self._online_session(route, client, password)
 
+    async def _hold(self, route: Route) -> Account:
+        """The account held for a session: ``-ERR [IN-USE]`` while another session (on any node) has
+        it, ``-ERR [SYS/TEMP]`` when the session locks cannot be reached (a cluster's database)."""
+        account = self.accounts.get(route.cache_id)
+        try:
+            await account.acquire(session=True)
+        except MailboxBusy:
+            raise LoginError("mailbox is in use by another session", "IN-USE") from None
+        except StateError as exc:
+            log.warning("cannot lock the mailbox of %r: %s", route.cache_id, exc)
+            raise LoginError("the mailbox cannot be opened now, try again later", "SYS/TEMP") from None
+        return account
+
     def _open_files(self, route: Route) -> tuple[Mailbox, AccountState]:
         mailbox = open_store(self.root, route.cache_id, self.store_backend)
         try:
@@ -233,12 +247,8 @@ class ProxyBackend(Backend):
         return ProxyMaildrop(account, route, password, files[0], files[1], messages, banner, mirror)
 
     async def _online_session(self, route: Route, client: UpstreamClient, password: str | None) -> Maildrop:
-        account = self.accounts.get(route.cache_id)
         try:
-            await account.acquire(session=True)
-        except MailboxBusy:
-            await client.aclose()
-            raise LoginError("mailbox is in use by another session", "IN-USE") from None
+            account = await self._hold(route)
         except BaseException:
             await client.aclose()
             raise
@@ -400,11 +410,7 @@ class ProxyBackend(Backend):
 
     async def _cached_session(self, route: Route, password: str | None, note: str) -> Maildrop:
         """Serve the cache as it is, without asking the provider (offline, or a fresh prefetch)."""
-        account = self.accounts.get(route.cache_id)
-        try:
-            await account.acquire(session=True)
-        except MailboxBusy:
-            raise LoginError("mailbox is in use by another session", "IN-USE") from None
+        account = await self._hold(route)
         syncing = account.sync_lock.locked()
 
         def open_files() -> tuple[Mailbox, AccountState, list[MessageInfo]]:  # one thread hop: every warm login

@@ -23,11 +23,11 @@ hands them to the proxy, which never learns which engine it has.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pop3proxy.store.locks import MailboxBusy, lock_mailbox
 from pop3proxy.store.paths import user_dir
@@ -151,12 +151,23 @@ class LocalSessionLocks:
         return lock_mailbox(self.root, cache_id)
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Stores:
-    """The engines a service runs on (the composition root picks them)."""
+    """The engines a service runs on (the composition root picks them: ``store.engines.open_stores``).
+    In a cluster, ``node`` names this node, ``directory`` is its view of the cluster
+    (``store.postgres.nodes.NodeDirectory``) and ``shared_key`` the key every node keys its password
+    digests with; ``close`` lets go of what the engines hold (connections)."""
 
     states: StateStore
     locks: SessionLocks
+    node: str | None = None
+    directory: Any = None
+    shared_key: bytes | None = None
+    close: Callable[[], None] = field(default=_nothing, compare=False)
 
 
 def local_stores(root: str | os.PathLike[str]) -> Stores:

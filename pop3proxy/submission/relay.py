@@ -20,7 +20,7 @@ from pop3proxy.ops import metrics
 from pop3proxy.proxy.accounts import read_password_source
 from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.offline import check_offline_password
-from pop3proxy.store.api import local_stores
+from pop3proxy.store.api import StateStore, local_stores
 from pop3proxy.store.state import StateError
 from pop3proxy.submission.dsn import Failure, build_dsn, store_bounce
 from pop3proxy.submission.provider import (
@@ -80,9 +80,11 @@ def load_passwords(settings) -> dict[str, str]:
 class Relay:
     """Checks logins, relays messages, queues them when the provider is away. Trio code."""
 
-    def __init__(self, settings, passwords: Mapping[str, str], retry: RetryPolicy | None = None) -> None:
+    def __init__(self, settings, passwords: Mapping[str, str], retry: RetryPolicy | None = None,
+                 states: StateStore | None = None) -> None:
         self.settings = settings
         self.passwords = passwords
+        self.states = states if states is not None else local_stores(settings.cache.root).states  # offline hashes
         self.retry = retry or RetryPolicy()
         self.queue = OutQueue(queue_dir(settings))
         self.limiter = trio.CapacityLimiter(MAX_UPSTREAM)
@@ -170,7 +172,7 @@ class Relay:
             log.error("smtp login of %r: the provider's TLS could not be trusted, no offline check", name)
             return None
         try:
-            return check_offline_password(local_stores(self.settings.cache.root).states, route.cache_id, password)
+            return check_offline_password(self.states, route.cache_id, password)
         except (StateError, OSError):
             return None
 

@@ -110,6 +110,19 @@ class PostgresServer:
                                    f"{self._log_tail()}")
         self.started_in = time.monotonic() - started
 
+    def start_again(self) -> None:
+        """Start the server stopped by `stop` again, on the same port (clients reconnect to it)."""
+        options = f"-p {self.port} -k {self.root} -c listen_addresses={HOST}"
+        done = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", str(START_TIMEOUT),
+                         "-o", options, "start")
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed ({done.returncode}): {done.stdout}{done.stderr}\n"
+                               f"{self._log_tail()}")
+
+    def url(self, dbname: str = "postgres") -> str:
+        """The database as a ``postgresql://`` URL (what ``cluster.database`` takes)."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}"
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             done = self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")

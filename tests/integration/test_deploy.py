@@ -65,6 +65,8 @@ def test_example_config_documents_every_key():
             assert "[[filters]]" in text
             continue
         model = field.annotation
+        if name == "cluster":  # optional: ClusterSettings | None
+            model = model.__args__[0]
         if name in ("routes", "accounts"):
             model = model.__args__[1]
             header = {"routes": "routes", "accounts": 'accounts."alice"'}[name]
@@ -244,7 +246,7 @@ def test_containerfile_builds_from_existing_files_as_a_non_root_user():
                 assert (ROOT / source).exists(), f"Containerfile copies {source}, which does not exist"
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
-    assert "pip install ." in text
+    assert "pip install '.[cluster]'" in text
     exposed = {int(p) for line in instructions if line.startswith("EXPOSE ") for p in line.split()[1:]}
     config = tomllib.loads((DEPLOY / "compose.toml").read_text())
     assert {config["listen"]["port"], config["metrics"]["port"]} <= exposed

@@ -186,7 +186,10 @@ def test_metrics_directories_of_killed_supervisors_are_removed(tmp_path, monkeyp
         path.mkdir()
         (path / "counter_1.db").write_bytes(b"x")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.delenv(workers.METRICS_ENV, raising=False)
+    # Recorded as set, then removed: the variable prepare_metrics sets is gone after the test (a plain
+    # delenv of an absent variable records nothing, and later tests in this process saw multiprocess mode).
+    monkeypatch.setenv(workers.METRICS_ENV, "")
+    monkeypatch.delenv(workers.METRICS_ENV)
     made = workers.prepare_metrics()
     assert os.environ[workers.METRICS_ENV] == made and os.path.isdir(made)
     assert not stale.exists() and live.exists()

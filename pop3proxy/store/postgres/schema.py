@@ -23,7 +23,7 @@ __all__ = [
     "check_schema", "database_version", "lock_key",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, tuple[LiteralString, ...]] = {
     1: (
@@ -52,6 +52,31 @@ MIGRATIONS: dict[int, tuple[LiteralString, ...]] = {
             name    text NOT NULL,
             value   text NOT NULL,
             PRIMARY KEY (account, name)
+        )""",
+    ),
+    2: (
+        # The nodes of the cluster: each node's supervising process registers at start and beats.
+        """CREATE TABLE nodes (
+            node         text PRIMARY KEY,
+            pid          integer NOT NULL,
+            version      text NOT NULL,
+            state        text NOT NULL CHECK (state IN ('serving', 'draining', 'stopped')),
+            started_at   timestamptz NOT NULL DEFAULT now(),
+            heartbeat_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        # Which node serves which account now: written with the session lock, removed with it; a row
+        # whose advisory lock (lock_key) is not held any more is stale (its process died).
+        """CREATE TABLE serving (
+            account  text PRIMARY KEY,
+            lock_key bigint NOT NULL,
+            node     text NOT NULL,
+            pid      integer NOT NULL,
+            since    timestamptz NOT NULL DEFAULT now()
+        )""",
+        # Secrets every node shares (the key of the auth cache's and offline memo's digests).
+        """CREATE TABLE cluster_keys (
+            name  text PRIMARY KEY,
+            value bytea NOT NULL
         )""",
     ),
 }
