@@ -87,6 +87,11 @@ class SessionLock(Protocol):
     def release(self) -> None:
         """Give the account back (idempotent)."""
 
+    def confirm(self) -> bool:
+        """True when the lock is certainly still held, asked before deletions are applied (synchronous;
+        a cluster's lock asks its server: its connection may have broken and freed it)."""
+        ...
+
 
 class SessionLocks(Protocol):
     def try_lock(self, cache_id: str) -> SessionLock:
