@@ -62,6 +62,8 @@ class ListenSettings(_Section):
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="Networks a PROXY protocol header is accepted from; a connection from elsewhere is closed.")
+    proxy_protocol_timeout: float = Field(
+        5.0, gt=0, description="Seconds a connection has to send its whole PROXY protocol header; then it is closed.")
     workers: int = Field(
         0, ge=0, le=MAX_WORKERS,
         description="Processes serving POP3 clients, sharing the listening sockets (`serve` only); 0 = one per CPU, "
