@@ -21,6 +21,7 @@ from pop3proxy.net.gate import Gate
 from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
 from pop3proxy.net.port_claim import bind_error, claim_bound
+from pop3proxy.net.proxied import ProxyPolicy
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.net.tls import server_context
 from pop3proxy.proxy.local import LocalBackend
@@ -88,6 +89,7 @@ def build_server_config(settings: Settings) -> ServerConfig:
         max_bad_commands=listen.max_bad_commands,
         allow_plaintext_auth=listen.allow_plaintext_auth,
         ssl_context=build_ssl_context(settings),
+        proxy=ProxyPolicy.of(listen.trusted_proxies, listen.proxy_protocol_timeout) if listen.proxy_protocol else None,
         throttle=Throttle(
             throttle.max_failures,
             throttle.window,
@@ -141,6 +143,9 @@ def log_listening(settings: Settings, ports: Ports, stls: bool) -> None:
         log.info("listening for POP3 on %s port %d%s", host, ports.plain, " (STLS available)" if stls else "")
     if ports.tls is not None:
         log.info("listening for POP3S on %s port %d", host, ports.tls)
+    if settings.listen.proxy_protocol:
+        log.info("POP3 connections must start with a PROXY protocol header from %s",
+                 ", ".join(settings.listen.trusted_proxies))
 
 
 async def start_services(nursery: trio.Nursery, settings: Settings, backend: Backend, gate: Gate,

@@ -5,7 +5,6 @@ messages with back-pressure and sendfile, QUIT updates), under the configured li
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -19,10 +18,12 @@ import trio
 
 from pop3proxy import pop3 as p
 from pop3proxy.errors import LoginError, sole_exception
+from pop3proxy.net import proxied
 from pop3proxy.net.addresses import is_loopback
 from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.gate import Gate
+from pop3proxy.net.sendfile import open_for_sendfile
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
 from pop3proxy.pop3 import session as s
@@ -50,6 +51,7 @@ class ServerConfig:
     ssl_context: ssl.SSLContext | None = None
     greeting: str = "pop3proxy ready"
     throttle: Throttle = field(default_factory=Throttle)
+    proxy: proxied.ProxyPolicy | None = None  # a PROXY protocol header first, from these proxies only
 
 
 @dataclass
@@ -103,11 +105,13 @@ def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
 class _Connection:
     """Drives one ``Session`` over one stream."""
 
-    def __init__(self, state: ServerState, stream: trio.abc.Stream, tls_active: bool) -> None:
+    def __init__(self, state: ServerState, stream: trio.abc.Stream, tls_active: bool,
+                 peer: tuple[str, int] | None = None, received: bytes = b"") -> None:
         self.state = state
         self.config = state.config
         self.stream = stream
-        self.peer = _peer_of(stream)
+        self.peer = peer or _peer_of(stream)  # the client's: a PROXY header's, or the socket's peer
+        self.received = received  # what the client sent with the PROXY header, before its greeting
         loopback = is_loopback(self.peer[0])
         plaintext = {"always": True, "never": False, "loopback": loopback}[self.config.allow_plaintext_auth]
         self.session = s.Session(
@@ -177,6 +181,8 @@ class _Connection:
 
     async def _run(self) -> None:
         self._queue(self.session.greeting())
+        if self.received:
+            self.session.receive_data(self.received)
         self.state.admit(self)
         try:
             while True:
@@ -346,7 +352,7 @@ class _Connection:
             and isinstance(self.stream, trio.SocketStream)
         ):
             try:
-                sendable = await trio.to_thread.run_sync(_open_for_sendfile, maildrop, action.key, action.size)
+                sendable = await trio.to_thread.run_sync(open_for_sendfile, maildrop, action.key, action.size)
             except (OSError, KeyError, ValueError):
                 sendable = None
             if sendable is not None:
@@ -386,45 +392,21 @@ class _Connection:
             f.close()
 
 
-def _open_for_sendfile(maildrop: Maildrop, key: str, size: int) -> BinaryIO | None:
-    """The message's own file when it can go to the socket as it is: a plain file of exactly ``size``
-    octets (CRLF form, as the store serves it) that ends with CRLF and has no line starting with '.'."""
-    f = maildrop.open(key)
-    try:
-        if not isinstance(f, io.BufferedReader) or f.tell() != 0 or os.fstat(f.fileno()).st_size != size:
-            f.close()
-            return None
-        # Scanned in pieces through one buffer: mapping the file would count it in our resident size.
-        buffer = bytearray(1 << 20)
-        view = memoryview(buffer)
-        last = b"\n"  # as if a line ended just before the file: a leading '.' counts
-        tail = b""
-        while n := f.readinto(buffer):
-            piece = bytes(view[:n])
-            if (last + piece).find(b"\n.") >= 0:
-                f.close()
-                return None
-            last = piece[-1:]
-            tail = (tail + piece)[-2:]
-        if tail != b"\r\n":
-            f.close()
-            return None
-        f.seek(0)
-        return f
-    except BaseException:
-        f.close()
-        raise
-
-
 async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit_tls: bool = False) -> None:
     """Serve one client; never raises."""
-    state.stats["sessions"] += 1
     started = time.monotonic()
     conn: _Connection | None = None
     address = ""
     try:
         _set_nodelay(stream)
-        address = _peer_of(stream)[0]
+        peer, received = _peer_of(stream), b""
+        if state.config.proxy is not None:
+            carried = await proxied.accept(stream, peer, state.config.proxy)
+            if carried is None:  # refused (logged): no session, not a word
+                return
+            peer, received = carried
+        state.stats["sessions"] += 1
+        address = peer[0]
         assert state.gate is not None
         verdict = await state.gate.admit(address)
         if verdict == "full" and state.make_room():  # the session closed for room leaves soon
@@ -439,10 +421,12 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         try:
             if implicit_tls:
                 assert state.config.ssl_context is not None
-                stream = trio.SSLStream(stream, state.config.ssl_context, server_side=True)
+                transport = proxied.PrefixedStream(stream, received) if received else stream
+                received = b""  # the handshake's first octets, when they came with the PROXY header
+                stream = trio.SSLStream(transport, state.config.ssl_context, server_side=True)
                 with trio.fail_after(state.config.tls_handshake_timeout):
                     await stream.do_handshake()
-            conn = _Connection(state, stream, tls_active=implicit_tls)
+            conn = _Connection(state, stream, tls_active=implicit_tls, peer=peer, received=received)
             await conn.run()
         finally:
             metrics.session_ended()
