@@ -48,12 +48,21 @@ class Route:
     target_host: str = HOST
     bind: str = HOST
     port: int = field(default=0, init=False)
+    more: tuple[int, ...] = ()  # further servers (cluster nodes), balanced round robin, health-checked
 
     def server_line(self) -> str:
         address = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
-        if self.proxy == "v1":
-            return f"server s {address}:{self.target} send-proxy"
-        return f"server s {address}:{self.target} send-proxy-v2 {V2_OPTIONS}"
+        lines = []
+        for i, target in enumerate((self.target, *self.more)):
+            check = " check check-send-proxy inter 500ms fall 1 rise 1" if self.more else ""
+            if self.proxy == "v1":
+                lines.append(f"server s{i} {address}:{target} send-proxy{check}")
+            else:
+                lines.append(f"server s{i} {address}:{target} send-proxy-v2 {V2_OPTIONS}{check}")
+        if self.more:  # a node that is down or draining: the client is sent to another one
+            lines = ["balance roundrobin", "option redispatch", "retries 3", "option tcp-check",
+                     "tcp-check expect string +OK", *lines]
+        return "\n    ".join(lines)
 
 
 def _listening(host: str, port: int) -> bool:
