@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import ssl
 import time
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.sendfile import open_for_sendfile
+from pop3proxy.net.streams import client_gone, peer_of, set_nodelay
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
 from pop3proxy.pop3 import session as s
@@ -34,6 +34,7 @@ READ_CHUNK = 256 * 1024
 INLINE_READ = 64 * 1024  # messages up to this size are read without a worker thread
 SENDFILE_MIN = 256 * 1024  # larger messages that need no dot-stuffing go out with sendfile()
 RECEIVE_SIZE = 64 * 1024
+SHUTTING_DOWN = "this server is shutting down, connect again"
 EVICT_AFTER = 2.0  # seconds a pre-login connection must have waited before it may be closed for room
 
 
@@ -64,6 +65,8 @@ class ServerState:
     stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0, "evicted": 0})
     # Connections still in AUTHORIZATION, oldest first (dicts keep insertion order).
     unauthenticated: dict[_Connection, None] = field(default_factory=dict)
+    live: set[_Connection] = field(default_factory=set)  # every session now (a drain waits for them)
+    accepting: trio.CancelScope = field(default_factory=trio.CancelScope)  # the accept loops (a drain ends them)
 
     def __post_init__(self) -> None:
         if self.gate is None:
@@ -86,22 +89,6 @@ class ServerState:
             self.make_room()
         self.unauthenticated[conn] = None
 
-def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
-    inner = stream
-    while isinstance(inner, trio.SSLStream):
-        inner = inner.transport_stream
-    sock = getattr(inner, "socket", None)
-    if sock is None:
-        return ("", 0)
-    try:
-        address = sock.getpeername()
-    except OSError:
-        return ("", 0)
-    if isinstance(address, tuple):
-        return (address[0], address[1])
-    return (str(address), 0)
-
-
 class _Connection:
     """Drives one ``Session`` over one stream."""
 
@@ -110,7 +97,7 @@ class _Connection:
         self.state = state
         self.config = state.config
         self.stream = stream
-        self.peer = peer or _peer_of(stream)  # the client's: a PROXY header's, or the socket's peer
+        self.peer = peer or peer_of(stream)  # the client's: a PROXY header's, or the socket's peer
         self.received = received  # what the client sent with the PROXY header, before its greeting
         loopback = is_loopback(self.peer[0])
         plaintext = {"always": True, "never": False, "loopback": loopback}[self.config.allow_plaintext_auth]
@@ -128,6 +115,7 @@ class _Connection:
         self._wait_scope: trio.CancelScope | None = None  # set while waiting for input
         self.waiting_since = 0.0
         self.evicted = False
+        self.closing = False  # the service stops: the session ends at its next wait for input
         self.maildrop: Maildrop | None = None
         self.upstream: str | None = None  # the provider this session's login went to (logs)
         self.early: EarlyUpstream | None = None  # the provider connection opened while greeting
@@ -158,6 +146,12 @@ class _Connection:
         self._wait_scope.cancel()
         return True
 
+    def shut_down(self) -> None:
+        """End this session at its next wait for input (now, if it waits), with ``-ERR [SYS/TEMP]``."""
+        self.closing = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
     def _authorizing(self) -> bool:
         return self.session.state is s.State.AUTHORIZATION
 
@@ -184,6 +178,7 @@ class _Connection:
         if self.received:
             self.session.receive_data(self.received)
         self.state.admit(self)
+        self.state.live.add(self)
         try:
             while True:
                 if not self._authorizing():
@@ -201,6 +196,7 @@ class _Connection:
                     await self.flush()
         finally:
             self.state.unauthenticated.pop(self, None)
+            self.state.live.discard(self)
             if self.maildrop is not None:
                 maildrop, self.maildrop = self.maildrop, None
                 with trio.CancelScope(shield=True):
@@ -208,7 +204,11 @@ class _Connection:
 
     async def _receive(self) -> bool:
         """Flush replies, then wait for input. False when the client is gone or idle too long."""
+        if self.closing:
+            self._queue(p.err(SHUTTING_DOWN, "SYS/TEMP"))
         await self.flush()
+        if self.closing:
+            return False
         deadline = trio.current_time() + self.config.idle_timeout
         authorizing = self._authorizing()
         if authorizing:  # each byte resets the idle timer, but not the deadline to log in
@@ -222,7 +222,9 @@ class _Connection:
             self.session.receive_data(data)
             return True
         self._wait_scope = None
-        if self.evicted:
+        if self.closing:
+            self._queue(p.err(SHUTTING_DOWN, "SYS/TEMP"))
+        elif self.evicted:
             text = "too many connections waiting to log in, closing connection"
             self._queue(p.err(text, "SYS/TEMP"))
         elif authorizing and trio.current_time() >= self.login_deadline:
@@ -398,8 +400,8 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
     conn: _Connection | None = None
     address = ""
     try:
-        _set_nodelay(stream)
-        peer, received = _peer_of(stream), b""
+        set_nodelay(stream)
+        peer, received = peer_of(stream), b""
         if state.config.proxy is not None:
             carried = await proxied.accept(stream, peer, state.config.proxy)
             if carried is None:  # refused (logged): no session, not a word
@@ -434,7 +436,7 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
     except Exception as exc:
         # A nursery (the early provider connection's) hands its errors on in a group: what counts is
         # the exception inside.
-        if _client_gone(exc):  # the client went away or was too slow; nothing to tell it
+        if client_gone(exc):  # the client went away or was too slow; nothing to tell it
             gone = sole_exception(exc)
             log.info("client %s went away (%s)", address, type(gone).__name__,
                      extra={"peer": address, "result": "disconnected"})
@@ -462,20 +464,3 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
             await trio.aclose_forcefully(stream)
-
-
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
-
-
-def _client_gone(exc: BaseException) -> bool:
-    """True when ``exc`` (or every exception of its group) says the client's stream broke or stalled."""
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(_GONE)
-        return matched is not None and rest is None
-    return isinstance(exc, _GONE)
-
-
-def _set_nodelay(stream: trio.abc.Stream) -> None:
-    sock = getattr(stream, "socket", None)
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
