@@ -3,6 +3,7 @@
 =======================  ==============================================================================
 `PostgresStateStore`     `StateStore`/`AccountState`: accounts' rows and settings in shared tables
 `PostgresSessionLocks`   `SessionLocks`: one session per account, an advisory lock on a connection of its own
+`PostgresTokenStore`     `TokenStore`: OAuth2 tokens and local password hashes; one renewal per account
 `apply_schema`           creates or upgrades the tables (``schema_version``); `check_schema` refuses others
 =======================  ==============================================================================
 
@@ -25,10 +26,12 @@ from pop3proxy.store.postgres.schema import (
     database_version,
 )
 from pop3proxy.store.postgres.state import PostgresAccountState, PostgresStateStore
+from pop3proxy.store.postgres.tokens import PostgresTokenStore, TokenStoreUnavailable
 
 __all__ = [
-    "SCHEMA_VERSION", "PostgresAccountState", "PostgresSessionLock", "PostgresSessionLocks", "PostgresStateStore",
-    "SchemaError", "SchemaTooNew", "SchemaTooOld", "apply_schema", "check_schema", "database_version", "open_pool",
+    "SCHEMA_VERSION", "PostgresAccountState", "PostgresSessionLock", "PostgresSessionLocks",
+    "PostgresStateStore", "PostgresTokenStore", "SchemaError", "SchemaTooNew", "SchemaTooOld", "TokenStoreUnavailable",
+    "apply_schema", "check_schema", "database_version", "open_pool",
 ]
 
 
