@@ -261,24 +261,26 @@ class _Connection:
     async def _login(self, action: s.Authenticate) -> list[s.Action]:
         await self.flush()
         assert self.state.gate is not None
-        address = self.peer[0]
-        account = self.state.backend.account_key(action.user)  # name variants of one account count as one
-        async with self.state.gate.login(address, account) as attempt:
-            if attempt.blocked:
-                log.warning("login of %r from %s refused: too many failed logins", action.user, address)
-                return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
-            await trio.sleep(attempt.delay)  # an account being guessed at: slowed, not refused
-            try:
-                maildrop = await self.state.backend.login(action.user, action.password, address,
-                                                          mechanism=action.mechanism, early=self.early)
-            except LoginError as exc:
-                log.info("login failed for %r from %s: %s", action.user, address, exc.text,
-                         extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
-                metrics.login("failed")
-                if (exc.code == "AUTH" or exc.guess) and not exc.verified:
-                    await trio.sleep(await attempt.failed())
-                return self.session.login_failed(exc.text, exc.code)
-            attempt.succeeded()
+        address, account = self.peer[0], self.state.backend.account_key(action.user)  # name variants: one key
+        try:
+            async with self.state.gate.login(address, account) as attempt:
+                if attempt.blocked:
+                    log.warning("login of %r from %s refused: too many failed logins", action.user, address)
+                    return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
+                await trio.sleep(attempt.delay)  # an account being guessed at: slowed, not refused
+                try:
+                    maildrop = await self.state.backend.login(action.user, action.password, address,
+                                                              mechanism=action.mechanism, early=self.early)
+                except LoginError as exc:
+                    log.info("login failed for %r from %s: %s", action.user, address, exc.text,
+                             extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
+                    metrics.login("failed")
+                    if (exc.code == "AUTH" or exc.guess) and not exc.verified:
+                        await trio.sleep(await attempt.failed())
+                    return self.session.login_failed(exc.text, exc.code)
+                attempt.succeeded()
+        except LoginError as exc:  # the gate cannot count logins now (a cluster's database): temporary
+            return self.session.login_failed(exc.text, exc.code)
         self.maildrop = maildrop
         if self.early is not None:  # the login used it, or did not need it: no provider connection waits
             await self.early.aclose()
