@@ -148,6 +148,18 @@ def log_listening(settings: Settings, ports: Ports, stls: bool) -> None:
                  ", ".join(settings.listen.trusted_proxies))
 
 
+def cluster_gate(backend: Backend, node: Gate | None, max_sessions: int) -> Gate | None:
+    """In a cluster, the gate that counts sessions per address and failed logins with every other node
+    (`ClusterGate` over this process's counters), keeping ``max_sessions`` in ``node`` (this process's
+    `Gate`, or the supervisor's through a `RemoteGate`); on one machine ``node`` itself."""
+    stores: Stores | None = getattr(backend, "stores", None)
+    if stores is None or stores.counters is None:
+        return node
+    from pop3proxy.net.cluster_gate import ClusterGate
+
+    return ClusterGate(stores.counters, node, max_sessions=max_sessions)
+
+
 async def start_services(nursery: trio.Nursery, settings: Settings, backend: Backend, gate: Gate,
                          tls_context: Callable[[], ssl.SSLContext | None], ports: Ports) -> None:
     """What runs once per service whatever the number of POP3 workers: the SMTP relay with its queue
@@ -223,7 +235,8 @@ async def run_service(
     from pop3proxy.ops.logs import add_secrets
 
     add_secrets(getattr(backend, "passwords", {}).values())  # masked should they ever reach a log line
-    state = ServerState(build_server_config(settings), backend, gate=gate)
+    state = ServerState(build_server_config(settings), backend,
+                        gate=cluster_gate(backend, gate, settings.listen.max_sessions))
     claims: list[socket.socket] = []
     if listeners is None:
         plain, tls, claims = await open_pop3_listeners(settings)

@@ -135,13 +135,15 @@ def _ask_password(args: argparse.Namespace) -> str:
 
 def _oauth_passwd(args: argparse.Namespace, settings: Settings) -> int:
     """The local password a legacy client logs in with to an OAuth2 account (the token stays)."""
+    from pop3proxy.errors import StartupError
     from pop3proxy.proxy.oauth import set_local_password
-    from pop3proxy.store.tokens_api import local_token_store
+    from pop3proxy.store.engines import token_store
 
     password = _ask_password(args)
     try:
-        set_local_password(local_token_store(settings.cache.root), args.name, password)
-    except (ValueError, OSError) as exc:
+        with token_store(settings) as store:
+            set_local_password(store, args.name, password)
+    except (ValueError, OSError, StartupError) as exc:
         raise CliError(f"cannot set the password of {args.name}: {exc}") from None
     print(f"local password set for the OAuth2 account {args.name}")
     return 0

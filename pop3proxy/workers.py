@@ -272,6 +272,7 @@ async def run_supervised(settings: Settings, workers: int,
         Ports,
         build_backend,
         build_server_config,
+        cluster_gate,
         keep_heartbeat,
         log_listening,
         start_services,
@@ -299,7 +300,10 @@ async def run_supervised(settings: Settings, workers: int,
                     async with trio.open_nursery() as nursery:
                         backend.attach(nursery)
                         await nursery.start(supervisor.run)
-                        await start_services(nursery, settings, backend, state.gate,
+                        # the console's sign-ins count with every node's logins in a cluster
+                        web_gate = cluster_gate(backend, state.gate, settings.listen.max_sessions)
+                        assert web_gate is not None
+                        await start_services(nursery, settings, backend, web_gate,
                                              lambda: state.config.ssl_context, ports)
                         log_listening(settings, ports, state.config.ssl_context is not None)
                         log.info("serving with %d worker processes", workers)

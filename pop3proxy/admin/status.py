@@ -31,7 +31,7 @@ from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.mbox import MboxMailbox
 from pop3proxy.store.paths import REMOVED_DIRS, decode_user, encode_user
 from pop3proxy.store.state_read import account_name, read_state
-from pop3proxy.store.tokens_api import local_token_store
+from pop3proxy.store.tokens_api import TokenStore, local_token_store
 from pop3proxy.submission.queue import OutQueue
 
 __all__ = ["AccountStatus", "collect_status", "status_command"]
@@ -99,9 +99,10 @@ def _account(directory: Path, states: StateStore | None = None) -> AccountStatus
     return status
 
 
-def collect_status(settings, states: StateStore | None = None) -> list[AccountStatus]:
-    """Every account the cache, the configuration or the queue knows, sorted by name; ``states``: the
-    cluster's state store (an account is then a directory holding a Maildir)."""
+def collect_status(settings, states: StateStore | None = None, tokens: TokenStore | None = None
+                   ) -> list[AccountStatus]:
+    """Every account the cache, the configuration or the queue knows, sorted by name; ``states`` and
+    ``tokens``: the cluster's stores (an account is then a directory holding a Maildir)."""
     root = Path(settings.cache.root)
     found: dict[str, AccountStatus] = {}
     by_dir: dict[str, AccountStatus] = {}
@@ -131,7 +132,7 @@ def collect_status(settings, states: StateStore | None = None) -> list[AccountSt
             owner.queued.append(entry)
     now = time.time()
     for status in found.values():
-        status.oauth2 = oauth2_state(settings, status.name, now)
+        status.oauth2 = oauth2_state(settings, status.name, now, tokens)
     return sorted(found.values(), key=lambda s: s.name.lower())
 
 
@@ -189,24 +190,26 @@ def format_status(accounts: list[AccountStatus], settings, now: float | None = N
     return "\n".join(lines)
 
 
-def oauth2_state(settings, name: str, now: float) -> str:
+def oauth2_state(settings, name: str, now: float, tokens: TokenStore | None = None) -> str:
     """An OAuth2 account's token state (never the token), empty for password accounts."""
     account = settings.accounts.get(name)
     if account is None or account.oauth2 is None:
         return ""
     try:
-        tokens = load_tokens(local_token_store(settings.cache.root), name)
+        found = load_tokens(tokens if tokens is not None else local_token_store(settings.cache.root), name)
     except ValueError as exc:
         return f"token file damaged: {exc}"
-    if tokens is None:
+    except OSError as exc:  # a cluster's database away
+        return f"token store unreadable: {exc}"
+    if found is None:
         return f"not authorised yet: run `pop3proxy oauth login {name}`"
-    if tokens.state == NEEDS_AUTHORISATION:
-        return f"NEEDS AUTHORISATION: run `pop3proxy oauth login {name}` ({tokens.error})"
-    if tokens.valid_for(now) <= 0:
-        text = f"token expired {utc(tokens.expires_at)}"
+    if found.state == NEEDS_AUTHORISATION:
+        return f"NEEDS AUTHORISATION: run `pop3proxy oauth login {name}` ({found.error})"
+    if found.valid_for(now) <= 0:
+        text = f"token expired {utc(found.expires_at)}"
     else:
-        text = f"token valid until {utc(tokens.expires_at)}"
-    return text + (f", last error: {tokens.error}" if tokens.error else "")
+        text = f"token valid until {utc(found.expires_at)}"
+    return text + (f", last error: {found.error}" if found.error else "")
 
 
 def status_command(settings, out: IO[str] | None = None) -> int:
@@ -216,7 +219,8 @@ def status_command(settings, out: IO[str] | None = None) -> int:
     try:
         if view is not None:
             print("\n".join(format_cluster(view)) + "\n", file=out)
-        accounts = collect_status(settings, stores.states if stores is not None else None)
+        accounts = collect_status(settings, stores.states if stores is not None else None,
+                                  stores.tokens if stores is not None else None)
     finally:
         if stores is not None:
             stores.close()

@@ -103,7 +103,7 @@ class ProxyBackend(Backend):
         self.passwords: dict[str, str] = {}
         # Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console.
         self.syncing: dict[str, tuple[int, int]] = {}
-        self.oauth = TokenManager(self.root, {
+        self.oauth = TokenManager(self.stores.tokens or self.root, {
             name: account.oauth2 for name, account in settings.accounts.items() if account.oauth2 is not None})
         self.oauth_logins = OAuthLogins(self.oauth, settings.offline.enabled)
         for name, account in settings.accounts.items():

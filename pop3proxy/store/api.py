@@ -203,6 +203,8 @@ class Stores:
 
     states: StateStore
     locks: SessionLocks
+    tokens: Any = None  # store.tokens_api.TokenStore (None: files below the cache root)
+    counters: Any = None  # CounterStore in a cluster (None: the supervisor's Gate counts)
     node: str | None = None
     directory: Any = None
     shared_key: bytes | None = None

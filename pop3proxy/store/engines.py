@@ -10,6 +10,8 @@ a `StartupError` naming the database without its password.
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,8 +19,9 @@ from pop3proxy.config import ClusterSettings, Settings
 from pop3proxy.errors import StartupError
 from pop3proxy.store.api import Stores, local_stores
 from pop3proxy.store.state import StateError
+from pop3proxy.store.tokens_api import TokenStore, local_token_store
 
-__all__ = ["database_conninfo", "database_name", "open_stores", "upgrade_database"]
+__all__ = ["database_conninfo", "database_name", "open_stores", "token_store", "upgrade_database"]
 
 AUTH_KEY = "auth-digest"  # the name of the cluster key that keys password digests
 
@@ -62,17 +65,29 @@ def database_conninfo(cluster: ClusterSettings, purpose: str = "state") -> str:
 
 def _cluster_stores(settings: Settings, cluster: ClusterSettings) -> Stores:
     try:
-        from pop3proxy.store.postgres import PostgresSessionLocks, PostgresStateStore, open_pool
+        from pop3proxy.store.postgres import (
+            PostgresCounters,
+            PostgresSessionLocks,
+            PostgresStateStore,
+            PostgresTokenStore,
+            open_pool,
+        )
         from pop3proxy.store.postgres.nodes import NodeDirectory
     except ImportError as exc:
         raise StartupError(f"cluster mode needs the cluster extra (pip install 'pop3proxy[cluster]'): {exc}") from None
     conninfo = database_conninfo(cluster)
     pool = open_pool(conninfo, min_size=1, max_size=cluster.pool_size, timeout=cluster.database_timeout)
+    throttle = settings.throttle
     try:
         states = PostgresStateStore(pool)
+        tokens = PostgresTokenStore(pool, check=False)  # the version was checked just now
+        counters = PostgresCounters(
+            pool, max_per_address=settings.listen.max_sessions_per_address, max_failures=throttle.max_failures,
+            window=throttle.window, base_delay=throttle.base_delay, max_delay=throttle.max_delay,
+            address_failures=throttle.address_failures, check=False)
         directory = NodeDirectory(pool, cluster.node, cluster.heartbeat)
         shared_key = directory.shared_key(AUTH_KEY)
-    except StateError as exc:
+    except (StateError, OSError) as exc:
         pool.close()
         raise StartupError(f"cluster database {database_name(cluster)}: {exc}") from None
     locks = PostgresSessionLocks(database_conninfo(cluster, "locks"), node=cluster.node,
@@ -80,10 +95,25 @@ def _cluster_stores(settings: Settings, cluster: ClusterSettings) -> Stores:
 
     def close() -> None:
         locks.close()
+        counters.close()  # its owner connection: what this process counted is given back
         pool.close()
 
-    return Stores(states=states, locks=locks, node=cluster.node, directory=directory, shared_key=shared_key,
-                  close=close)
+    return Stores(states=states, locks=locks, tokens=tokens, counters=counters, node=cluster.node,
+                  directory=directory, shared_key=shared_key, close=close)
+
+
+@contextmanager
+def token_store(settings: Settings) -> Iterator[TokenStore]:
+    """The OAuth2 token store the settings name, for a command (`oauth`, `passwd`, `status`): the files
+    below the cache root, or a cluster's database (a `StartupError` when it cannot be used)."""
+    if settings.cluster is None:
+        yield local_token_store(settings.cache.root)
+        return
+    stores = _cluster_stores(settings, settings.cluster)
+    try:
+        yield stores.tokens
+    finally:
+        stores.close()
 
 
 def open_stores(settings: Settings) -> Stores:

@@ -7,8 +7,10 @@ import json
 import sys
 
 from pop3proxy.config import OAuth2Settings, Settings
+from pop3proxy.errors import StartupError
 from pop3proxy.proxy.oauth import flows, login
-from pop3proxy.store.tokens_api import local_token_store
+from pop3proxy.store.engines import token_store
+from pop3proxy.store.tokens_api import TokenStore
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -23,8 +25,17 @@ def _print(text: str) -> None:
 
 
 def oauth_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`pop3proxy oauth ...` on the token store the settings name (a cluster's database, or files)."""
+    try:
+        with token_store(settings) as store:
+            return _oauth_command(settings, args, store)
+    except StartupError as exc:
+        print(f"pop3proxy: oauth: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _oauth_command(settings: Settings, args: argparse.Namespace, store: TokenStore) -> int:
     accounts = oauth_accounts(settings)
-    store = local_token_store(settings.cache.root)
     if args.oauth_action == "status":
         rows = login.status(store, accounts)
         print(json.dumps(rows, indent=1) if args.json else login.format_status(rows))

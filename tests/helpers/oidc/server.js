@@ -132,6 +132,11 @@ provider.use(async (ctx, next) => {
   ctx.redirect(url);
 });
 
+// One line per token granted (tests count the refreshes): "grant <grant_type> <milliseconds since the epoch>".
+provider.on('grant.success', (ctx) => {
+  console.log(`grant ${ctx.oidc.params.grant_type} ${Date.now()}`);
+});
+
 const server = provider.listen(port, '127.0.0.1', () => {
   console.log(`oidc listening on ${server.address().port}`);
 });
