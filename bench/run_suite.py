@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of about a minute")
     parser.add_argument("--only", help="comma-separated workload numbers (default: all)")
     parser.add_argument("--docs", type=Path, help="rewrite the results block of this file "
-                        "(default for full runs: docs/BENCHMARKS.md)")
+                        "(default for full runs of every workload: docs/BENCHMARKS.md)")
     parser.add_argument("--no-docs", action="store_true", help="do not write any docs file")
     parser.add_argument("--json", type=Path, help="also save the rows as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) after the run")
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         header += " Not measured: " + "; ".join(f"{report.MISSING_TITLES.get(k, k)} ({v})" for k, v in missing.items()) + "."
     report.print_report(rows, info, header, quick=args.quick)
-    docs = args.docs or (None if args.quick else REPO / "docs" / "BENCHMARKS.md")
+    # The results block is the whole suite's: a run of some workloads (--only) writes it only where --docs says.
+    docs = args.docs or (None if args.quick or args.only else REPO / "docs" / "BENCHMARKS.md")
     if docs is not None and not args.no_docs:
         report.write_docs(docs, rows, info, header, quick=args.quick)
         print(f"\nbench: wrote the results block of {docs}")
