@@ -141,37 +141,42 @@ class Statement:
 
 class StatementCounter:
     """Counts the statements clients run in one database, from the server's side: ``pg_stat_statements``
-    read before and after (it is reset first). The reading connection is to another database (``postgres``),
-    so its own statements are not counted."""
+    reset, then read. It reads on one connection of its own, kept open (a new connection would start a
+    server process, whose CPU time would count), to another database (``postgres``), so that its own
+    statements are not counted."""
 
     def __init__(self, postgres: BenchPostgres, dbname: str) -> None:
         self.postgres = postgres
         self.dbname = dbname
+        self.conn = postgres.connect()
+
+    def __enter__(self) -> StatementCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
 
     def reset(self) -> None:
-        with self.postgres.connect() as admin:
-            admin.execute("SELECT pg_stat_statements_reset()")
+        self.conn.execute("SELECT pg_stat_statements_reset()")
 
     def read(self) -> list[Statement]:
-        with self.postgres.connect() as admin:
-            found = admin.execute(
-                "SELECT query, calls, total_exec_time FROM pg_stat_statements"
-                " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = %s) ORDER BY calls DESC, query",
-                (self.dbname,)).fetchall()
+        found = self.conn.execute(
+            "SELECT query, calls, total_exec_time FROM pg_stat_statements"
+            " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = %s) ORDER BY calls DESC, query",
+            (self.dbname,)).fetchall()
         return [Statement(" ".join(query.split()), int(calls), float(ms)) for query, calls, ms in found]
 
     def wait_unlocked(self, timeout: float = 10.0) -> bool:
         """Wait until no session holds an advisory lock in the database (every session's lock given back,
         the last statement of a session); False when some still do after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        with self.postgres.connect() as admin:
-            while time.monotonic() < deadline:
-                (count,) = admin.execute(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-                    " AND database = (SELECT oid FROM pg_database WHERE datname = %s)", (self.dbname,)).fetchone()
-                if count == 0:
-                    return True
-                time.sleep(0.01)
+        while time.monotonic() < deadline:
+            found = self.conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = %s)", (self.dbname,)).fetchone()
+            if found is not None and found[0] == 0:
+                return True
+            time.sleep(0.01)
         return False
 
 

@@ -169,17 +169,17 @@ class Counted:
 
 
 def _round_trips(bench: Bench, postgres: BenchPostgres, port: int, users: list[tuple[str, str]]) -> Counted:
-    counter = StatementCounter(postgres, DATABASE)
     sessions = max(20, bench.scale.logins // 4)
-    counter.wait_unlocked()
-    counter.reset()
-    cpu = postgres.cpu_seconds()
-    for i in range(sessions):
-        name, password = users[i % len(users)]
-        bc.login_stat_uidl(port, name, password, wait_close=True)
-    settled = counter.wait_unlocked()
-    cpu = postgres.cpu_seconds() - cpu
-    return Counted(sessions, counter.read(), cpu, settled)
+    with StatementCounter(postgres, DATABASE) as counter:
+        counter.wait_unlocked()
+        counter.reset()
+        cpu = postgres.cpu_seconds()
+        for i in range(sessions):
+            name, password = users[i % len(users)]
+            bc.login_stat_uidl(port, name, password, wait_close=True)
+        settled = counter.wait_unlocked()
+        cpu = postgres.cpu_seconds() - cpu
+        return Counted(sessions, counter.read(), cpu, settled)
 
 
 def _round_trip_rows(bench: Bench, counted: dict[str, Counted]) -> None:
@@ -199,6 +199,8 @@ def _round_trip_rows(bench: Bench, counted: dict[str, Counted]) -> None:
     trips.notes.append("counted by the server: pg_stat_statements (BEGIN and COMMIT included) over sessions run "
                        "one at a time, reset before and read after every lock was given back; the nodes' "
                        "heartbeat is set to 10 minutes so that none falls in between")
+    cpu.notes.append("CPU: every PostgreSQL process (backends, and the background writer, WAL writer, "
+                     "checkpointer, autovacuum) from /proc over the same sessions, divided by their number")
     first = next(iter(counted.values()))
     for st in first.statements:
         trips.notes.append(f"{st.calls / first.sessions:.2f} per session: {st.query[:150]}")
