@@ -87,15 +87,15 @@ def recover(mailbox: Mailbox, state: AccountState) -> tuple[int, int]:
     claimed = dropped = 0
     if hasattr(mailbox, "clean_tmp"):
         mailbox.clean_tmp()
-    pending = state.fetching()
+    pending, deleted, cached = state.recovery_view()  # one read (nobody else writes: the lock is held)
     infos = mailbox.list()
     present = {info.key for info in infos}
-    hidden = [key for key in state.hidden_keys() if key in present]
+    hidden = [key for key in deleted if key in present]
     if hidden:
         mailbox.delete(hidden)
     # Cached messages whose files vanished (a hand-edited cache): fetch them again while the provider
     # still has them.
-    vanished = [key for key in state.cached_keys(upstream_only=True) if key not in present]
+    vanished = [key for key in cached if key not in present]
     if vanished:
         state.forget_keys(vanished)
         log.warning("%d cached messages are missing from the cache; they will be fetched again", len(vanished))

@@ -412,6 +412,10 @@ class UserState:
             )
         ]
 
+    def recovery_view(self) -> tuple[list[Row], set[str], set[str]]:
+        """``fetching()``, ``hidden_keys()``, ``cached_keys(upstream_only=True)`` (see `AccountState`)."""
+        return self.fetching(), self.hidden_keys(), self.cached_keys(upstream_only=True)
+
     def release_held(self, held_key: str, uid: str | None, key: str, size: int) -> None:
         """The held message ``held_key`` is served now under ``key``: its row becomes ``cached``.
 

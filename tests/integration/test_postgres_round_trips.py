@@ -70,6 +70,7 @@ def test_every_call_of_one_statement_is_one_round_trip(traced):
         "begin_fetch_many": lambda: state.begin_fetch_many([("u2", "d2"), ("u3", "d3")]),
         "rows": state.rows,
         "fetching": state.fetching,
+        "recovery_view": state.recovery_view,
         "cached_keys": lambda: state.cached_keys(upstream_only=True),
         "hidden_keys": state.hidden_keys,
         "uids_for_keys": lambda: state.uids_for_keys(["k1"]),

@@ -215,6 +215,21 @@ def test_abandon_fetch_drops_only_a_claim(state):
 # -- reading -------------------------------------------------------------------------------------------
 
 
+def test_recovery_view_is_what_the_three_reads_of_recover_return(state):
+    settle(state, "u1", "k1")
+    settle(state, "u2", "k2")
+    settle(state, "u3", "k3", status="held")
+    settle(state, "u5", "k5")
+    state.upstream_gone(["u5"])
+    state.mark_deleted(["k2"])
+    assert state.begin_fetch("u4", "digest-u4")
+    fetching, hidden, cached = state.recovery_view()
+    assert [(row.uid, row.status, row.digest) for row in fetching] == [("u4", "fetching", "digest-u4")]
+    assert fetching == state.fetching()
+    assert hidden == state.hidden_keys() == {"k2"}
+    assert cached == state.cached_keys(upstream_only=True) == {"k1"}
+
+
 def test_cached_keys_and_the_provider_s_vanished_messages(state):
     settle(state, "u1", "k1")
     settle(state, "u2", "k2")

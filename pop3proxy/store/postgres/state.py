@@ -179,6 +179,16 @@ class PostgresAccountState:
             "SELECT uid, key, status, digest, size, fetched_at, upstream, source FROM messages"
             " WHERE account = %s AND status = 'fetching'", (self.account,))]
 
+    def recovery_view(self) -> tuple[list[Row], set[str], set[str]]:
+        """``fetching()``, ``hidden_keys()``, ``cached_keys(upstream_only=True)`` in one statement."""
+        rows = [_row(found) for found in self._all(
+            "SELECT uid, key, status, digest, size, fetched_at, upstream, source FROM messages"
+            " WHERE account = %s AND (status IN ('fetching', 'deleted') OR (status = 'cached' AND upstream))",
+            (self.account,))]
+        return ([row for row in rows if row.status == "fetching"],
+                {row.key for row in rows if row.status == "deleted" and row.key is not None},
+                {row.key for row in rows if row.status == "cached" and row.key is not None})
+
     # -- fetching --------------------------------------------------------------------------------
 
     def begin_fetch(self, uid: str, digest: str) -> bool:
