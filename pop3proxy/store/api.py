@@ -23,7 +23,7 @@ hands them to the proxy, which never learns which engine it has.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +70,14 @@ class AccountState(Protocol):
     def upstream_gone(self, uids: Iterable[str]) -> None: ...
     def get_meta(self, name: str) -> str | None: ...
     def set_meta(self, name: str, value: str | None) -> None: ...
+
+    def get_metas(self, names: Iterable[str]) -> dict[str, str | None]:
+        """Several settings in one call (one round trip where the state is in a database server)."""
+        ...
+
+    def set_metas(self, values: Mapping[str, str | None]) -> None:
+        """Several settings in one transaction (None deletes one)."""
+        ...
 
     def sync_to_disk(self) -> None:
         """Make everything written so far survive a power loss (before anything is deleted upstream)."""

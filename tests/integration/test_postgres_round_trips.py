@@ -84,6 +84,8 @@ def test_every_call_of_one_statement_is_one_round_trip(traced):
         "set_meta": lambda: state.set_meta("last_sync", "{}"),
         "get_meta": lambda: state.get_meta("last_sync"),
         "set_meta None": lambda: state.set_meta("last_sync", None),
+        "set_metas": lambda: state.set_metas({"last_sync": "{}", "user": "alice", "offline_memo": None}),
+        "get_metas": lambda: state.get_metas(["last_sync", "user"]),
         "drop_rows": lambda: state.drop_rows(["u2"]),
     }
     begun = traced.text().count('Query\t "BEGIN"')  # the schema's check, when the store was made

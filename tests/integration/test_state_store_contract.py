@@ -351,6 +351,19 @@ def test_meta_is_set_replaced_and_deleted_by_none(state):
     assert state.get_meta("empty") == ""
 
 
+def test_several_settings_are_read_and_written_at_once(state):
+    state.set_meta("offline_hash", "$scrypt$one")
+    state.set_meta("user", "alice")
+    state.set_metas({"last_sync": "{}", "offline_hash": "$scrypt$two", "user": None, "never set": None})
+    assert state.get_metas(["offline_hash", "last_sync", "user", "unknown"]) == {
+        "offline_hash": "$scrypt$two", "last_sync": "{}", "user": None, "unknown": None}
+    assert state.get_meta("offline_hash") == "$scrypt$two" and state.get_meta("user") is None
+    state.set_metas({"last_sync": None})  # deletions only
+    assert state.get_metas(["last_sync", "offline_hash"]) == {"last_sync": None, "offline_hash": "$scrypt$two"}
+    state.set_metas({})
+    assert state.get_metas([]) == {}
+
+
 # -- two nodes at once -------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ Synchronous code, safe to call from several worker threads at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, LiteralString
 
@@ -297,6 +297,26 @@ class PostgresAccountState:
     def get_meta(self, name: str) -> str | None:
         found = self._all("SELECT value FROM account_meta WHERE account = %s AND name = %s", (self.account, name))
         return found[0][0] if found else None
+
+    def get_metas(self, names: Iterable[str]) -> dict[str, str | None]:
+        """Several settings in one statement."""
+        names = list(names)
+        found = dict(self._all("SELECT name, value FROM account_meta WHERE account = %s AND name = ANY(%s::text[])",
+                               (self.account, names)))
+        return {name: found.get(name) for name in names}
+
+    def set_metas(self, values: Mapping[str, str | None]) -> None:
+        """Several settings in one statement (None deletes one); the rows are written in the order of their
+        names, so that two writers never wait for each other in opposite orders."""
+        if not values:
+            return
+        kept = sorted((name, value) for name, value in values.items() if value is not None)
+        self._run("WITH gone AS (DELETE FROM account_meta WHERE account = %s AND name = ANY(%s::text[]))"
+                  " INSERT INTO account_meta (account, name, value)"
+                  " SELECT %s, m.name, m.value FROM unnest(%s::text[], %s::text[]) AS m (name, value) ORDER BY m.name"
+                  " ON CONFLICT (account, name) DO UPDATE SET value = EXCLUDED.value",
+                  (self.account, [name for name, value in values.items() if value is None], self.account,
+                   [name for name, _ in kept], [value for _, value in kept]))
 
     def set_meta(self, name: str, value: str | None) -> None:
         """Set a setting; None deletes it."""
