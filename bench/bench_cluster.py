@@ -187,9 +187,11 @@ PGBENCH_SCRIPTS = {"select-only": (["-S"], 1), "simple-update": (["-b", "simple-
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 
 
-def pgbench(postgres: BenchPostgres, seconds: float, clients: int = 8) -> dict[str, tuple[float, int]]:
+def pgbench(postgres: BenchPostgres, seconds: float, transactions: int = 0,
+            clients: int = 8) -> dict[str, tuple[float, int]]:
     """{script: (transactions/s, statements per transaction)} of short pgbench runs on a database of
-    their own (scale 1, prepared statements, ``clients`` connections over 2 threads)."""
+    their own (scale 1, prepared statements, ``clients`` connections over 2 threads), each ``seconds``
+    long, or ``transactions`` per client when given (shorter than pgbench's shortest time, a second)."""
     assert postgres.server is not None
     srv = postgres.server
     postgres.create_database("pgbench")
@@ -200,8 +202,9 @@ def pgbench(postgres: BenchPostgres, seconds: float, clients: int = 8) -> dict[s
         raise ServerUnavailable(f"pgbench -i failed: {done.stderr[-300:]}")
     results: dict[str, tuple[float, int]] = {}
     for script, (args, statements) in PGBENCH_SCRIPTS.items():
-        done = subprocess.run([*base, "-n", "-M", "prepared", "-c", str(clients), "-j", "2",
-                               "-T", str(max(1, round(seconds))), *args, "pgbench"],
+        length = ["-t", str(transactions)] if transactions else ["-T", str(max(1, round(seconds)))]
+        done = subprocess.run([*base, "-n", "-M", "prepared", "-c", str(clients), "-j", "2", *length, *args,
+                               "pgbench"],
                               capture_output=True, text=True, timeout=seconds + 120, stdin=subprocess.DEVNULL)
         found = _TPS.search(done.stdout)
         if done.returncode != 0 or found is None:

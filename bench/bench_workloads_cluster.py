@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from bench import bench_client as bc
@@ -45,6 +46,25 @@ def _upgrade(node: Pop3proxy) -> None:
         raise ServerUnavailable(f"pop3proxy db upgrade failed: {(done.stderr or done.stdout)[-300:]}")
 
 
+def _start_together(nodes: list[Pop3proxy]) -> None:
+    """Start the nodes at once (each takes a second or two to start); the first failure is raised."""
+    failed: list[ServerUnavailable] = []
+
+    def start(node: Pop3proxy) -> None:
+        try:
+            node.start()
+        except ServerUnavailable as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=start, args=(node,)) for node in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
 def w9_cluster(bench: Bench) -> None:
     users = bench.swarm_users[: bench.scale.cluster_users]
     if not users:
@@ -59,8 +79,8 @@ def w9_cluster(bench: Bench) -> None:
             root = bench.tmp / "cluster-cache"
             nodes = [_node(bench, name, url, root) for name in ("node-a", "node-b")]
             _upgrade(nodes[0])
-            for node in nodes:
-                started.append(node.start())
+            started += nodes  # stopped at the end whatever happens (stopping one never started does nothing)
+            _start_together(nodes)
         except ServerUnavailable as exc:
             bench.missing["cluster"] = str(exc).splitlines()[0][:200]
             bench.say(f"  cluster not measured: {exc}")
@@ -211,9 +231,9 @@ def _round_trip_rows(bench: Bench, counted: dict[str, Counted]) -> None:
 
 
 def _pgbench_rows(bench: Bench, postgres: BenchPostgres, node: Counted | None) -> None:
-    seconds = bench.scale.pgbench_seconds
+    seconds, transactions = bench.scale.pgbench_seconds, bench.scale.pgbench_transactions
     try:
-        results = pgbench(postgres, seconds)
+        results = pgbench(postgres, seconds, transactions)
     except ServerUnavailable as exc:
         bench.missing["pgbench"] = str(exc).splitlines()[0][:200]
         return
@@ -222,8 +242,9 @@ def _pgbench_rows(bench: Bench, postgres: BenchPostgres, node: Counted | None) -
                   base="single")
         row.values["postgresql"] = tps * statements
         row.runs["postgresql"] = 1
+        length = f"{transactions} transactions per client" if transactions else f"{max(1, round(seconds))} s"
         row.notes.append(f"{tps:,.0f} transactions/s of {statements} statement{'s' if statements > 1 else ''}, "
-                         f"8 clients, prepared statements, {max(1, round(seconds))} s, scale 1")
+                         f"8 clients, prepared statements, {length}, scale 1")
         if node is not None and node.per_session:
             row.notes.append(f"at {node.per_session:.1f} statements per warm session: about "
                              f"{tps * statements / node.per_session:,.0f} warm sessions/s of such statements")
