@@ -59,8 +59,13 @@ def _start_together(nodes: list[Pop3proxy]) -> None:
     threads = [threading.Thread(target=start, args=(node,)) for node in nodes]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:  # Ctrl-C: let the starts end (bounded) so that the caller stops what they started
+        for thread in threads:
+            thread.join()
+        raise
     if failed:
         raise failed[0]
 
