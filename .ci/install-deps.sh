@@ -13,6 +13,7 @@ command -v fetchmail >/dev/null || missing+=(fetchmail)
 command -v mutt >/dev/null || missing+=(mutt)
 command -v swaks >/dev/null || missing+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v haproxy >/dev/null || missing+=(haproxy)  # the load balancer in front of pop3proxy (PROXY protocol tests)
 # The OAuth2 authorization server of the tests (oidc-provider) runs on node.
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)

@@ -18,9 +18,10 @@ from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError, StartupError
 from pop3proxy.net.backend_api import Backend
 from pop3proxy.net.gate import Gate
-from pop3proxy.net.listeners import listener_port, open_listeners, serve_listeners
+from pop3proxy.net.listeners import drain, listener_port, open_listeners, serve_listeners
 from pop3proxy.net.pop3_server import ServerConfig, ServerState
 from pop3proxy.net.port_claim import bind_error, claim_bound
+from pop3proxy.net.proxied import ProxyPolicy
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.net.tls import server_context
 from pop3proxy.proxy.local import LocalBackend
@@ -88,6 +89,7 @@ def build_server_config(settings: Settings) -> ServerConfig:
         max_bad_commands=listen.max_bad_commands,
         allow_plaintext_auth=listen.allow_plaintext_auth,
         ssl_context=build_ssl_context(settings),
+        proxy=ProxyPolicy.of(listen.trusted_proxies, listen.proxy_protocol_timeout) if listen.proxy_protocol else None,
         throttle=Throttle(
             throttle.max_failures,
             throttle.window,
@@ -141,6 +143,9 @@ def log_listening(settings: Settings, ports: Ports, stls: bool) -> None:
         log.info("listening for POP3 on %s port %d%s", host, ports.plain, " (STLS available)" if stls else "")
     if ports.tls is not None:
         log.info("listening for POP3S on %s port %d", host, ports.tls)
+    if settings.listen.proxy_protocol:
+        log.info("POP3 connections must start with a PROXY protocol header from %s",
+                 ", ".join(settings.listen.trusted_proxies))
 
 
 async def start_services(nursery: trio.Nursery, settings: Settings, backend: Backend, gate: Gate,
@@ -323,5 +328,25 @@ async def until_stopped(signals, nursery: trio.Nursery, settings: Settings, stat
             continue
         log.info("received %s, shutting down", signal.Signals(signum).name)
         notify_systemd("STOPPING=1")
+        if signum == signal.SIGTERM:
+            await drain_node(settings, state)
         nursery.cancel_scope.cancel()
         return
+
+
+async def drain_node(settings: Settings, state: ServerState, *, report: bool = True) -> None:
+    """A cluster node stopping (SIGTERM): say so in the ``nodes`` table (``report``), stop accepting and
+    let the sessions finish for ``cluster.drain_timeout`` seconds (`net.listeners.drain`). One machine
+    stops at once, as it always has."""
+    if settings.cluster is None or settings.cluster.drain_timeout <= 0:
+        return
+    stores: Stores | None = getattr(state.backend, "stores", None)
+    if report and stores is not None and stores.directory is not None:
+        from pop3proxy.store.api import StateError
+
+        state.backend.node_state = "draining"  # type: ignore[attr-defined]  # the heartbeat's word
+        try:
+            await trio.to_thread.run_sync(stores.directory.beat, "draining")
+        except StateError as exc:
+            log.warning("cluster: cannot say that this node drains: %s", exc)
+    await drain(state, settings.cluster.drain_timeout)

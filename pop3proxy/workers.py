@@ -172,15 +172,22 @@ class Supervisor:
             return await process.wait()
         finally:
             with trio.CancelScope(shield=True):
-                await _stop(process)  # before its channel closes: a worker told to stop is not "orphaned"
+                # before its channel closes: a worker told to stop is not "orphaned"
+                await _stop(process, stop_timeout(self.settings))
                 await stream.aclose()
                 _metrics_gone(process.pid)
 
 
-async def _stop(process: trio.Process) -> None:
+def stop_timeout(settings: Settings) -> float:
+    """Seconds a worker has to stop after SIGTERM: a cluster node's workers drain first."""
+    cluster = settings.cluster
+    return STOP_TIMEOUT + (cluster.drain_timeout if cluster is not None else 0.0)
+
+
+async def _stop(process: trio.Process, timeout: float = STOP_TIMEOUT) -> None:
     if process.returncode is None:
         process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(STOP_TIMEOUT):
+        with trio.move_on_after(timeout):
             await process.wait()
     if process.returncode is None:
         process.kill()
@@ -284,17 +291,25 @@ async def run_supervised(settings: Settings, workers: int,
         tls = next((address[1][1] for address in addresses if address[2]), None)
         ports = Ports(plain, tls, state=state)
         try:
-            async with trio.open_nursery() as nursery:
-                backend.attach(nursery)
-                await nursery.start(keep_heartbeat, backend)
-                await nursery.start(supervisor.run)
-                await start_services(nursery, settings, backend, state.gate, lambda: state.config.ssl_context, ports)
-                log_listening(settings, ports, state.config.ssl_context is not None)
-                log.info("serving with %d worker processes", workers)
-                if on_ready is not None:
-                    on_ready(ports)
-                await until_stopped(signals, nursery, settings, state, lambda: supervisor.signal_all(signal.SIGHUP))
-                supervisor.stopping = True  # before the cancellation reaches the workers' keepers
+            # The heartbeat outlives the service's nursery: a cluster node goes on saying it drains until
+            # its workers have stopped, and only then that it stopped.
+            async with trio.open_nursery() as outer:
+                await outer.start(keep_heartbeat, backend)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        backend.attach(nursery)
+                        await nursery.start(supervisor.run)
+                        await start_services(nursery, settings, backend, state.gate,
+                                             lambda: state.config.ssl_context, ports)
+                        log_listening(settings, ports, state.config.ssl_context is not None)
+                        log.info("serving with %d worker processes", workers)
+                        if on_ready is not None:
+                            on_ready(ports)
+                        await until_stopped(signals, nursery, settings, state,
+                                            lambda: supervisor.signal_all(signal.SIGHUP))
+                        supervisor.stopping = True  # before the cancellation reaches the workers' keepers
+                finally:
+                    outer.cancel_scope.cancel()
         finally:
             supervisor.stopping = True
             with trio.CancelScope(shield=True):
@@ -337,7 +352,7 @@ async def _listen(family: int, address: Any) -> trio.SocketListener:
 
 
 async def run_worker(payload: dict[str, Any]) -> None:
-    from pop3proxy.app import build_backend, reload_tls, run_service
+    from pop3proxy.app import build_backend, drain_node, reload_tls, run_service
 
     settings: Settings = payload["settings"]
     backend = build_backend(settings)
@@ -364,6 +379,7 @@ async def run_worker(payload: dict[str, Any]) -> None:
                 if signum == signal.SIGHUP:
                     nursery.start_soon(reload_tls, settings, ports.state)
                     continue
+                await drain_node(settings, ports.state, report=False)  # the parent reports the node's state
                 nursery.cancel_scope.cancel()
                 break
 

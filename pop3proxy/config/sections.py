@@ -62,6 +62,8 @@ class ListenSettings(_Section):
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="Networks a PROXY protocol header is accepted from; a connection from elsewhere is closed.")
+    proxy_protocol_timeout: float = Field(
+        5.0, gt=0, description="Seconds a connection has to send its whole PROXY protocol header; then it is closed.")
     workers: int = Field(
         0, ge=0, le=MAX_WORKERS,
         description="Processes serving POP3 clients, sharing the listening sockets (`serve` only); 0 = one per CPU, "
@@ -298,6 +300,9 @@ class SmtpSettings(_Section):
     give_up_after: float = Field(
         5 * 86400.0, gt=0, description="Seconds to keep retrying queued mail before bouncing it.")
     max_message_size: int = Field(50 * 1024 * 1024, ge=1024, description="Largest message accepted, in octets.")
+    proxy_protocol: bool = Field(
+        False, description="Expect a PROXY protocol header (v1 or v2) before each SMTP connection, from "
+        "listen.trusted_proxies within listen.proxy_protocol_timeout; its client address is the one the relay uses.")
     upstream: SmtpUpstreamSettings = Field(default_factory=SmtpUpstreamSettings)
 
 

@@ -5,10 +5,8 @@ messages with back-pressure and sendfile, QUIT updates), under the configured li
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import socket
 import ssl
 import time
 from collections.abc import Iterable
@@ -19,10 +17,13 @@ import trio
 
 from pop3proxy import pop3 as p
 from pop3proxy.errors import LoginError, sole_exception
+from pop3proxy.net import proxied
 from pop3proxy.net.addresses import is_loopback
 from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.gate import Gate
+from pop3proxy.net.sendfile import open_for_sendfile
+from pop3proxy.net.streams import client_gone, peer_of, set_nodelay
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
 from pop3proxy.pop3 import session as s
@@ -33,6 +34,7 @@ READ_CHUNK = 256 * 1024
 INLINE_READ = 64 * 1024  # messages up to this size are read without a worker thread
 SENDFILE_MIN = 256 * 1024  # larger messages that need no dot-stuffing go out with sendfile()
 RECEIVE_SIZE = 64 * 1024
+SHUTTING_DOWN = "this server is shutting down, connect again"
 EVICT_AFTER = 2.0  # seconds a pre-login connection must have waited before it may be closed for room
 
 
@@ -50,6 +52,7 @@ class ServerConfig:
     ssl_context: ssl.SSLContext | None = None
     greeting: str = "pop3proxy ready"
     throttle: Throttle = field(default_factory=Throttle)
+    proxy: proxied.ProxyPolicy | None = None  # a PROXY protocol header first, from these proxies only
 
 
 @dataclass
@@ -62,6 +65,8 @@ class ServerState:
     stats: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "errors": 0, "evicted": 0})
     # Connections still in AUTHORIZATION, oldest first (dicts keep insertion order).
     unauthenticated: dict[_Connection, None] = field(default_factory=dict)
+    live: set[_Connection] = field(default_factory=set)  # every session now (a drain waits for them)
+    accepting: trio.CancelScope = field(default_factory=trio.CancelScope)  # the accept loops (a drain ends them)
 
     def __post_init__(self) -> None:
         if self.gate is None:
@@ -84,30 +89,16 @@ class ServerState:
             self.make_room()
         self.unauthenticated[conn] = None
 
-def _peer_of(stream: trio.abc.Stream) -> tuple[str, int]:
-    inner = stream
-    while isinstance(inner, trio.SSLStream):
-        inner = inner.transport_stream
-    sock = getattr(inner, "socket", None)
-    if sock is None:
-        return ("", 0)
-    try:
-        address = sock.getpeername()
-    except OSError:
-        return ("", 0)
-    if isinstance(address, tuple):
-        return (address[0], address[1])
-    return (str(address), 0)
-
-
 class _Connection:
     """Drives one ``Session`` over one stream."""
 
-    def __init__(self, state: ServerState, stream: trio.abc.Stream, tls_active: bool) -> None:
+    def __init__(self, state: ServerState, stream: trio.abc.Stream, tls_active: bool,
+                 peer: tuple[str, int] | None = None, received: bytes = b"") -> None:
         self.state = state
         self.config = state.config
         self.stream = stream
-        self.peer = _peer_of(stream)
+        self.peer = peer or peer_of(stream)  # the client's: a PROXY header's, or the socket's peer
+        self.received = received  # what the client sent with the PROXY header, before its greeting
         loopback = is_loopback(self.peer[0])
         plaintext = {"always": True, "never": False, "loopback": loopback}[self.config.allow_plaintext_auth]
         self.session = s.Session(
@@ -124,6 +115,7 @@ class _Connection:
         self._wait_scope: trio.CancelScope | None = None  # set while waiting for input
         self.waiting_since = 0.0
         self.evicted = False
+        self.closing = False  # the service stops: the session ends at its next wait for input
         self.maildrop: Maildrop | None = None
         self.upstream: str | None = None  # the provider this session's login went to (logs)
         self.early: EarlyUpstream | None = None  # the provider connection opened while greeting
@@ -154,6 +146,12 @@ class _Connection:
         self._wait_scope.cancel()
         return True
 
+    def shut_down(self) -> None:
+        """End this session at its next wait for input (now, if it waits), with ``-ERR [SYS/TEMP]``."""
+        self.closing = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
     def _authorizing(self) -> bool:
         return self.session.state is s.State.AUTHORIZATION
 
@@ -177,7 +175,10 @@ class _Connection:
 
     async def _run(self) -> None:
         self._queue(self.session.greeting())
+        if self.received:
+            self.session.receive_data(self.received)
         self.state.admit(self)
+        self.state.live.add(self)
         try:
             while True:
                 if not self._authorizing():
@@ -195,6 +196,7 @@ class _Connection:
                     await self.flush()
         finally:
             self.state.unauthenticated.pop(self, None)
+            self.state.live.discard(self)
             if self.maildrop is not None:
                 maildrop, self.maildrop = self.maildrop, None
                 with trio.CancelScope(shield=True):
@@ -202,7 +204,11 @@ class _Connection:
 
     async def _receive(self) -> bool:
         """Flush replies, then wait for input. False when the client is gone or idle too long."""
+        if self.closing:
+            self._queue(p.err(SHUTTING_DOWN, "SYS/TEMP"))
         await self.flush()
+        if self.closing:
+            return False
         deadline = trio.current_time() + self.config.idle_timeout
         authorizing = self._authorizing()
         if authorizing:  # each byte resets the idle timer, but not the deadline to log in
@@ -216,7 +222,9 @@ class _Connection:
             self.session.receive_data(data)
             return True
         self._wait_scope = None
-        if self.evicted:
+        if self.closing:
+            self._queue(p.err(SHUTTING_DOWN, "SYS/TEMP"))
+        elif self.evicted:
             text = "too many connections waiting to log in, closing connection"
             self._queue(p.err(text, "SYS/TEMP"))
         elif authorizing and trio.current_time() >= self.login_deadline:
@@ -253,24 +261,26 @@ class _Connection:
     async def _login(self, action: s.Authenticate) -> list[s.Action]:
         await self.flush()
         assert self.state.gate is not None
-        address = self.peer[0]
-        account = self.state.backend.account_key(action.user)  # name variants of one account count as one
-        async with self.state.gate.login(address, account) as attempt:
-            if attempt.blocked:
-                log.warning("login of %r from %s refused: too many failed logins", action.user, address)
-                return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
-            await trio.sleep(attempt.delay)  # an account being guessed at: slowed, not refused
-            try:
-                maildrop = await self.state.backend.login(action.user, action.password, address,
-                                                          mechanism=action.mechanism, early=self.early)
-            except LoginError as exc:
-                log.info("login failed for %r from %s: %s", action.user, address, exc.text,
-                         extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
-                metrics.login("failed")
-                if (exc.code == "AUTH" or exc.guess) and not exc.verified:
-                    await trio.sleep(await attempt.failed())
-                return self.session.login_failed(exc.text, exc.code)
-            attempt.succeeded()
+        address, account = self.peer[0], self.state.backend.account_key(action.user)  # name variants: one key
+        try:
+            async with self.state.gate.login(address, account) as attempt:
+                if attempt.blocked:
+                    log.warning("login of %r from %s refused: too many failed logins", action.user, address)
+                    return self.session.login_failed("too many failed logins, try again later", "LOGIN-DELAY")
+                await trio.sleep(attempt.delay)  # an account being guessed at: slowed, not refused
+                try:
+                    maildrop = await self.state.backend.login(action.user, action.password, address,
+                                                              mechanism=action.mechanism, early=self.early)
+                except LoginError as exc:
+                    log.info("login failed for %r from %s: %s", action.user, address, exc.text,
+                             extra={"user": action.user, "peer": address, "result": "failed", "code": exc.code})
+                    metrics.login("failed")
+                    if (exc.code == "AUTH" or exc.guess) and not exc.verified:
+                        await trio.sleep(await attempt.failed())
+                    return self.session.login_failed(exc.text, exc.code)
+                attempt.succeeded()
+        except LoginError as exc:  # the gate cannot count logins now (a cluster's database): temporary
+            return self.session.login_failed(exc.text, exc.code)
         self.maildrop = maildrop
         if self.early is not None:  # the login used it, or did not need it: no provider connection waits
             await self.early.aclose()
@@ -346,7 +356,7 @@ class _Connection:
             and isinstance(self.stream, trio.SocketStream)
         ):
             try:
-                sendable = await trio.to_thread.run_sync(_open_for_sendfile, maildrop, action.key, action.size)
+                sendable = await trio.to_thread.run_sync(open_for_sendfile, maildrop, action.key, action.size)
             except (OSError, KeyError, ValueError):
                 sendable = None
             if sendable is not None:
@@ -386,45 +396,21 @@ class _Connection:
             f.close()
 
 
-def _open_for_sendfile(maildrop: Maildrop, key: str, size: int) -> BinaryIO | None:
-    """The message's own file when it can go to the socket as it is: a plain file of exactly ``size``
-    octets (CRLF form, as the store serves it) that ends with CRLF and has no line starting with '.'."""
-    f = maildrop.open(key)
-    try:
-        if not isinstance(f, io.BufferedReader) or f.tell() != 0 or os.fstat(f.fileno()).st_size != size:
-            f.close()
-            return None
-        # Scanned in pieces through one buffer: mapping the file would count it in our resident size.
-        buffer = bytearray(1 << 20)
-        view = memoryview(buffer)
-        last = b"\n"  # as if a line ended just before the file: a leading '.' counts
-        tail = b""
-        while n := f.readinto(buffer):
-            piece = bytes(view[:n])
-            if (last + piece).find(b"\n.") >= 0:
-                f.close()
-                return None
-            last = piece[-1:]
-            tail = (tail + piece)[-2:]
-        if tail != b"\r\n":
-            f.close()
-            return None
-        f.seek(0)
-        return f
-    except BaseException:
-        f.close()
-        raise
-
-
 async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit_tls: bool = False) -> None:
     """Serve one client; never raises."""
-    state.stats["sessions"] += 1
     started = time.monotonic()
     conn: _Connection | None = None
     address = ""
     try:
-        _set_nodelay(stream)
-        address = _peer_of(stream)[0]
+        set_nodelay(stream)
+        peer, received = peer_of(stream), b""
+        if state.config.proxy is not None:
+            carried = await proxied.accept(stream, peer, state.config.proxy)
+            if carried is None:  # refused (logged): no session, not a word
+                return
+            peer, received = carried
+        state.stats["sessions"] += 1
+        address = peer[0]
         assert state.gate is not None
         verdict = await state.gate.admit(address)
         if verdict == "full" and state.make_room():  # the session closed for room leaves soon
@@ -439,10 +425,12 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         try:
             if implicit_tls:
                 assert state.config.ssl_context is not None
-                stream = trio.SSLStream(stream, state.config.ssl_context, server_side=True)
+                transport = proxied.PrefixedStream(stream, received) if received else stream
+                received = b""  # the handshake's first octets, when they came with the PROXY header
+                stream = trio.SSLStream(transport, state.config.ssl_context, server_side=True)
                 with trio.fail_after(state.config.tls_handshake_timeout):
                     await stream.do_handshake()
-            conn = _Connection(state, stream, tls_active=implicit_tls)
+            conn = _Connection(state, stream, tls_active=implicit_tls, peer=peer, received=received)
             await conn.run()
         finally:
             metrics.session_ended()
@@ -450,7 +438,7 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
     except Exception as exc:
         # A nursery (the early provider connection's) hands its errors on in a group: what counts is
         # the exception inside.
-        if _client_gone(exc):  # the client went away or was too slow; nothing to tell it
+        if client_gone(exc):  # the client went away or was too slow; nothing to tell it
             gone = sole_exception(exc)
             log.info("client %s went away (%s)", address, type(gone).__name__,
                      extra={"peer": address, "result": "disconnected"})
@@ -478,20 +466,3 @@ async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
             await trio.aclose_forcefully(stream)
-
-
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
-
-
-def _client_gone(exc: BaseException) -> bool:
-    """True when ``exc`` (or every exception of its group) says the client's stream broke or stalled."""
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(_GONE)
-        return matched is not None and rest is None
-    return isinstance(exc, _GONE)
-
-
-def _set_nodelay(stream: trio.abc.Stream) -> None:
-    sock = getattr(stream, "socket", None)
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -105,7 +105,7 @@ class ProxyBackend(Backend):
         self.syncing: dict[str, tuple[int, int]] = {}
         self.oauth = TokenManager(self.root, {
             name: account.oauth2 for name, account in settings.accounts.items() if account.oauth2 is not None})
-        self.oauth_logins = OAuthLogins(self.oauth, self.root, settings.offline.enabled)
+        self.oauth_logins = OAuthLogins(self.oauth, settings.offline.enabled)
         for name, account in settings.accounts.items():
             password = read_password_source(name, account)
             if password is not None:

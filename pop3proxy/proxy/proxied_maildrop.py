@@ -16,7 +16,7 @@ from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenUnavailable
 from pop3proxy.proxy.routing import Route
 from pop3proxy.proxy.store_maildrop import StoreMaildrop
 from pop3proxy.proxy.sync import delete_upstream
-from pop3proxy.store.api import AccountState
+from pop3proxy.store.api import AccountState, StateError
 from pop3proxy.store.base import Mailbox, MessageInfo
 
 log = logging.getLogger("pop3proxy.proxy")
@@ -56,6 +56,9 @@ class ProxyMaildrop(StoreMaildrop):
             return
 
         def local() -> set[str]:
+            lock = self.account.lock
+            if lock is not None and not lock.confirm():  # another node may be serving the account now
+                raise StateError(f"the session lock of {self.route.cache_id!r} was lost; no deletion applied")
             uids = set(self.state.uids_for_keys(deleted).values())
             # The marks first (durable), so that a crash after a file is gone never brings its message
             # back; when the cache cannot be changed (an mbox cannot be rewritten on a full disk), the

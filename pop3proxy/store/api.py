@@ -13,6 +13,8 @@ seam               what it holds                                embedded default
                    that dies holds nothing
 `Counters`         sessions, sessions per address, the          ``net.gate.Gate`` (in the supervising
                    failed-login throttle                        process; workers ask it over a socket)
+`CounterStore`     what a cluster's nodes count together:       none: a cluster's ``net.cluster_gate.
+                   sessions per address, the throttle           ClusterGate`` asks one (PostgreSQL)
 =================  ===========================================  =========================================
 
 The message files themselves (Maildir, mbox) are the blob store: `store.open_store`. The OAuth2 tokens
@@ -34,7 +36,7 @@ from pop3proxy.store.paths import user_dir
 from pop3proxy.store.state import Row, StateError, UserState
 
 __all__ = [
-    "AccountState", "Counters", "LocalSessionLocks", "LocalStateStore", "LoginAttempt", "MailboxBusy",
+    "AccountState", "CounterStore", "Counters", "LocalSessionLocks", "LocalStateStore", "LoginAttempt", "MailboxBusy",
     "Row", "SessionLock", "SessionLocks", "StateError", "StateStore", "Stores", "local_stores",
 ]
 
@@ -101,6 +103,11 @@ class SessionLock(Protocol):
     def release(self) -> None:
         """Give the account back (idempotent)."""
 
+    def confirm(self) -> bool:
+        """True when the lock is certainly still held, asked before deletions are applied (synchronous;
+        a cluster's lock asks its server: its connection may have broken and freed it)."""
+        ...
+
 
 class SessionLocks(Protocol):
     def try_lock(self, cache_id: str) -> SessionLock:
@@ -131,6 +138,38 @@ class Counters(Protocol):
     async def admit(self, address: str, force: bool = False) -> str: ...
     def leave(self, address: str) -> None: ...
     def login(self, address: str, account: str) -> AbstractAsyncContextManager[LoginAttempt]: ...
+
+
+class CounterStore(Protocol):
+    """What the nodes of a cluster count together (``store.postgres.PostgresCounters``): sessions per client
+    address and the failed-login throttle, with the bookkeeping of ``net.throttle.Throttle``. Synchronous
+    (run it in a worker thread); every method may raise `StateError`. A process that dies stops counting
+    at once: its sessions and attempts in flight are given back by the store, not by the process.
+
+    A give-back (`leave`, `end`) or failure (`failed`) that cannot be written is not lost: it is kept
+    (`owes`) and written before the next operation, or by `settle`; the error is raised all the same."""
+
+    max_per_address: int
+    max_delay: float
+
+    def admit(self, address: str, leaving: int = 0) -> bool:
+        """Count a session from `address`; False (not counted) when it has ``max_per_address`` already.
+        `leaving`: sessions of this process from `address` that ended meanwhile, given back first."""
+        ...
+
+    def leave(self, address: str, count: int = 1) -> None: ...
+
+    def begin(self, address: str, account: str) -> tuple[bool, float]:
+        """(blocked, delay) of a new login; one that is not blocked is in flight until `failed` or `end`."""
+        ...
+
+    def failed(self, address: str, account: str, in_flight: bool = True) -> float:
+        """Count a failed guess, replacing its attempt in flight in one step; the seconds to wait."""
+        ...
+
+    def end(self, address: str, account: str, ok: bool) -> None: ...
+    def owes(self) -> bool: ...
+    def settle(self) -> None: ...
 
 
 # -- the embedded default --------------------------------------------------------------------------

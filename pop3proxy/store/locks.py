@@ -26,6 +26,10 @@ class MailboxLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def confirm(self) -> bool:
+        """An flock lasts as long as its descriptor: held until `release`."""
+        return self.held
+
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

@@ -13,10 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+from aiosmtpd.proxy_protocol import AF, PROTO, V2_CMD, ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Session
 
 from pop3proxy.config import queue_dir
 from pop3proxy.net.addresses import is_loopback
+from pop3proxy.net.proxied import ProxyPolicy
+from pop3proxy.net.proxy_header import V2_MAX_LENGTH
 from pop3proxy.submission.delivery import QueueRunner
 from pop3proxy.submission.provider import EHLO_NAME
 from pop3proxy.submission.queue import RetryPolicy
@@ -111,6 +114,10 @@ class _Handler:
         log.error("smtp session error: %s: %s", type(error).__name__, error)
         return "500 5.3.0 Internal error"
 
+    async def handle_PROXY(self, server, session, envelope, proxy_data: ProxyData) -> bool:  # noqa: N802
+        """aiosmtpd parsed a valid PROXY header (``smtp.proxy_protocol``): take its client address."""
+        return bool(server.take_proxy(proxy_data))
+
 
 class _Session(Session):
     """aiosmtpd's session without its deprecation warning on every successful AUTH."""
@@ -127,20 +134,74 @@ class _Session(Session):
 class _RelaySMTP(SMTP):
     """aiosmtpd's SMTP with the AUTH policy of pop3proxy and AUTH checked in trio."""
 
-    def __init__(self, handler: _Handler, *, plaintext_auth: str, **kwargs: Any) -> None:
-        super().__init__(handler, auth_required=True, auth_require_tls=True, **kwargs)
+    def __init__(self, handler: _Handler, *, plaintext_auth: str, proxy: ProxyPolicy | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, auth_required=True, auth_require_tls=True,
+                         proxy_protocol_timeout=proxy.timeout if proxy is not None else None, **kwargs)
         self._plaintext_auth = plaintext_auth
         self._bridge = handler.bridge
         self._relay = handler.relay
+        # PROXY protocol: the client's address once a header carried it (a STARTTLS session keeps it),
+        # and whether the header was taken or the connection's refusal logged.
+        self._proxy = proxy
+        self._client: tuple[str, int] | None = None
+        self._proxy_settled = proxy is None
+        self._eof = False
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.session is None:
+            return
+        if self._client is not None:  # the session made anew after STARTTLS: the same client
+            self.session.peer = self._client  # type: ignore[assignment]  # aiosmtpd: (host, port), typed str
+        elif self._proxy is not None and not self._proxy.trusts(_peer_host(self.session)):
+            self._refuse(f"{_peer_host(self.session) or 'its peer'} is not a trusted proxy (listen.trusted_proxies)")
+            transport.close()
+        self._auth_policy()
+
+    def _auth_policy(self) -> None:
         if self._tls_protocol is None and self.session is not None:
             allowed = {"always": True, "never": False}.get(self._plaintext_auth, is_loopback(_peer_host(self.session)))
             self._auth_require_tls = not allowed
+
+    def take_proxy(self, data: ProxyData) -> bool:
+        """A valid header from a trusted proxy: its TCP client address is the session's peer from now on
+        (LOCAL, UNKNOWN and other kinds of address keep the connection's own)."""
+        if len(data.whole_raw) > V2_MAX_LENGTH:
+            self._refuse(f"invalid PROXY header: longer than {V2_MAX_LENGTH} octets")
+            return False
+        self._proxy_settled = True
+        if (data.command != V2_CMD.LOCAL and data.protocol == PROTO.STREAM and data.family in (AF.INET, AF.INET6)
+                and data.src_addr is not None and data.src_port is not None and self.session is not None):
+            address = getattr(data.src_addr, "ipv4_mapped", None) or data.src_addr
+            self._client = (str(address), data.src_port)
+            self.session.peer = self._client  # type: ignore[assignment]  # as in connection_made
+            self._auth_policy()
+        return True
+
+    def _refuse(self, reason: str) -> None:
+        self._proxy_settled = True
+        peer = _peer_host(self.session)
+        log.warning("SMTP connection from %s refused: %s", peer or "?", reason,
+                    extra={"peer": peer, "result": "refused", "protocol": "smtp"})
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        return super().eof_received()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._proxy_settled and self._proxy is not None:  # the header never came whole, or was invalid
+            data = self.session.proxy_data if self.session is not None else None
+            if data is not None and data.error:
+                self._refuse(f"invalid PROXY header: {data.error}")
+            elif self._eof or error is not None:
+                self._refuse("closed before a complete PROXY header")
+            else:
+                self._refuse(f"no complete PROXY header within {self._proxy.timeout:g} s")
+        super().connection_lost(error)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
         blob: object  # the challenge answer (bytes or aiosmtpd's MISSING) or the decoded argument (bytes or None)
@@ -200,6 +261,13 @@ def _b64(text: str) -> bytes | None:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         return None
+
+
+class _NoProxyLines(logging.Filter):
+    """aiosmtpd's own lines about PROXY headers: the relay logs one line for each connection it refuses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "proxy" not in record.getMessage().lower()
 
 
 def _asyncio_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -330,10 +398,13 @@ async def run_smtp(
     bridge = _Bridge(trio.lowlevel.current_trio_token())
     handler = _Handler(bridge, relay)
 
+    proxy = ProxyPolicy.of(listen.trusted_proxies, listen.proxy_protocol_timeout) if smtp.proxy_protocol else None
+
     def factory(loop: asyncio.AbstractEventLoop) -> SMTP:
         return _RelaySMTP(
             handler,
             plaintext_auth=listen.allow_plaintext_auth,
+            proxy=proxy,
             data_size_limit=smtp.max_message_size,
             hostname=EHLO_NAME,
             ident="pop3proxy ESMTP",
@@ -343,7 +414,11 @@ async def run_smtp(
         )
 
     listener = _Listener(sock, factory)
-    logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.getLogger("mail.log").level))
+    mail_log = logging.getLogger("mail.log")
+    mail_log.setLevel(max(logging.WARNING, mail_log.level))
+    for name in ("mail.log", "mail.debug"):  # aiosmtpd's PROXY parser logs under mail.debug
+        if not any(isinstance(f, _NoProxyLines) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_NoProxyLines())
     try:
         await trio.to_thread.run_sync(listener.start)
     except BaseException:
@@ -352,6 +427,8 @@ async def run_smtp(
         bridge.shutdown()
         raise
     starttls = " (STARTTLS available)" if current_tls() is not None else ""
+    if proxy is not None:
+        log.info("SMTP connections must start with a PROXY protocol header from %s", ", ".join(listen.trusted_proxies))
     log.info("listening for SMTP on %s port %d%s", smtp.host, port, starttls)
     try:
         async with trio.open_nursery() as nursery:

@@ -49,21 +49,24 @@ async def login_post(request: Request) -> Response:
     if not user or not password:
         return await login_page(request, "give your user name and password", 400)
     account = here.backend.account_key(user)  # the same keys as POP3 logins: one throttle for both doors
-    async with here.gate.login(address, account) as attempt:
-        if attempt.blocked:
-            log.warning("console sign-in of %r from %s refused: too many failed logins", user, address)
-            return await login_page(request, "too many failed logins, try again later", 429)
-        await trio.sleep(attempt.delay)
-        try:
-            maildrop = await here.backend.login(user, password, address)
-        except LoginError as exc:
-            log.info("console sign-in failed for %r from %s: %s", user, address, exc.text)
-            if (exc.code == "AUTH" or exc.guess) and not exc.verified:
-                await trio.sleep(await attempt.failed())
-            if exc.code == "AUTH" and not exc.verified:
-                return await login_page(request, "invalid user name or password", 401)
-            return await login_page(request, f"cannot sign in now: {exc.text}", 503)
-        attempt.succeeded()
+    try:
+        async with here.gate.login(address, account) as attempt:
+            if attempt.blocked:
+                log.warning("console sign-in of %r from %s refused: too many failed logins", user, address)
+                return await login_page(request, "too many failed logins, try again later", 429)
+            await trio.sleep(attempt.delay)
+            try:
+                maildrop = await here.backend.login(user, password, address)
+            except LoginError as exc:
+                log.info("console sign-in failed for %r from %s: %s", user, address, exc.text)
+                if (exc.code == "AUTH" or exc.guess) and not exc.verified:
+                    await trio.sleep(await attempt.failed())
+                if exc.code == "AUTH" and not exc.verified:
+                    return await login_page(request, "invalid user name or password", 401)
+                return await login_page(request, f"cannot sign in now: {exc.text}", 503)
+            attempt.succeeded()
+    except LoginError as exc:  # the gate cannot count logins now (a cluster's database): temporary
+        return await login_page(request, f"cannot sign in now: {exc.text}", 503)
     await maildrop.close()  # the console reads the store itself; the mailbox lock is given back
     log.info("console sign-in of %r from %s", user, address)
     response = RedirectResponse("/", status_code=303)

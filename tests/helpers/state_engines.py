@@ -1,9 +1,11 @@
-"""The engines behind the seams ``StateStore`` and ``SessionLocks`` (pop3proxy/store/api.py), opened by
-name and one string, so that another process (another "node") can open the same ones:
+"""The engines behind the seams ``StateStore`` and ``SessionLocks`` (pop3proxy/store/api.py) and
+``TokenStore`` (pop3proxy/store/tokens_api.py), opened by name and one string, so that another process
+(another "node") can open the same ones:
 
-``sqlite``    ``where`` is the cache root (`LocalStateStore`, `LocalSessionLocks`)
-``postgres``  ``where`` is a conninfo of a database with the schema applied (`PostgresStateStore` on a
-              pool of its own, `PostgresSessionLocks`)
+``sqlite``    ``where`` is the cache root (`LocalStateStore`, `LocalSessionLocks`; `FileTokenStore`, the
+              one machine's token files)
+``postgres``  ``where`` is a conninfo of a database with the schema applied (`PostgresStateStore` and
+              `PostgresTokenStore`, each on a pool of its own, `PostgresSessionLocks`)
 
 Used by the contract suites in tests/integration and by the processes they start.
 """
@@ -20,6 +22,7 @@ import pytest
 
 from pop3proxy.store.api import LocalSessionLocks, LocalStateStore, SessionLocks, StateStore
 from pop3proxy.store.paths import make_user_dir
+from pop3proxy.store.tokens_api import TokenStore, local_token_store
 
 ENGINES = ("sqlite", "postgres")
 
@@ -63,6 +66,16 @@ class Engine:
         from pop3proxy.store.postgres import PostgresSessionLocks
 
         return PostgresSessionLocks(self.where)
+
+    def tokens(self) -> TokenStore:
+        """A new token store on the same storage: what another node would have."""
+        if self.name == "sqlite":
+            return local_token_store(self.where)
+        from pop3proxy.store.postgres import PostgresTokenStore, open_pool
+
+        pool = open_pool(self.where, min_size=1, max_size=4)
+        self._closers.append(pool)
+        return PostgresTokenStore(pool)
 
     def unreachable(self, where: Path, cache_id: str) -> StateStore:
         """A store that cannot open `cache_id`'s state: a directory in the place of its database file, or

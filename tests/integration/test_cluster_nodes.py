@@ -178,3 +178,27 @@ def test_a_node_that_loses_the_database_refuses_logins_clearly_and_recovers(serv
 
     assert eventually(serves_again, timeout=60) == before  # nothing lost
     assert "Traceback" not in node.output()
+
+
+def test_a_session_whose_lock_was_lost_applies_no_deletion(cluster, dovecot):
+    """The lock connection broke (the database restarted, a network cut): another node may serve the
+    account now, so QUIT's deletions are refused and nothing is deleted, here or at the provider."""
+    assert cluster.upgrade().returncode == 0
+    user, password = dovecot.user, dovecot.password
+    for i in range(2):
+        dovecot.deliver(user, sample(i))
+    cluster.start("alpha", upstream={"delete": "mirror"})
+    client = cluster.client("alpha", user, password)
+    assert client.stat()[0] == 2
+    client.dele(1)
+    with psycopg.connect(cluster.database, autocommit=True) as admin:
+        ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                              "WHERE application_name LIKE 'pop3proxy session locks%'").fetchone()
+    assert ended is not None and ended[0] == 1
+    with pytest.raises(poplib.error_proto, match=r"^b'-ERR"):
+        client.quit()
+    assert len(dovecot.messages(user)) == 2  # nothing deleted at the provider
+    again = cluster.client("alpha", user, password)
+    assert again.stat()[0] == 2  # nor in the cache
+    again.quit()
+    assert "was lost; no deletion applied" in cluster.nodes["alpha"].output()

@@ -70,6 +70,14 @@ def test_a_held_account_is_busy_until_released(engine, held):
         locks.try_lock("alice")
 
 
+def test_a_lock_confirms_it_is_held_until_released(engine, held):
+    lock = engine.locks().try_lock("alice")
+    held.append(lock)
+    assert lock.confirm()
+    lock.release()
+    assert not lock.confirm()
+
+
 def test_accounts_are_locked_independently(engine, held):
     locks = engine.locks()
     held.append(locks.try_lock("alice"))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
+import pytest
+import trio
+
 from pop3proxy.config import OAuth2Settings
 from pop3proxy.proxy.oauth import TokenManager, flows, login, tokens
+from pop3proxy.proxy.oauth.manager import IDLE_CHECK, TokenUnavailable
 
 
 class MemoryTokenStore:
@@ -73,3 +77,33 @@ def test_login_status_and_local_password_go_through_the_store(monkeypatch):
     tokens.set_local_password(store, "svc", "pw 1")
     assert tokens.has_local_password(store, "svc")
     assert tokens.check_local_password(store, "svc", "pw 1") and not tokens.check_local_password(store, "svc", "pw")
+
+
+class UnreachableTokenStore(MemoryTokenStore):
+    """A store whose database cannot be reached: every call raises OSError, as the protocol says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def _call(self, method: str, account: str) -> None:
+        self.asked += 1
+        raise OSError(f"token database ({method}): connection refused")
+
+    @contextmanager
+    def renewing(self, account):
+        self._call("renewing", account)
+        yield
+
+
+async def test_a_store_that_cannot_be_reached_leaves_the_token_unavailable(autojump_clock, monkeypatch):
+    monkeypatch.setattr(flows, "client_credentials", lambda settings: {"access_token": "A", "expires_in": 60})
+    store = UnreachableTokenStore()
+    manager = TokenManager(store, {"svc": SERVICE})
+    with pytest.raises(TokenUnavailable, match="connection refused"):  # the login goes offline or SYS/TEMP
+        await manager.token("svc")
+    async with trio.open_nursery() as nursery:  # the background renewal keeps trying, and keeps running
+        nursery.start_soon(manager.run)
+        while store.asked < 5:
+            await trio.sleep(IDLE_CHECK)
+        nursery.cancel_scope.cancel()

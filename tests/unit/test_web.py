@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
 from pop3proxy.config import Settings
+from pop3proxy.errors import LoginError
 from pop3proxy.filtering.api import FilterResult
 from pop3proxy.net.gate import Gate
 from pop3proxy.net.throttle import Throttle
@@ -190,6 +192,29 @@ def test_the_throttle_applies_to_sign_in(console):
         reply = sign_in(c, "alice")  # the right password, but refused without checking it
         assert reply.status_code == 429 and "too many failed logins" in reply.text
         assert c.get("/").status_code == 303
+
+
+class UnavailableGate(Gate):
+    """A gate whose counters cannot be reached (a cluster's database is down): every login is refused."""
+
+    def login(self, address: str, account: str):
+        @asynccontextmanager
+        async def refused():
+            raise LoginError("the login limits cannot be checked now, try again later", "SYS/TEMP")
+            yield
+
+        return refused()
+
+
+def test_a_gate_that_cannot_count_refuses_sign_in_as_temporary(console, tmp_path):
+    # the users and caches `console` made, behind a gate that refuses every login
+    refusing = build_app(Settings(listen={"port": 0}, local={"users_file": tmp_path / "users"},
+                                  cache={"root": tmp_path / "cache"}, web={"port": 0}),
+                         LocalBackend(tmp_path / "users", tmp_path / "cache"), UnavailableGate(), secure=False)
+    with client(refusing) as c:
+        reply = sign_in(c, "alice")
+        assert reply.status_code == 503 and "the login limits cannot be checked now" in reply.text
+        assert c.get("/").status_code == 303  # not signed in
 
 
 def test_a_hostile_message_is_escaped(console):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import trio
 
@@ -30,11 +29,10 @@ log = logging.getLogger("pop3proxy.proxy")
 
 
 class OAuthLogins:
-    """The OAuth2 logins of one backend: its `TokenManager` and the cache root (local passwords)."""
+    """The OAuth2 logins of one backend: its `TokenManager`, whose token store also keeps the local passwords."""
 
-    def __init__(self, oauth: TokenManager, root: Path, offline_enabled: bool) -> None:
+    def __init__(self, oauth: TokenManager, offline_enabled: bool) -> None:
         self.oauth = oauth
-        self.root = root
         self.offline_enabled = offline_enabled
 
     def __contains__(self, cache_id: str) -> bool:
@@ -52,7 +50,7 @@ class OAuthLogins:
         """A legacy client's login to an OAuth2 account: local password first, then the token. The
         logged-in client, or None when the cache is to be served offline."""
         ok = await trio.to_thread.run_sync(
-            check_local_password, self.root, route.cache_id, password, limiter=kdf_limiter())
+            check_local_password, self.oauth.store, route.cache_id, password, limiter=kdf_limiter())
         if not ok:
             raise LoginError("invalid user name or password", "AUTH")
         for attempt in (1, 2):

@@ -109,15 +109,19 @@ class TokenManager:
     async def _load(self, account: str) -> TokenSet | None:
         try:
             return await trio.to_thread.run_sync(load_tokens, self.store, account)
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:  # damaged, or a store that cannot be reached (a database)
             log.error("%s", exc)
             raise TokenUnavailable(str(exc)) from None
 
     async def _renew(self, account: str, min_valid: float) -> TokenSet:
         async with self._locks[account]:
-            return await trio.to_thread.run_sync(
-                lambda: renew_locked(self.store, account, self.accounts[account], min_valid=min_valid,
-                                     clock=self.clock))
+            try:
+                return await trio.to_thread.run_sync(
+                    lambda: renew_locked(self.store, account, self.accounts[account], min_valid=min_valid,
+                                         clock=self.clock))
+            except OSError as exc:  # the token store cannot be reached: like a transient failure
+                log.error("OAuth2 token store: %s", exc)
+                raise TokenUnavailable(str(exc)) from None
 
     def _publish(self, account: str, tokens: TokenSet | None) -> None:
         needs = tokens is None or tokens.state == NEEDS_AUTHORISATION

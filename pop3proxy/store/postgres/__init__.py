@@ -3,6 +3,8 @@
 =======================  ==============================================================================
 `PostgresStateStore`     `StateStore`/`AccountState`: accounts' rows and settings in shared tables
 `PostgresSessionLocks`   `SessionLocks`: one session per account, an advisory lock on a connection of its own
+`PostgresTokenStore`     `TokenStore`: OAuth2 tokens and local password hashes; one renewal per account
+`PostgresCounters`       `CounterStore`: sessions per address and the failed-login throttle of all nodes
 `apply_schema`           creates or upgrades the tables (``schema_version``); `check_schema` refuses others
 =======================  ==============================================================================
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from psycopg_pool import ConnectionPool
 
+from pop3proxy.store.postgres.counters import PostgresCounters
 from pop3proxy.store.postgres.locks import PostgresSessionLock, PostgresSessionLocks
 from pop3proxy.store.postgres.schema import (
     SCHEMA_VERSION,
@@ -25,10 +28,12 @@ from pop3proxy.store.postgres.schema import (
     database_version,
 )
 from pop3proxy.store.postgres.state import PostgresAccountState, PostgresStateStore
+from pop3proxy.store.postgres.tokens import PostgresTokenStore, TokenStoreUnavailable
 
 __all__ = [
-    "SCHEMA_VERSION", "PostgresAccountState", "PostgresSessionLock", "PostgresSessionLocks", "PostgresStateStore",
-    "SchemaError", "SchemaTooNew", "SchemaTooOld", "apply_schema", "check_schema", "database_version", "open_pool",
+    "SCHEMA_VERSION", "PostgresAccountState", "PostgresCounters", "PostgresSessionLock", "PostgresSessionLocks",
+    "PostgresStateStore", "PostgresTokenStore", "SchemaError", "SchemaTooNew", "SchemaTooOld", "TokenStoreUnavailable",
+    "apply_schema", "check_schema", "database_version", "open_pool",
 ]
 
 

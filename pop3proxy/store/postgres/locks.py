@@ -70,6 +70,12 @@ class PostgresSessionLock:
         owner = self._owner
         return owner is not None and owner._still_held(self)
 
+    def confirm(self) -> bool:
+        """Ask the server (one round trip on the lock connection): False when the connection broke, and
+        the lock with it, since it was taken."""
+        owner = self._owner
+        return owner is not None and owner._confirm(self)
+
     def release(self) -> None:
         """Give the account back (idempotent)."""
         owner, self._owner = self._owner, None
@@ -150,6 +156,16 @@ class PostgresSessionLocks:
             if conn is None or conn.closed or conn.broken:
                 return False
             return self._held.get(lock.key) is lock and lock.generation == self._generation
+
+    def _confirm(self, lock: PostgresSessionLock) -> bool:
+        with self._mutex:
+            if self._held.get(lock.key) is not lock or lock.generation != self._generation:
+                return False
+            try:
+                self._execute("SELECT 1", None)
+            except StateError:
+                return False
+            return self._held.get(lock.key) is lock
 
     def _release(self, lock: PostgresSessionLock) -> None:
         with self._mutex:

@@ -16,6 +16,7 @@ from typing import LiteralString
 
 import psycopg
 
+from pop3proxy.store.postgres.schema_v3 import VERSION_3
 from pop3proxy.store.state import StateError
 
 __all__ = [
@@ -23,7 +24,7 @@ __all__ = [
     "check_schema", "database_version", "lock_key",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, tuple[LiteralString, ...]] = {
     1: (
@@ -79,6 +80,8 @@ MIGRATIONS: dict[int, tuple[LiteralString, ...]] = {
             value bytea NOT NULL
         )""",
     ),
+    # The OAuth2 tokens and the counters (the throttle, sessions per address): see schema_v3.py.
+    3: VERSION_3,
 }
 
 

@@ -1,32 +1,31 @@
-"""The contract of `TokenStore` (store/tokens_api.py), run against every implementation.
-
-Each implementation is opened by a factory named "module:callable", so that another process can open the
-same store: the factory takes one argument, a directory of the test's own (a store on files keeps its
-files below it; a store that keeps nothing on this machine may ignore it). To check another engine, add
-it to IMPLEMENTATIONS.
+"""The contract of `TokenStore` (store/tokens_api.py), run against every engine of
+helpers/state_engines.py: ``sqlite`` (the one machine's token files, `FileTokenStore`, below the cache
+root) and ``postgres`` (`PostgresTokenStore`, a real PostgreSQL, a new database for each test). Another
+process, or another store object (another node), opens the same storage by the engine's name and its
+string. Records and local passwords, account names, damaged records, and one renewal at a time: in this
+process, in another, and after a holder was killed.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from helpers.state_engines import ENGINES, Engine, engine_for
 
+from pop3proxy.store.token_files import token_path
 from pop3proxy.store.tokens_api import TokenStore
 
 ROOT = Path(__file__).resolve().parents[2]
-
-IMPLEMENTATIONS = {
-    "files": "pop3proxy.store.token_files:FileTokenStore",
-}
 
 # Every wait for something that must happen is bounded by WAIT; NOT_YET is how long a test looks for
 # something that must not happen (a second holder getting in) before it lets the first one go.
@@ -38,25 +37,20 @@ RECORD = {"access_token": "A1", "refresh_token": None, "expires_at": 1060.5, "to
 HASH = "$scrypt$n=16384,r=8,p=1$c2FsdHNhbHRzYWx0c2FsdA==$ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGlnZXN0ZGk="
 
 
-def open_store(factory: str, where: Path) -> TokenStore:
-    module, name = factory.split(":")
-    return getattr(importlib.import_module(module), name)(str(where))
-
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def implementation(request) -> str:
-    return IMPLEMENTATIONS[request.param]
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    yield from engine_for(request, tmp_path)
 
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    """Everything the store may write on this machine goes below home/store."""
+    """Everything the store may write on this machine goes below home/cache (the engine's cache root)."""
     return tmp_path
 
 
 @pytest.fixture
-def token_store(implementation: str, home: Path) -> TokenStore:
-    return open_store(implementation, home / "store")
+def token_store(engine: Engine) -> TokenStore:
+    return engine.tokens()
 
 
 def everything_below(path: Path) -> list[Path]:
@@ -80,10 +74,10 @@ def test_a_saved_record_is_loaded_back_and_replaced_by_the_next(token_store):
     assert token_store.load("bob") is None
 
 
-def test_another_handle_on_the_same_store_sees_what_was_saved(implementation, home, token_store):
+def test_another_handle_on_the_same_store_sees_what_was_saved(engine, token_store):
     token_store.save("alice", RECORD)
     token_store.set_local_password_hash("alice", HASH)
-    other = open_store(implementation, home / "store")
+    other = engine.tokens()
     assert other.load("alice") == RECORD and other.local_password_hash("alice") == HASH
 
 
@@ -109,7 +103,7 @@ def test_nothing_is_readable_by_others_whatever_the_umask(token_store, home, uma
             token_store.save("alice", {**RECORD, "access_token": "A2"})
     finally:
         os.umask(old)
-    for path in [home / "store", *everything_below(home / "store")]:
+    for path in [home / "cache", *everything_below(home / "cache")]:
         if not path.exists():
             continue  # a store that keeps nothing on this machine
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -122,7 +116,7 @@ def test_nothing_is_readable_by_others_whatever_the_umask(token_store, home, uma
 # -- account names -----------------------------------------------------------------------------------
 
 ESCAPING = ["../escape", "..", ".", "/etc/passwd", "a/../../b", "..\\..\\c", "nul\0name", "~", "x" * 1000,
-            "Alice", "alice", "al/ice", "al%2Fice", "ünï@example.org"]
+            "Alice", "alice", "al/ice", "al%2Fice", "al%252Fice", "ünï@example.org", "lone \udcff surrogate"]
 
 
 def test_account_names_never_leave_the_store_and_never_collide(token_store, home):
@@ -140,7 +134,7 @@ def test_account_names_never_leave_the_store_and_never_collide(token_store, home
             assert token_store.local_password_hash(name) == f"hash-{number}"
     for number, name in enumerate(ESCAPING):
         assert token_store.load(name) in (None, {"number": number}), name
-    assert [p.name for p in home.iterdir() if p.name != "store"] == ["outside"]
+    assert [p.name for p in home.iterdir() if p.name != "cache"] == ["outside"]
     assert everything_below(home / "outside") == []
 
 
@@ -149,6 +143,65 @@ def test_the_empty_account_name_is_refused(token_store):
         token_store.save("", RECORD)
     with pytest.raises(ValueError):
         token_store.load("")
+
+
+# -- damaged records ---------------------------------------------------------------------------------
+
+
+def damage(engine: Engine, account: str, text: str) -> Callable[[], str]:
+    """Put `text` in the place of the account's stored record (as a bug or a hand would); returns what
+    reads the stored record as it is now."""
+    if engine.name == "sqlite":
+        path = token_path(engine.where, account)
+        path.write_text(text)
+        return path.read_text
+    with psycopg.connect(engine.where) as conn:
+        conn.execute("UPDATE oauth_tokens SET record = %s WHERE account = %s", (text, account))
+
+    def stored() -> str:
+        with psycopg.connect(engine.where) as conn:
+            found = conn.execute("SELECT record FROM oauth_tokens WHERE account = %s", (account,)).fetchone()
+        assert found is not None
+        return found[0]
+
+    return stored
+
+
+@pytest.mark.parametrize("text", ['{"access_token": "A1", "refresh', "[1, 2]", '"a string"', ""])
+def test_a_damaged_record_raises_value_error_and_is_left_as_it_is(engine, token_store, text):
+    token_store.save("alice", RECORD)
+    token_store.set_local_password_hash("alice", HASH)
+    stored = damage(engine, "alice", text)
+    with pytest.raises(ValueError):
+        token_store.load("alice")
+    with token_store.renewing("alice"), pytest.raises(ValueError):
+        token_store.load("alice")
+    with pytest.raises(ValueError):
+        engine.tokens().load("alice")
+    assert stored() == text  # nothing rewrote or deleted it
+    assert token_store.local_password_hash("alice") == HASH  # the local password is apart
+    token_store.save("alice", RECORD)  # authorising again replaces it
+    assert token_store.load("alice") == RECORD
+
+
+def test_a_database_that_cannot_be_reached_raises_os_error(tmp_path):
+    from pop3proxy.store.postgres import PostgresTokenStore, open_pool
+
+    with socket.socket() as unused:  # bound, never listening: connections are refused
+        unused.bind(("127.0.0.1", 0))
+        conninfo = f"host=127.0.0.1 port={unused.getsockname()[1]} user=postgres dbname=none connect_timeout=2"
+        pool = open_pool(conninfo, min_size=0, max_size=1, timeout=2.0)
+        try:
+            store = PostgresTokenStore(pool, check=False)
+            for call in (lambda: store.load("alice"), lambda: store.save("alice", RECORD),
+                         lambda: store.local_password_hash("alice"),
+                         lambda: store.set_local_password_hash("alice", HASH)):
+                with pytest.raises(OSError, match="token database"):
+                    call()
+            with pytest.raises(OSError, match="token database"), store.renewing("alice"):
+                pass
+        finally:
+            pool.close()
 
 
 # -- renewing: one holder at a time ------------------------------------------------------------------
@@ -181,7 +234,7 @@ class Contender:
         return self
 
 
-def test_renewing_excludes_a_holder_in_another_thread(token_store):
+def test_renewing_excludes_a_holder_in_another_thread(engine, token_store):
     held, release = threading.Event(), threading.Event()
 
     def first() -> None:
@@ -193,7 +246,7 @@ def test_renewing_excludes_a_holder_in_another_thread(token_store):
     thread = threading.Thread(target=first, daemon=True)
     thread.start()
     assert held.wait(WAIT)
-    second = Contender(token_store, "alice")
+    second = Contender(engine.tokens(), "alice")  # another handle: another node's
     assert second.asking.wait(WAIT)
     assert not second.entered.wait(NOT_YET), "a second thread got the renewal while the first held it"
     release.set()
@@ -217,10 +270,10 @@ def test_renewing_is_given_back_when_the_block_raises(token_store):
 # record it finds, then waits for a line on stdin ("save": save a record while still holding it) and
 # lets go.
 HOLDER = """
-import importlib, json, sys
-factory, where, account = sys.argv[1:]
-module, name = factory.split(":")
-store = getattr(importlib.import_module(module), name)(where)
+import json, sys
+from helpers.state_engines import Engine
+name, where, account = sys.argv[1:]
+store = Engine(name, where).tokens()
 print("asking", flush=True)
 with store.renewing(account):
     print("holding", json.dumps(store.load(account)), flush=True)
@@ -233,11 +286,11 @@ print("released", flush=True)
 class Holder:
     """Another process holding (or asking for) an account's renewal of the same store."""
 
-    def __init__(self, implementation: str, home: Path, account: str) -> None:
+    def __init__(self, engine: Engine, account: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, implementation, str(home / "store"), account],
+            [sys.executable, "-c", HOLDER, engine.name, engine.where, account],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
         self.asking, self.holding = threading.Event(), threading.Event()
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -276,12 +329,12 @@ class Holder:
 
 
 @pytest.fixture
-def other_process(implementation, home) -> Iterator:
+def other_process(engine) -> Iterator:
     """Start a process that asks for an account's renewal; every one started is stopped after the test."""
     started: list[Holder] = []
 
     def start(account: str) -> Holder:
-        started.append(Holder(implementation, home, account))
+        started.append(Holder(engine, account))
         return started[-1]
 
     yield start
