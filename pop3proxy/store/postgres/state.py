@@ -23,6 +23,7 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from pop3proxy.store.postgres.connections import single_statements
 from pop3proxy.store.postgres.schema import check_schema
 from pop3proxy.store.state import Row, StateError
 
@@ -53,17 +54,11 @@ def _transaction(pool: ConnectionPool, what: str) -> Iterator[psycopg.Connection
 
 @contextmanager
 def _statement(pool: ConnectionPool, what: str) -> Iterator[psycopg.Connection]:
-    """A pooled connection for **one** statement, in autocommit mode: the statement is a transaction of
-    its own, committed when it returns, in one round trip. The connection goes back to the pool out of
-    autocommit mode, as the pool's other users expect it. Errors as `_transaction`."""
+    """A pooled connection for **one** statement, in autocommit mode (`single_statements`): the statement
+    is a transaction of its own, committed when it returns, in one round trip. Errors as `_transaction`."""
     try:
-        with pool.connection() as conn:
-            conn.autocommit = True
-            try:
-                yield conn
-            finally:
-                if not conn.closed and not conn.broken:
-                    conn.autocommit = False
+        with single_statements(pool) as conn:
+            yield conn
     except psycopg.Error as exc:
         raise StateError(f"state database ({what}): {exc}") from exc
 
