@@ -211,8 +211,9 @@ def login_latency(port: int, user: str, password: str, context: ssl.SSLContext |
     return elapsed
 
 
-def login_stat_uidl(port: int, user: str, password: str) -> tuple[float, int]:
-    """Seconds for connect, login, STAT and the whole UIDL listing; and the message count."""
+def login_stat_uidl(port: int, user: str, password: str, wait_close: bool = False) -> tuple[float, int]:
+    """Seconds for connect, login, STAT and the whole UIDL listing; and the message count. ``wait_close``:
+    after QUIT, wait until the server closes (the session is over)."""
     t0 = time.perf_counter()
     with Pop3Client(port) as c:
         c.greeting()
@@ -220,7 +221,7 @@ def login_stat_uidl(port: int, user: str, password: str) -> tuple[float, int]:
         count, _ = c.stat()
         c.multiline("UIDL")
         elapsed = time.perf_counter() - t0
-        c.quit(wait_close=False)
+        c.quit(wait_close=wait_close)
     return elapsed, count
 
 
@@ -241,7 +242,8 @@ class SwarmResult:
         self.errors[text] = self.errors.get(text, 0) + 1
 
 
-async def _session(port: int, user: str, password: str, result: SwarmResult, timeout: float) -> None:
+async def _session(port: int, user: str, password: str, result: SwarmResult, timeout: float,
+                   retr: bool = True) -> None:
     reader = ReplyReader()
     t0 = time.perf_counter()
 
@@ -277,7 +279,7 @@ async def _session(port: int, user: str, password: str, result: SwarmResult, tim
                 count = int((await command("STAT")).split()[1])
                 await command("UIDL")
                 await body()
-                for n in range(1, count + 1):
+                for n in range(1, count + 1 if retr else 1):
                     await command(f"RETR {n}")
                     result.octets += await body()
                     result.messages += 1
@@ -297,19 +299,20 @@ async def _session(port: int, user: str, password: str, result: SwarmResult, tim
         result.error("connection reset")
 
 
-async def _swarm(port: int, users: list[tuple[str, str]], timeout: float) -> SwarmResult:
+async def _swarm(port: int, users: list[tuple[str, str]], timeout: float, retr: bool) -> SwarmResult:
     result = SwarmResult(sessions=len(users))
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for user, password in users:
-            nursery.start_soon(_session, port, user, password, result, timeout)
+            nursery.start_soon(_session, port, user, password, result, timeout, retr)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def swarm(port: int, users: list[tuple[str, str]], timeout: float = 300.0) -> SwarmResult:
-    """One concurrent session per entry of ``users`` (all started at once); each downloads everything."""
-    return trio.run(_swarm, port, users, timeout)
+def swarm(port: int, users: list[tuple[str, str]], timeout: float = 300.0, retr: bool = True) -> SwarmResult:
+    """One concurrent session per entry of ``users`` (all started at once); each downloads everything
+    (with ``retr`` False: login, STAT, UIDL, QUIT only)."""
+    return trio.run(_swarm, port, users, timeout, retr)
 
 
 # --- idle connections ----------------------------------------------------------------------------------

@@ -39,11 +39,15 @@ class Scale:
     filter_size: int = 20_000
     reps: int = 5
     cold_reps: int = 1
+    cluster_users: int = 300  # concurrent warm sessions of workload 9 (taken from the swarm users)
+    pgbench_seconds: float = 5.0
+    pgbench_transactions: int = 0  # per client, instead of pgbench_seconds (0: by time)
 
 
 QUICK = Scale(
     small_count=100, big_count=3, big_size=2_000_000, logins=20, swarm_users=50, huge_count=5_000,
     giant_size=10_000_000, idle=500, idle_forking=100, filter_count=20, reps=2, cold_reps=1,
+    cluster_users=30, pgbench_transactions=300,
 )
 
 

@@ -15,6 +15,11 @@ from typing import Callable
 
 SERVERS = ("dovecot", "pop3proxy", "perdition", "nginx")
 TITLES = {"dovecot": "Dovecot direct", "pop3proxy": "pop3proxy", "perdition": "perdition", "nginx": "nginx-mail"}
+# The cluster workload's table: its own columns, ratios against the single-machine pop3proxy.
+CLUSTER_SERVERS = ("single", "node", "nodes2", "postgresql")
+CLUSTER_TITLES = {"single": "single machine", "node": "1 cluster node", "nodes2": "2 nodes + HAProxy",
+                  "postgresql": "PostgreSQL (pgbench)"}
+MISSING_TITLES = {**TITLES, "haproxy": "HAProxy", "cluster": "cluster (workload 9)", "pgbench": "pgbench"}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -44,9 +49,10 @@ class Row:
     runs: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # e.g. {"pop3proxy": "cold"}
+    base: str = "dovecot"  # the column ratios are taken against ("single": the cluster table)
 
     def ratio(self, server: str) -> float | None:
-        base, value = self.values.get("dovecot"), self.values.get(server)
+        base, value = self.values.get(self.base), self.values.get(server)
         if base is None or value is None or base == 0:
             return None
         return value / base
@@ -80,20 +86,30 @@ def _ratio(value: float | None) -> str:
     return f"{value:.3f}×" if value < 0.1 else f"{value:.2f}×"
 
 
-def table_lines(rows: list[Row], markdown: bool) -> list[str]:
-    head = ["workload", "unit", *(TITLES[s] for s in SERVERS), "pop3proxy / Dovecot", "perdition / Dovecot",
-            "nginx / Dovecot"]
+def table_lines(rows: list[Row], markdown: bool, cluster: bool = False) -> list[str]:
+    """The main table (ratios against Dovecot), or with ``cluster`` the cluster workload's table (ratios
+    against the single-machine pop3proxy)."""
+    if cluster:
+        servers, titles = CLUSTER_SERVERS, CLUSTER_TITLES
+        ratios = {"node": "1 node / single", "nodes2": "2 nodes / single"}
+    else:
+        servers, titles = SERVERS, TITLES
+        ratios = {"pop3proxy": "pop3proxy / Dovecot", "perdition": "perdition / Dovecot", "nginx": "nginx / Dovecot"}
+    head = ["workload", "unit", *(titles[s] for s in servers), *ratios.values()]
     body = []
     for row in rows:
+        if (row.base == "single") != cluster:
+            continue
         cells = []
-        for server in SERVERS:
+        for server in servers:
             cell = _fmt(row.values.get(server), row.unit)
             if server in row.labels and row.values.get(server) is not None:
                 cell += f" ({row.labels[server]})"
             cells.append(cell)
         arrow = "↑" if row.higher_is_better else "↓"
-        body.append([row.workload, f"{row.unit} {arrow}", *cells,
-                     *(_ratio(row.ratio(s)) for s in ("pop3proxy", "perdition", "nginx"))])
+        body.append([row.workload, f"{row.unit} {arrow}", *cells, *(_ratio(row.ratio(s)) for s in ratios)])
+    if not body:
+        return []
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
@@ -200,6 +216,7 @@ def targets(quick: bool = False) -> list[Target]:
 
         return check, detail
 
+    out += cluster_targets()
     c, d = absolute("w5.time", 0.5, "s", sized=True)
     out.append(Target("100,000-message mailbox: login + STAT + UIDL < 0.5 s", ["w5.time"], c, d))
     c, d = absolute("w6.rss", 64.0, "MB", sized=True)
@@ -209,6 +226,44 @@ def targets(quick: bool = False) -> list[Target]:
     out.append(Target("ahead of perdition and nginx-mail", [], lambda rows: _ahead(rows)[0],
                       lambda rows: _ahead(rows)[1]))
     return out
+
+
+def cluster_targets() -> list[Target]:
+    """Workload 9: what cluster mode may cost against one machine."""
+
+    def value(rows: dict[str, Row], key: str, server: str) -> float | None:
+        row = rows.get(key)
+        return None if row is None else row.values.get(server)
+
+    def ratios(rows: dict[str, Row]) -> list[float | None]:
+        row = rows.get("w9.rate")
+        return [None if row is None else row.ratio(s) for s in ("node", "nodes2")]
+
+    def added(rows: dict[str, Row]) -> float | None:
+        node, single = value(rows, "w9.login.median", "node"), value(rows, "w9.login.median", "single")
+        return None if node is None or single is None else node - single
+
+    def added_detail(rows: dict[str, Row]) -> str:
+        if added(rows) is None:
+            return "not measured"
+        text = f"1 node: {added(rows):+.2f} ms"
+        two, single = value(rows, "w9.login.median", "nodes2"), value(rows, "w9.login.median", "single")
+        return text + ("" if two is None or single is None else f"; 2 nodes + HAProxy: {two - single:+.2f} ms")
+
+    def trips(rows: dict[str, Row]) -> float | None:
+        return value(rows, "w9.roundtrips", "node")
+
+    return [
+        Target("cluster: ≥ 0.85× the single machine's warm sessions/s (1 node; 2 nodes behind HAProxy)",
+               ["w9.rate"], lambda rows: _all([r >= 0.85 for r in ratios(rows) if r is not None]),
+               lambda rows: ", ".join(f"{CLUSTER_TITLES[s]}: {_ratio(r)}"
+                                      for s, r in zip(("node", "nodes2"), ratios(rows), strict=True))),
+        Target("cluster: a warm login adds ≤ 1 ms (median, 1 node against the single machine)",
+               ["w9.login.median"], lambda rows: None if added(rows) is None else added(rows) <= 1.0, added_detail),
+        Target("cluster: ≤ 3 PostgreSQL round trips per warm session (login + STAT + UIDL + QUIT)",
+               ["w9.roundtrips"], lambda rows: None if trips(rows) is None else trips(rows) <= 3,
+               lambda rows: "not measured" if trips(rows) is None else f"{trips(rows):.2f}"),
+    ]
 
 
 def target_lines(rows: list[Row], markdown: bool, quick: bool = False) -> list[str]:
@@ -301,6 +356,11 @@ def print_report(rows: list[Row], info: dict[str, str], header: str, quick: bool
     print()
     for line in table_lines(rows, markdown=False):
         print(line)
+    cluster = table_lines(rows, markdown=False, cluster=True)
+    if cluster:
+        print("\ncluster (ratios against the single-machine pop3proxy):")
+        for line in cluster:
+            print(line)
     notes = notes_lines(rows)
     if notes:
         print("\nnotes:")
@@ -317,6 +377,9 @@ def print_report(rows: list[Row], info: dict[str, str], header: str, quick: bool
 def results_markdown(rows: list[Row], info: dict[str, str], header: str, quick: bool = False) -> str:
     parts = [BEGIN, "", header, "", "### Results", ""]
     parts += table_lines(rows, markdown=True)
+    cluster = table_lines(rows, markdown=True, cluster=True)
+    if cluster:
+        parts += ["", "### Cluster", "", "Ratios against the single-machine pop3proxy of the same run.", "", *cluster]
     notes = notes_lines(rows)
     if notes:
         parts += ["", "Notes:", "", *notes]

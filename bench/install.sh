@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the servers the benchmark suite compares pop3proxy with, from Debian packages:
-# Dovecot (the upstream and the direct baseline), perdition (a POP3 proxy) and nginx's mail proxy.
+# Dovecot (the upstream and the direct baseline), perdition (a POP3 proxy) and nginx's mail proxy;
+# HAProxy in front of two cluster nodes (workload 9, which also needs .ci/install-postgres.sh).
 # Also the Python profilers used by `python -m bench --profile` (py-spy, pyinstrument).
 #
 # Idempotent; needs root. The packages' own services are kept from starting (a policy-rc.d that
@@ -22,7 +23,7 @@ if [ ! -e "$policy" ]; then
 fi
 
 apt-get update -qq
-wanted=(dovecot-core dovecot-pop3d perdition nginx-core libnginx-mod-mail)
+wanted=(dovecot-core dovecot-pop3d perdition nginx-core libnginx-mod-mail haproxy)
 available=()
 for p in "${wanted[@]}"; do
     if apt-cache show "$p" >/dev/null 2>&1; then
@@ -33,7 +34,7 @@ for p in "${wanted[@]}"; do
 done
 apt-get install -y -qq --no-install-recommends "${available[@]}" procps
 
-for s in dovecot perdition nginx; do
+for s in dovecot perdition nginx haproxy; do
     if command -v systemctl >/dev/null 2>&1; then
         systemctl stop "$s.service" >/dev/null 2>&1 || true
         systemctl disable "$s.service" >/dev/null 2>&1 || true
@@ -49,3 +50,4 @@ PATH="$PATH:/usr/sbin:/sbin"
 echo "bench/install.sh: dovecot $(dovecot --version 2>/dev/null || echo missing)"
 echo "bench/install.sh: $(perdition --version 2>&1 | head -n 1 || echo 'perdition missing')"
 echo "bench/install.sh: $(nginx -v 2>&1 || echo 'nginx missing')"
+echo "bench/install.sh: $(haproxy -v 2>/dev/null | head -n 1 || echo 'haproxy missing')"

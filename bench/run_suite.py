@@ -24,6 +24,7 @@ from bench import bench_mail as mail
 from bench import bench_report as report
 from bench import bench_harness as h
 from bench import bench_workloads as w
+from bench import bench_workloads_cluster as cluster
 from bench import bench_workloads_heavy as heavy
 from bench.bench_servers import (
     REPO,
@@ -47,6 +48,7 @@ WORKLOADS = {
     6: ("one huge message", heavy.w6_giant_message),
     7: ("idle connections", heavy.w7_idle),
     8: ("filters", heavy.w8_filters),
+    9: ("cluster: PostgreSQL, 1 and 2 nodes", cluster.w9_cluster),
 }
 
 
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of about a minute")
     parser.add_argument("--only", help="comma-separated workload numbers (default: all)")
     parser.add_argument("--docs", type=Path, help="rewrite the results block of this file "
-                        "(default for full runs: docs/BENCHMARKS.md)")
+                        "(default for full runs of every workload: docs/BENCHMARKS.md)")
     parser.add_argument("--no-docs", action="store_true", help="do not write any docs file")
     parser.add_argument("--json", type=Path, help="also save the rows as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) after the run")
@@ -117,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{kind} of {code_version()}, {time.strftime('%Y-%m-%d')}, {elapsed / 60:.1f} minutes; medians of "
               f"interleaved runs; load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
     if missing:
-        header += " Not measured: " + "; ".join(f"{report.TITLES[k]} ({v})" for k, v in missing.items()) + "."
+        header += " Not measured: " + "; ".join(f"{report.MISSING_TITLES.get(k, k)} ({v})" for k, v in missing.items()) + "."
     report.print_report(rows, info, header, quick=args.quick)
-    docs = args.docs or (None if args.quick else REPO / "docs" / "BENCHMARKS.md")
+    # The results block is the whole suite's: a run of some workloads (--only) writes it only where --docs says.
+    docs = args.docs or (None if args.quick or args.only else REPO / "docs" / "BENCHMARKS.md")
     if docs is not None and not args.no_docs:
         report.write_docs(docs, rows, info, header, quick=args.quick)
         print(f"\nbench: wrote the results block of {docs}")
@@ -165,7 +168,7 @@ def _run_with(dovecot: BenchDovecot, scale: h.Scale, only: list[int], tmp: Path,
               missing: dict[str, str]) -> list[report.Row]:
     t0 = time.monotonic()
     users = {role: dovecot.take_user() for role in ("small", "big", "login", "giant", "huge", "filter")}
-    swarm_users = [dovecot.take_user() for _ in range(scale.swarm_users)] if 4 in only else []
+    swarm_users = [dovecot.take_user() for _ in range(scale.swarm_users)] if {4, 9} & set(only) else []
     if 1 in only:
         dovecot.bulk_deliver(users["small"][0], mail.messages(scale.small_count, scale.small_size))
     if 2 in only:

@@ -368,8 +368,8 @@ class ProxyBackend(Backend):
                                   "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
                                   "held": result.held, "refused": result.refused, "adopted": result.adopted,
                                   "dropped": result.dropped})
-            await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
-            await trio.to_thread.run_sync(state.set_meta, "user", route.cache_id)  # for `pop3proxy status`
+            # "user": for `pop3proxy status`; both in one write
+            await trio.to_thread.run_sync(state.set_metas, {LAST_SYNC: summary, "user": route.cache_id})
             return result
         except BaseException as exc:
             summary = json.dumps({"time": time.time(), "result": f"failed: {type(exc).__name__}"})

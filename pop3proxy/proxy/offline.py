@@ -41,14 +41,16 @@ def remember_offline_password(state: AccountState, password: str, keyed: Callabl
     """Keep the hash current after the provider accepted ``password``, without paying scrypt on every
     login: the keyed digest (``keyed``: random key, memory only, shared by the worker processes of one
     service) tells whether the stored hash already matches."""
-    stored = state.get_meta(OFFLINE_HASH)
+    found = state.get_metas([OFFLINE_HASH, OFFLINE_MEMO])  # one read on every login
+    stored = found[OFFLINE_HASH]
     if stored is not None and hmac.compare_digest(
-            (state.get_meta(OFFLINE_MEMO) or "").encode(), keyed(f"{stored}\0{password}").hex().encode()):
+            (found[OFFLINE_MEMO] or "").encode(), keyed(f"{stored}\0{password}").hex().encode()):
         return
+    update: dict[str, str | None] = {}
     if stored is None or not verify_password(password, stored):
-        stored = hash_password(password)
-        state.set_meta(OFFLINE_HASH, stored)
-    state.set_meta(OFFLINE_MEMO, keyed(f"{stored}\0{password}").hex())
+        stored = update[OFFLINE_HASH] = hash_password(password)
+    update[OFFLINE_MEMO] = keyed(f"{stored}\0{password}").hex()
+    state.set_metas(update)
 
 
 def forget_offline_password(states: StateStore, cache_id: str, password: str) -> bool:

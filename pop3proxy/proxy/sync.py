@@ -87,15 +87,15 @@ def recover(mailbox: Mailbox, state: AccountState) -> tuple[int, int]:
     claimed = dropped = 0
     if hasattr(mailbox, "clean_tmp"):
         mailbox.clean_tmp()
-    pending = state.fetching()
+    pending, deleted, cached = state.recovery_view()  # one read (nobody else writes: the lock is held)
     infos = mailbox.list()
     present = {info.key for info in infos}
-    hidden = [key for key in state.hidden_keys() if key in present]
+    hidden = [key for key in deleted if key in present]
     if hidden:
         mailbox.delete(hidden)
     # Cached messages whose files vanished (a hand-edited cache): fetch them again while the provider
     # still has them.
-    vanished = [key for key in state.cached_keys(upstream_only=True) if key not in present]
+    vanished = [key for key in cached if key not in present]
     if vanished:
         state.forget_keys(vanished)
         log.warning("%d cached messages are missing from the cache; they will be fetched again", len(vanished))
@@ -170,16 +170,18 @@ async def _read_listing(client: UpstreamClient, state: AccountState) -> _Listing
     return _Listing(ids, rows)
 
 
-async def _load_refused(state: AccountState, listing: _Listing) -> dict[str, dict]:
+async def _load_refused(state: AccountState, listing: _Listing) -> tuple[dict[str, dict], str]:
     """Messages the provider refused (-ERR to RETR), still listed and still unknown: uid -> {"tries",
-    "next", "reason"}. They are skipped, and asked for again with back-off."""
+    "next", "reason"}. They are skipped, and asked for again with back-off. And the setting as stored
+    ("{}" for none): the pass writes it back only when it changes."""
     raw = await trio.to_thread.run_sync(state.get_meta, REFUSED)
     try:
         refused: dict[str, dict] = json.loads(raw) if raw else {}
     except ValueError:
         refused = {}
     present = listing.present
-    return {uid: entry for uid, entry in refused.items() if uid in present and uid not in listing.rows}
+    return ({uid: entry for uid, entry in refused.items() if uid in present and uid not in listing.rows},
+            raw or "{}")
 
 
 async def sync_mailbox(
@@ -207,7 +209,7 @@ async def sync_mailbox(
                           delete_after_days=delete_after_days, vanished=vanished)
     if plan.gone:  # known messages that vanished upstream (another client, the provider's expiry)
         await trio.to_thread.run_sync(state.upstream_gone, list(plan.gone))
-    refused = await _load_refused(state, listing)
+    refused, refused_stored = await _load_refused(state, listing)
     new = listing.new(refused, now)
     result.remaining = len(new)
     deleted_uids: list[str] = []
@@ -219,8 +221,8 @@ async def sync_mailbox(
     # disk from its first octet (an announced size is only a hint: the limit holds whatever comes).
     sizes = await client.list() if new else {}
     fetcher = _Fetcher(client, mailbox, state, result, user=user, pipeline=pipeline, new=new, sizes=sizes,
-                       refused=refused, orphans=listing.orphans(), max_filtered_size=max_filtered_size,
-                       hold=hold, removed_dir=removed_dir, progress=progress)
+                       refused=refused, refused_stored=refused_stored, orphans=listing.orphans(),
+                       max_filtered_size=max_filtered_size, hold=hold, removed_dir=removed_dir, progress=progress)
     await fetcher.run()
     deleted_uids += await _delete_after_fetch(client, plan, fetcher, result, user)
     await _drop_vanished(mailbox, state, plan, result, user)
@@ -238,12 +240,12 @@ class _Fetcher:
 
     def __init__(self, client: UpstreamClient, mailbox: Mailbox, state: AccountState, result: SyncResult, *,
                  user: str, pipeline: Pipeline, new: list[tuple[int, str]], sizes: dict[int, int],
-                 refused: dict[str, dict], orphans: dict[str, list[str]], max_filtered_size: int,
-                 hold: Callable[[bytes, str, FilterResult], str] | None, removed_dir: Path | None,
-                 progress: Callable[[int, int], None] | None) -> None:
+                 refused: dict[str, dict], refused_stored: str, orphans: dict[str, list[str]],
+                 max_filtered_size: int, hold: Callable[[bytes, str, FilterResult], str] | None,
+                 removed_dir: Path | None, progress: Callable[[int, int], None] | None) -> None:
         self.client, self.mailbox, self.state, self.result = client, mailbox, state, result
         self.user, self.new, self.sizes = user, new, sizes
-        self.refused, self.orphans = refused, orphans
+        self.refused, self.refused_stored, self.orphans = refused, refused_stored, orphans
         self.max_filtered_size, self.hold, self.progress = max_filtered_size, hold, progress
         self.adopted: list[tuple[int, str, str]] = []  # (number, new uid, status of the row adopted)
         self.stored: list[tuple[int, str]] = []
@@ -274,8 +276,10 @@ class _Fetcher:
             raise first from None
         finally:
             self.result.refused = len(self.refused)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.state.set_meta, REFUSED, json.dumps(self.refused))
+            refused = json.dumps(self.refused)
+            if refused != self.refused_stored:  # most passes refuse nothing, as the last one: no write
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.state.set_meta, REFUSED, refused)
 
     def refuse(self, uid: str, exc: Exception) -> None:
         entry = self.refused.get(uid, {})

@@ -35,7 +35,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -412,6 +412,10 @@ class UserState:
             )
         ]
 
+    def recovery_view(self) -> tuple[list[Row], set[str], set[str]]:
+        """``fetching()``, ``hidden_keys()``, ``cached_keys(upstream_only=True)`` (see `AccountState`)."""
+        return self.fetching(), self.hidden_keys(), self.cached_keys(upstream_only=True)
+
     def release_held(self, held_key: str, uid: str | None, key: str, size: int) -> None:
         """The held message ``held_key`` is served now under ``key``: its row becomes ``cached``.
 
@@ -481,3 +485,12 @@ class UserState:
         else:
             self._run("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
         self._note({"m": name, "v": value})
+
+    def get_metas(self, names: Iterable[str]) -> dict[str, str | None]:
+        return {name: self.get_meta(name) for name in names}
+
+    def set_metas(self, values: Mapping[str, str | None]) -> None:
+        self._transaction([("DELETE FROM meta WHERE name = ?", (name,)) if value is None else
+                           ("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+                           for name, value in values.items()])
+        self._note(*({"m": name, "v": value} for name, value in values.items()))

@@ -65,6 +65,7 @@ class PostgresServer:
     user: str = "postgres"
     host: str = HOST
     started_in: float = 0.0  # seconds from initdb to accepting connections
+    settings: tuple[str, ...] = ()  # more server settings, "name=value" (the benchmark's pg_stat_statements)
 
     @property
     def data(self) -> Path:
@@ -85,6 +86,10 @@ class PostgresServer:
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
                               stdin=subprocess.DEVNULL, cwd=self.root)
 
+    def _options(self) -> str:
+        return " ".join([f"-p {self.port} -k {self.root} -c listen_addresses={HOST}",
+                         *(f"-c {setting}" for setting in self.settings)])
+
     def _log_tail(self) -> str:
         try:
             return self.log.read_text(errors="replace")[-3000:]
@@ -99,7 +104,7 @@ class PostgresServer:
             raise RuntimeError(f"initdb failed ({done.returncode}): {done.stdout}{done.stderr}")
         for attempt in itertools.count(1):  # the free port may be taken by someone else meanwhile
             self.port = free_port()
-            options = f"-p {self.port} -k {self.root} -c listen_addresses={HOST}"
+            options = self._options()
             done = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", str(START_TIMEOUT),
                              "-o", options, "start")
             if done.returncode == 0:
@@ -112,7 +117,7 @@ class PostgresServer:
 
     def start_again(self) -> None:
         """Start the server stopped by `stop` again, on the same port (clients reconnect to it)."""
-        options = f"-p {self.port} -k {self.root} -c listen_addresses={HOST}"
+        options = self._options()
         done = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", str(START_TIMEOUT),
                          "-o", options, "start")
         if done.returncode != 0:

@@ -323,6 +323,17 @@ async def test_a_refused_message_is_skipped_and_retried_later(faulty):
     session = await proxy.session("alice", PASSWORD)
     assert sorted(session.messages) == sorted([message(1), message(2), message(3), message(4)])
     assert "refused" not in session.reply
+    with UserState(user_dir(proxy.root, "alice") / "state.db") as state:
+        assert json.loads(state.get_meta("refused_messages")) == {}  # the entry went with the message fetched
+
+
+async def test_passes_that_refuse_nothing_write_no_refused_setting(faulty):
+    server, proxy = faulty
+    for _ in range(2):
+        session = await proxy.session("alice", PASSWORD)
+        assert session.messages == [message(1), message(2)]
+    with UserState(user_dir(proxy.root, "alice") / "state.db") as state:
+        assert state.get_meta("refused_messages") is None
 
 
 async def test_provider_answers_are_bounded(faulty):

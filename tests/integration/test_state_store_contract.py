@@ -215,6 +215,21 @@ def test_abandon_fetch_drops_only_a_claim(state):
 # -- reading -------------------------------------------------------------------------------------------
 
 
+def test_recovery_view_is_what_the_three_reads_of_recover_return(state):
+    settle(state, "u1", "k1")
+    settle(state, "u2", "k2")
+    settle(state, "u3", "k3", status="held")
+    settle(state, "u5", "k5")
+    state.upstream_gone(["u5"])
+    state.mark_deleted(["k2"])
+    assert state.begin_fetch("u4", "digest-u4")
+    fetching, hidden, cached = state.recovery_view()
+    assert [(row.uid, row.status, row.digest) for row in fetching] == [("u4", "fetching", "digest-u4")]
+    assert fetching == state.fetching()
+    assert hidden == state.hidden_keys() == {"k2"}
+    assert cached == state.cached_keys(upstream_only=True) == {"k1"}
+
+
 def test_cached_keys_and_the_provider_s_vanished_messages(state):
     settle(state, "u1", "k1")
     settle(state, "u2", "k2")
@@ -334,6 +349,19 @@ def test_meta_is_set_replaced_and_deleted_by_none(state):
     state.set_meta("never set", None)
     state.set_meta("empty", "")
     assert state.get_meta("empty") == ""
+
+
+def test_several_settings_are_read_and_written_at_once(state):
+    state.set_meta("offline_hash", "$scrypt$one")
+    state.set_meta("user", "alice")
+    state.set_metas({"last_sync": "{}", "offline_hash": "$scrypt$two", "user": None, "never set": None})
+    assert state.get_metas(["offline_hash", "last_sync", "user", "unknown"]) == {
+        "offline_hash": "$scrypt$two", "last_sync": "{}", "user": None, "unknown": None}
+    assert state.get_meta("offline_hash") == "$scrypt$two" and state.get_meta("user") is None
+    state.set_metas({"last_sync": None})  # deletions only
+    assert state.get_metas(["last_sync", "offline_hash"]) == {"last_sync": None, "offline_hash": "$scrypt$two"}
+    state.set_metas({})
+    assert state.get_metas([]) == {}
 
 
 # -- two nodes at once -------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ keyed by (account, uid): ``messages`` and ``account_meta`` (see ``schema.py``), 
 account. Every method runs in one transaction on a connection borrowed from the pool and returns after
 its COMMIT: what it wrote survives this process dying (and, with the server's default ``fsync`` and
 ``synchronous_commit``, the server's machine losing power), so ``sync_to_disk`` has nothing left to do.
+A method of one statement runs it in autocommit mode, where the statement is its own transaction (as
+atomic, and as durable when it returns): one round trip instead of three (BEGIN, it, COMMIT).
 Nothing is held between calls: ``close`` gives nothing back, and any node's objects see the same rows.
 
 The database's errors (unreachable, a pool timeout, a refused statement) become `StateError`.
@@ -14,13 +16,14 @@ Synchronous code, safe to call from several worker threads at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, LiteralString
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from pop3proxy.store.postgres.connections import single_statements
 from pop3proxy.store.postgres.schema import check_schema
 from pop3proxy.store.state import Row, StateError
 
@@ -49,6 +52,17 @@ def _transaction(pool: ConnectionPool, what: str) -> Iterator[psycopg.Connection
         raise StateError(f"state database ({what}): {exc}") from exc
 
 
+@contextmanager
+def _statement(pool: ConnectionPool, what: str) -> Iterator[psycopg.Connection]:
+    """A pooled connection for **one** statement, in autocommit mode (`single_statements`): the statement
+    is a transaction of its own, committed when it returns, in one round trip. Errors as `_transaction`."""
+    try:
+        with single_statements(pool) as conn:
+            yield conn
+    except psycopg.Error as exc:
+        raise StateError(f"state database ({what}): {exc}") from exc
+
+
 class PostgresStateStore:
     """Where accounts' states live in a cluster: the tables of one PostgreSQL database, through `pool`.
 
@@ -65,14 +79,14 @@ class PostgresStateStore:
     def open(self, cache_id: str) -> PostgresAccountState:
         """The account's state, created (its ``accounts`` row) when it has none yet."""
         _check_name(cache_id)
-        with _transaction(self.pool, cache_id) as conn:
+        with _statement(self.pool, cache_id) as conn:
             conn.execute("INSERT INTO accounts (account) VALUES (%s) ON CONFLICT DO NOTHING", (cache_id,))
         return PostgresAccountState(self.pool, cache_id)
 
     def open_existing(self, cache_id: str) -> PostgresAccountState | None:
         """The account's state, or None when it has none (nothing is created)."""
         _check_name(cache_id)
-        with _transaction(self.pool, cache_id) as conn:
+        with _statement(self.pool, cache_id) as conn:
             found = conn.execute("SELECT 1 FROM accounts WHERE account = %s", (cache_id,)).fetchone()
         return PostgresAccountState(self.pool, cache_id) if found else None
 
@@ -87,19 +101,28 @@ class PostgresAccountState:
 
     @contextmanager
     def _tx(self) -> Iterator[psycopg.Connection]:
+        """A transaction, for the methods of several statements."""
         if self._closed:
             raise StateError(f"the state of {self.account!r} was closed")
         with _transaction(self.pool, self.account) as conn:
             yield conn
 
+    @contextmanager
+    def _single(self) -> Iterator[psycopg.Connection]:
+        """One statement, a transaction of its own (one round trip)."""
+        if self._closed:
+            raise StateError(f"the state of {self.account!r} was closed")
+        with _statement(self.pool, self.account) as conn:
+            yield conn
+
     def _all(self, sql: LiteralString, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """The rows a statement returns."""
-        with self._tx() as conn:
+        """The rows one statement returns."""
+        with self._single() as conn:
             return conn.execute(sql, params).fetchall()
 
     def _run(self, sql: LiteralString, params: tuple[Any, ...]) -> None:
         """Run one statement that returns nothing."""
-        with self._tx() as conn:
+        with self._single() as conn:
             conn.execute(sql, params)
 
     def sync_to_disk(self) -> None:
@@ -150,6 +173,16 @@ class PostgresAccountState:
         return [_row(found) for found in self._all(
             "SELECT uid, key, status, digest, size, fetched_at, upstream, source FROM messages"
             " WHERE account = %s AND status = 'fetching'", (self.account,))]
+
+    def recovery_view(self) -> tuple[list[Row], set[str], set[str]]:
+        """``fetching()``, ``hidden_keys()``, ``cached_keys(upstream_only=True)`` in one statement."""
+        rows = [_row(found) for found in self._all(
+            "SELECT uid, key, status, digest, size, fetched_at, upstream, source FROM messages"
+            " WHERE account = %s AND (status IN ('fetching', 'deleted') OR (status = 'cached' AND upstream))",
+            (self.account,))]
+        return ([row for row in rows if row.status == "fetching"],
+                {row.key for row in rows if row.status == "deleted" and row.key is not None},
+                {row.key for row in rows if row.status == "cached" and row.key is not None})
 
     # -- fetching --------------------------------------------------------------------------------
 
@@ -259,6 +292,26 @@ class PostgresAccountState:
     def get_meta(self, name: str) -> str | None:
         found = self._all("SELECT value FROM account_meta WHERE account = %s AND name = %s", (self.account, name))
         return found[0][0] if found else None
+
+    def get_metas(self, names: Iterable[str]) -> dict[str, str | None]:
+        """Several settings in one statement."""
+        names = list(names)
+        found = dict(self._all("SELECT name, value FROM account_meta WHERE account = %s AND name = ANY(%s::text[])",
+                               (self.account, names)))
+        return {name: found.get(name) for name in names}
+
+    def set_metas(self, values: Mapping[str, str | None]) -> None:
+        """Several settings in one statement (None deletes one); the rows are written in the order of their
+        names, so that two writers never wait for each other in opposite orders."""
+        if not values:
+            return
+        kept = sorted((name, value) for name, value in values.items() if value is not None)
+        self._run("WITH gone AS (DELETE FROM account_meta WHERE account = %s AND name = ANY(%s::text[]))"
+                  " INSERT INTO account_meta (account, name, value)"
+                  " SELECT %s, m.name, m.value FROM unnest(%s::text[], %s::text[]) AS m (name, value) ORDER BY m.name"
+                  " ON CONFLICT (account, name) DO UPDATE SET value = EXCLUDED.value",
+                  (self.account, [name for name, value in values.items() if value is None], self.account,
+                   [name for name, _ in kept], [value for _, value in kept]))
 
     def set_meta(self, name: str, value: str | None) -> None:
         """Set a setting; None deletes it."""
