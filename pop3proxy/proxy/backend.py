@@ -35,10 +35,10 @@ from pop3proxy.proxy.auth_cache import AuthCache
 from pop3proxy.proxy.cache_ids import migrate_cache_ids
 from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.early_logins import CHALLENGE_MECHANISMS, EarlyLogins
-from pop3proxy.proxy.oauth import NeedsAuthorisation, TokenManager, TokenUnavailable
+from pop3proxy.proxy.oauth import TokenManager
 from pop3proxy.proxy.oauth.logins import OAuthLogins
 from pop3proxy.proxy.offline import check_offline_password, forget_offline_password, remember_offline_password
-from pop3proxy.proxy.prefetch import fresh_prefetch, mark_prefetched
+from pop3proxy.proxy.prefetch import LAST_SYNC, fresh_prefetch, mark_prefetched, prefetch_forever
 from pop3proxy.proxy.proxied_maildrop import Mirror, ProxyMaildrop
 from pop3proxy.proxy.routing import Route, resolve
 from pop3proxy.proxy.sync import SyncResult, recover, sync_mailbox
@@ -51,7 +51,6 @@ from pop3proxy.store.paths import removed_parts_dir, user_dir
 
 log = logging.getLogger("pop3proxy.proxy")
 
-LAST_SYNC = "last_sync"  # JSON: time, result, counts — for `pop3proxy status`
 OFFLINE_NOTE = "(offline: the provider is unreachable, serving cached mail)"
 
 
@@ -129,7 +128,7 @@ class ProxyBackend(Backend):
         if self.oauth.accounts:
             nursery.start_soon(self.oauth.run)
         if self.passwords or self.oauth.accounts:
-            nursery.start_soon(self._prefetch_loop)
+            nursery.start_soon(prefetch_forever, self)
 
     # -- login -----------------------------------------------------------------------------------
 
@@ -457,25 +456,6 @@ class ProxyBackend(Backend):
             return result
         finally:
             await account.release(session=False)
-
-    async def _prefetch_loop(self) -> None:
-        while True:
-            accounts = {**{name: None for name in self.oauth.accounts}, **self.passwords}
-            for name, password in accounts.items():
-                try:
-                    await self.sync_account(name, password)
-                except MailboxBusy:
-                    pass
-                except (NeedsAuthorisation, TokenUnavailable) as exc:
-                    log.warning("prefetch of %r skipped: no OAuth2 token: %s", name, exc)
-                except UpstreamError as exc:
-                    log.warning("prefetch of %r failed: %s", name, exc)
-                except (OSError, StateError) as exc:
-                    log.error("prefetch of %r failed writing the cache: %s", name, exc)
-                except Exception:  # one account's bug must not stop the loop, nor the service
-                    log.exception("prefetch of %r failed: internal error", name)
-                    metrics.background_error("prefetch")
-            await trio.sleep(self.settings.sync.interval)
 
     async def _check_in_background(self, route: Route, password: str, client: UpstreamClient | None) -> None:
         """After a login served from the auth cache: log in at the provider (a refusal drops the entry)

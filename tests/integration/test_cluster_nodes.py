@@ -16,7 +16,7 @@ import pytest
 from helpers.cluster import Cluster, url_of
 from helpers.postgres import PostgresServer, _private_root, server_bindir
 from helpers.proxy import retr_all, sample
-from helpers.waiting import eventually
+from helpers.waiting import eventually, wait_for
 
 pytestmark = pytest.mark.dovecot
 
@@ -202,3 +202,18 @@ def test_a_session_whose_lock_was_lost_applies_no_deletion(cluster, dovecot):
     assert again.stat()[0] == 2  # nor in the cache
     again.quit()
     assert "was lost; no deletion applied" in cluster.nodes["alpha"].output()
+
+
+def test_an_account_one_node_prefetched_lately_is_left_alone_by_the_other(cluster, dovecot, tmp_path):
+    assert cluster.upgrade().returncode == 0
+    user, password = dovecot.user, dovecot.password
+    dovecot.deliver(user, sample(1))
+    secret = tmp_path / "password"
+    secret.write_text(password)
+    secret.chmod(0o600)
+    accounts = {f'accounts."{user}"': {"password_file": str(secret)}}
+    alpha = cluster.start("alpha", **accounts)
+    wait_for(alpha.output, f"prefetch of {user!r} complete")
+    beta = cluster.start("beta", **accounts)
+    wait_for(beta.output, f"prefetch of {user!r} left to the node that synced it lately")
+    assert f"prefetch of {user!r} complete" not in beta.output()
