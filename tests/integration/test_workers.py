@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 from helpers.common import HOST, children_of, write_config
 from helpers.proxy import sample
-from helpers.waiting import eventually
+from helpers.waiting import eventually, wait_for
 
 from pop3proxy.proxy.credentials import set_password
 from pop3proxy.store import open_store
@@ -232,10 +232,10 @@ def _sessions_active(port: int) -> float:
 def test_the_parent_alone_runs_what_runs_once(tmp_path, server_process):
     server = local_server(tmp_path, server_process, smtp={"host": HOST, "port": 0},
                           metrics={"host": HOST, "port": 0})
+    wait_for(server.output, "serving with 2 worker processes")  # logged just after the POP3 line
     out = server.output()
     assert out.count("listening for SMTP") == 1 and out.count("listening for metrics") == 1
     assert out.count("listening for POP3") == 1
-    assert "serving with 2 worker processes" in out
 
 
 def test_tls_and_certificate_reload_in_every_worker(tmp_path, server_process, server_cert, ca):
