@@ -182,7 +182,7 @@ async def start_services(nursery: trio.Nursery, settings: Settings, backend: Bac
     if settings.web.port is not None:
         from pop3proxy.web import serve_web
 
-        ports.web = await nursery.start(partial(serve_web, settings, backend, gate))
+        ports.web = await nursery.start(partial(serve_web, settings, backend, gate, cluster=cluster))
 
 
 async def keep_heartbeat(backend: Backend, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

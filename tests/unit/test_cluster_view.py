@@ -1,17 +1,38 @@
-"""What the metrics show of a cluster, over a directory of nodes held in memory: the reading kept for a
-few seconds, a database that does not answer within the bound, the gauges."""
+"""What the console and the metrics show of a cluster, over a directory of nodes held in memory: the
+reading kept for a few seconds, a database that does not answer within the bound, the gauges, who sees
+what on the console. With real nodes on a real PostgreSQL: tests/integration/test_cluster_console.py."""
 
 from __future__ import annotations
 
+import re
 import threading
 
+import pytest
 from helpers.waiting import eventually
 from prometheus_client import CollectorRegistry, generate_latest
+from starlette.testclient import TestClient
 
 from pop3proxy.admin.cluster_view import ClusterWatch
 from pop3proxy.admin.metrics_http import ClusterCollector
+from pop3proxy.config import Settings
+from pop3proxy.net.gate import Gate
+from pop3proxy.net.throttle import Throttle
+from pop3proxy.proxy.credentials import hash_password
+from pop3proxy.proxy.local import LocalBackend
 from pop3proxy.store.api import StateError
 from pop3proxy.store.postgres.nodes import NodeInfo, ServingInfo
+from pop3proxy.web.app import build_app
+
+PASSWORDS = {"alice": "alice-pw", "root": "root-pw"}
+
+
+def client(app) -> TestClient:
+    return TestClient(app, backend="trio", follow_redirects=False)
+
+
+def sign_in(c: TestClient, user: str) -> None:
+    token = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+    assert c.post("/login", data={"user": user, "password": PASSWORDS[user], "csrf": token}).status_code == 303
 
 
 class Directory:
@@ -96,3 +117,82 @@ def scrape_with(directory: Directory) -> str:
     collector = ClusterCollector()
     collector.watch = ClusterWatch(directory, "db:5432/x", bound=5)
     return scrape(collector)
+
+
+@pytest.fixture
+def apps(tmp_path):
+    """The console of a cluster node (root is an admin) and of one machine."""
+    users = tmp_path / "users"
+    users.write_text("".join(f"{u}:{hash_password(p, n=2)}\n" for u, p in PASSWORDS.items()))
+    settings = Settings(listen={"host": "127.0.0.1", "port": 0}, local={"users_file": users},
+                        cache={"root": tmp_path / "cache"}, web={"port": 0, "admins": ["root"]})
+    backend = LocalBackend(users, tmp_path / "cache")
+    directory = Directory()
+    cluster = build_app(settings, backend, Gate(Throttle()), secure=False,
+                        cluster=ClusterWatch(directory, "db:5432/x", bound=5, fresh=0))
+    alone = build_app(settings, backend, Gate(Throttle()), secure=False)
+    return cluster, alone, directory
+
+
+def test_an_admin_sees_every_node_and_the_accounts_each_serves(apps):
+    with client(apps[0]) as c:
+        sign_in(c, "root")
+        page = c.get("/").text
+        assert 'id="cluster"' in page and 'data-node="alpha"' in page and 'data-node="gamma"' in page
+        assert '<span class="account">alice</span>' in page and "draining" in page and "gone" in page
+        found = c.get("/api/cluster").json()
+        assert found["database"] == "db:5432/x" and found["problem"] is None
+        assert [(n["node"], n["state"], n["accounts"]) for n in found["nodes"]] == [
+            ("alpha", "serving", ["alice"]), ("beta", "draining", ["bob"]), ("gamma", "gone", [])]
+        assert found["nodes"][0]["version"] == "1.2" and found["nodes"][2]["heartbeat_age"] == 700.0
+
+
+def test_a_user_sees_only_which_node_serves_their_own_account(apps):
+    with client(apps[0]) as c:
+        sign_in(c, "alice")
+        page = c.get("/").text
+        assert 'id="cluster"' not in page and "beta" not in page and "bob" not in page
+        assert "served now by node <strong>alpha</strong>" in page
+        assert c.get("/api/cluster").json() == {"user": "alice", "served_by": "alpha"}
+    apps[2].serving_now = []
+    with client(apps[0]) as c:
+        sign_in(c, "alice")
+        assert "served now" not in c.get("/").text
+        assert c.get("/api/cluster").json() == {"user": "alice", "served_by": None}
+
+
+def test_a_cluster_database_away_shows_as_a_problem_and_no_traceback(apps):
+    apps[2].error = StateError("cannot reach the cluster database: connection refused")
+    with client(apps[0]) as c:
+        sign_in(c, "root")
+        page = c.get("/")
+        assert page.status_code == 200 and "connection refused" in page.text and 'id="nodes"' not in page.text
+        assert "connection refused" in c.get("/api/cluster").json()["problem"]
+
+
+def test_one_machine_shows_no_cluster(apps):
+    with client(apps[1]) as c:
+        sign_in(c, "root")
+        assert 'id="cluster"' not in c.get("/").text
+        reply = c.get("/api/cluster")
+        assert reply.status_code == 404 and "not a cluster" in reply.json()["error"]
+
+
+def test_the_console_reads_no_cluster_on_the_event_loop(apps):
+    """The directory is read in a worker thread: a read from trio's thread would fail here."""
+    directory = apps[2]
+    original = directory.nodes
+
+    def nodes():
+        import trio
+
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return original()
+        raise AssertionError("the cluster was read on the event loop's thread")
+
+    directory.nodes = nodes  # type: ignore[method-assign]
+    with client(apps[0]) as c:
+        sign_in(c, "root")
+        assert 'data-node="alpha"' in c.get("/").text
