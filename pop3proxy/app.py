@@ -163,7 +163,13 @@ def cluster_gate(backend: Backend, node: Gate | None, max_sessions: int) -> Gate
 async def start_services(nursery: trio.Nursery, settings: Settings, backend: Backend, gate: Gate,
                          tls_context: Callable[[], ssl.SSLContext | None], ports: Ports) -> None:
     """What runs once per service whatever the number of POP3 workers: the SMTP relay with its queue
-    runner, the metrics endpoint and the web console (which shares the POP3 logins' gate)."""
+    runner, the metrics endpoint and the web console (which shares the POP3 logins' gate). In a cluster
+    both show its nodes, through one `ClusterWatch` of this node's directory."""
+    cluster = None
+    if settings.cluster is not None and (settings.metrics.port is not None or settings.web.port is not None):
+        from pop3proxy.admin.cluster_view import cluster_watch
+
+        cluster = cluster_watch(settings, getattr(backend, "stores", None))
     if settings.smtp.port is not None:
         from pop3proxy.submission.bridge import run_smtp
 
@@ -172,11 +178,11 @@ async def start_services(nursery: trio.Nursery, settings: Settings, backend: Bac
     if settings.metrics.port is not None:
         from pop3proxy.admin.metrics_http import serve_metrics
 
-        ports.metrics = await nursery.start(serve_metrics, settings)
+        ports.metrics = await nursery.start(serve_metrics, settings, cluster)
     if settings.web.port is not None:
         from pop3proxy.web import serve_web
 
-        ports.web = await nursery.start(partial(serve_web, settings, backend, gate))
+        ports.web = await nursery.start(partial(serve_web, settings, backend, gate, cluster=cluster))
 
 
 async def keep_heartbeat(backend: Backend, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -1,5 +1,5 @@
-"""The metrics endpoint: disk usage collectors for the cache and the outgoing queue, and a
-small HTTP server answering GET /metrics.
+"""The metrics endpoint: disk usage collectors for the cache and the outgoing queue, the nodes of a
+cluster, and a small HTTP server answering GET /metrics.
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ import logging
 import os
 import re
 import threading
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import trio
 from prometheus_client import (
@@ -20,6 +22,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from pop3proxy.admin.cluster_view import ClusterWatch
 from pop3proxy.config import queue_dir
 from pop3proxy.errors import ListenError
 from pop3proxy.ops.metrics import REGISTRY
@@ -149,6 +152,60 @@ def watch_disk(cache_root: Path, queue_dir: Path) -> None:
             _disk_collector.cache_root, _disk_collector.queue_dir = Path(cache_root), Path(queue_dir)
 
 
+class ClusterCollector:
+    """A cluster's nodes, as the service's `ClusterWatch` reads them (at most every few seconds, bounded
+    by the database's timeout; `render` runs in a worker thread). Nothing on one machine (no watch)."""
+
+    def __init__(self) -> None:
+        self.watch: ClusterWatch | None = None
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        watch = self.watch
+        if watch is None:
+            return
+        view = watch.view()
+        up = GaugeMetricFamily("pop3proxy_cluster_database_up",
+                               "1 when the cluster's database answered the last reading of the nodes, else 0.")
+        up.add_metric([], 0 if view.problem else 1)
+        yield up
+        if view.problem:
+            return
+        families: dict[str, Any] = {
+            name: GaugeMetricFamily(f"pop3proxy_cluster_{name}", text, labels=["node"])
+            for name, text in (
+                ("node_up", "1 for a node serving or draining with a fresh heartbeat, 0 stopped or gone."),
+                ("node_heartbeat_age_seconds", "Seconds since the node's last heartbeat."),
+                ("node_draining", "1 while the node drains (stopping: no new sessions), else 0."),
+                ("accounts_served", "Accounts the node serves now (their session lock held)."),
+            )
+        }
+        served = Counter(entry.node for entry in view.serving)
+        for node in view.nodes:
+            families["node_up"].add_metric([node.node], 1 if node.state in ("serving", "draining") else 0)
+            families["node_heartbeat_age_seconds"].add_metric([node.node], max(0.0, node.heartbeat_ago))
+            families["node_draining"].add_metric([node.node], 1 if node.state == "draining" else 0)
+        for name in view.node_names():
+            families["accounts_served"].add_metric([name], served.get(name, 0))
+        yield from families.values()
+
+
+_cluster_collector = ClusterCollector()
+_cluster_registered = False
+
+
+def watch_cluster(watch: ClusterWatch | None) -> None:
+    """Report the cluster ``watch`` reads at every scrape (None: stop, one machine again)."""
+    global _cluster_registered
+    with _disk_lock:
+        _cluster_collector.watch = watch
+        if watch is not None and not _cluster_registered:
+            REGISTRY.register(_cluster_collector)
+            _cluster_registered = True
+
+
 _combined: CollectorRegistry | None = None
 
 
@@ -166,6 +223,7 @@ def render() -> bytes:
             ProcessCollector(registry=_combined)  # this process's: the supervising parent
             if _disk_collector is not None:
                 _combined.register(_disk_collector)
+            _combined.register(_cluster_collector)  # nothing without a cluster
     return generate_latest(_combined)
 
 
@@ -211,8 +269,10 @@ async def _handle(stream: trio.abc.Stream) -> None:
             await trio.aclose_forcefully(stream)
 
 
-async def serve_metrics(settings, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``GET /metrics`` on ``[metrics] host/port`` until cancelled; ``started(port)`` (0 works)."""
+async def serve_metrics(settings, cluster: ClusterWatch | None = None, *,
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``GET /metrics`` on ``[metrics] host/port`` until cancelled; ``started(port)`` (0 works).
+    ``cluster``: the nodes of the cluster this service is a node of, reported too."""
     host, port = settings.metrics.host, settings.metrics.port
     if port is None:
         raise ValueError("metrics.port is not set: the metrics endpoint is disabled")
@@ -223,6 +283,11 @@ async def serve_metrics(settings, *, task_status: trio.TaskStatus[int] = trio.TA
         raise ListenError(f"cannot listen for metrics on {host}:{port}: {(exc.strerror or str(exc)).lower()}") from None
     bound = listeners[0].socket.getsockname()[1]
     log.info("listening for metrics on %s port %d", host, bound)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, _handle, listeners)
-        task_status.started(bound)
+    watch_cluster(cluster)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, _handle, listeners)
+            task_status.started(bound)
+    finally:
+        if cluster is not None:
+            watch_cluster(None)

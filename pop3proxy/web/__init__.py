@@ -10,6 +10,7 @@ import logging
 
 import trio
 
+from pop3proxy.admin.cluster_view import ClusterWatch
 from pop3proxy.config import Settings
 from pop3proxy.errors import ListenError, sole_exception
 from pop3proxy.net.backend_api import Backend
@@ -25,9 +26,11 @@ async def serve_web(
     backend: Backend,
     gate: Counters,
     *,
+    cluster: ClusterWatch | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the console until cancelled; ``task_status.started`` reports the bound port."""
+    """Serve the console until cancelled; ``task_status.started`` reports the bound port. ``cluster``: the
+    nodes of the cluster this service is a node of, shown to admins."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
@@ -43,7 +46,7 @@ async def serve_web(
     if listen.certfile is not None:
         config.certfile = str(listen.certfile)
         config.keyfile = str(listen.keyfile or listen.certfile)
-    app = build_app(settings, backend, gate, secure=listen.certfile is not None)
+    app = build_app(settings, backend, gate, secure=listen.certfile is not None, cluster=cluster)
 
     class Status:  # a trio.TaskStatus[list[str]]: hypercorn reports the addresses it bound
         def started(self, value: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from pop3proxy.admin.cluster_view import ClusterWatch
 from pop3proxy.config import Settings
 from pop3proxy.net.backend_api import Backend
 from pop3proxy.store.api import Counters
@@ -42,11 +43,12 @@ ROUTES = [
     Route("/api/plots/{account}", api.api_plots, methods=GET),
     Route("/api/mail/{account}", api.api_mail, methods=GET),
     Route("/api/config", api.api_config, methods=GET),
+    Route("/api/cluster", api.api_cluster, methods=GET),
 ]
 
 
 def build_app(settings: Settings, backend: Backend, gate: Counters, *, secure: bool,
-              sessions: Sessions | None = None) -> Starlette:
+              sessions: Sessions | None = None, cluster: ClusterWatch | None = None) -> Starlette:
     web = settings.web
     app = Starlette(routes=ROUTES)
     app.state.console = Console(
@@ -57,5 +59,6 @@ def build_app(settings: Settings, backend: Backend, gate: Counters, *, secure: b
         templates=templates(),
         secure=secure,
         admins=frozenset(web.admins),
+        cluster=cluster,
     )
     return app

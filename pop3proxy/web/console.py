@@ -17,9 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
+from pop3proxy.admin.cluster_view import ClusterView, ClusterWatch
 from pop3proxy.config import Settings
 from pop3proxy.net.backend_api import Backend
-from pop3proxy.ops.units import human_size, utc
+from pop3proxy.ops.units import human_age, human_size, utc
 from pop3proxy.store.api import Counters
 from pop3proxy.web.sessions import Session, Sessions
 
@@ -46,6 +47,7 @@ def templates() -> Jinja2Templates:
     result = Jinja2Templates(env=env)
     result.env.filters["size"] = human_size
     result.env.filters["utc"] = utc
+    result.env.filters["age"] = human_age
     return result
 
 
@@ -60,6 +62,7 @@ class Console:
     templates: Jinja2Templates
     secure: bool  # cookies only over HTTPS
     admins: frozenset[str]
+    cluster: ClusterWatch | None = None  # the nodes of the cluster this service is a node of
 
     def cookie(self, response: Response, name: str, value: str, max_age: int | None) -> None:
         response.set_cookie(name, value, max_age=max_age, httponly=True, secure=self.secure, samesite="strict",
@@ -80,6 +83,15 @@ class Console:
         """Syncs running in this process for these accounts: (new messages stored, to fetch)."""
         running = dict(getattr(self.backend, "syncing", {}))
         return {a.name: running[a.name] for a in accounts if a.name in running}
+
+    @property
+    def stores(self):
+        """The service's engines (`store.api.Stores`), None for a backend without them."""
+        return getattr(self.backend, "stores", None)
+
+    async def cluster_view(self) -> ClusterView | None:
+        """The cluster's nodes (None on one machine), read in a worker thread, bounded in time."""
+        return None if self.cluster is None else await run(self.cluster.view)
 
 
 def console(request: Request) -> Console:

@@ -6,6 +6,7 @@ account it acts on; the routes check beforehand that the signed-in user may see 
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import os
@@ -14,9 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pop3proxy.admin.cluster_view import ClusterView, cluster_json
 from pop3proxy.admin.status import AccountStatus, collect_status
 from pop3proxy.config import Settings, masked
+from pop3proxy.errors import LoginError
 from pop3proxy.filtering.loader import load_filter
+from pop3proxy.proxy.routing import resolve
 from pop3proxy.store.held import HeldItem, HeldStore, held_owners
 from pop3proxy.store.maildir import MaildirMailbox
 from pop3proxy.store.paths import user_dir
@@ -25,11 +29,43 @@ DAYS = 30  # the plots cover the last 30 days
 MAX_SCANNED = 5000  # newest cached messages whose headers the plots and the mail list read
 HEADER_BYTES = 16384  # of each message, for From, Subject and the spam filter's headers
 MAX_TEXT = 200_000  # characters of a message's plain-text part shown in the detail view
+MAX_SHOWN_SERVED = 100  # accounts listed under each node on the overview (the JSON API has them all)
 
 
-def accounts(settings: Settings, user: str, admin: bool) -> list[AccountStatus]:
-    """`pop3proxy status`'s accounts: all of them for an admin, else the user's own."""
-    return [a for a in collect_status(settings) if admin or a.name == user]
+def accounts(settings: Settings, user: str, admin: bool, stores: Any = None) -> list[AccountStatus]:
+    """`pop3proxy status`'s accounts: all of them for an admin, else the user's own. ``stores``: the
+    service's engines; in a cluster the accounts' state and tokens are read from its database."""
+    if settings.cluster is None or stores is None:
+        found = collect_status(settings)
+    else:
+        found = collect_status(settings, stores.states, stores.tokens)
+    return [a for a in found if admin or a.name == user]
+
+
+def own_cache_ids(settings: Settings, user: str) -> set[str]:
+    """The accounts (cache ids: what locks, caches and the cluster's ``serving`` name) a login reaches."""
+    ids = {user}
+    if not settings.standalone:
+        with contextlib.suppress(LoginError):  # a name no provider takes: only the name itself
+            ids.add(resolve(user, settings).cache_id)
+    return ids
+
+
+def serving_nodes(settings: Settings, view: ClusterView, user: str) -> list[str]:
+    """The nodes serving the user's own account now (one, or none): what a non-admin sees of a cluster."""
+    ids = own_cache_ids(settings, user)
+    return sorted({entry.node for entry in view.serving if entry.account in ids})
+
+
+def cluster_data(settings: Settings, view: ClusterView, user: str, admin: bool) -> dict[str, Any]:
+    """The cluster for the JSON API: every node and its accounts for an admin, else which node serves
+    the user's own account now (``served_by``: a node name, or null)."""
+    if admin:
+        return cluster_json(view)
+    if view.problem:
+        return {"user": user, "served_by": None, "problem": "the cluster's state cannot be read now"}
+    nodes = serving_nodes(settings, view, user)
+    return {"user": user, "served_by": nodes[0] if nodes else None}
 
 
 def status_json(status: AccountStatus) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pop3proxy.web.sessions import Session
 @guarded(api=True)
 async def api_status(request: Request, session: Session, fields: Fields) -> Response:
     here = console(request)
-    accounts = await run(data.accounts, here.settings, session.user, session.admin)
+    accounts = await run(data.accounts, here.settings, session.user, session.admin, here.stores)
     running = here.syncing(accounts)
     return JSONResponse({"user": session.user,
                          "accounts": [{**data.status_json(a), "syncing": running.get(a.name)} for a in accounts],
@@ -41,3 +41,14 @@ async def api_config(request: Request, session: Session, fields: Fields) -> Resp
     if not session.admin:
         raise Forbidden("the configuration is for admins")
     return JSONResponse(await run(data.config_view, console(request).settings))
+
+
+@guarded(api=True)
+async def api_cluster(request: Request, session: Session, fields: Fields) -> Response:
+    """The cluster's nodes, their heartbeats and the accounts each serves now (admins); a user's own
+    account's node (others). 404 on one machine."""
+    here = console(request)
+    view = await here.cluster_view()
+    if view is None:
+        return JSONResponse({"error": "not a cluster: this service runs on one machine"}, status_code=404)
+    return JSONResponse(data.cluster_data(here.settings, view, session.user, session.admin))

@@ -1,5 +1,6 @@
-"""The console's pages: the overview, held mail (view, release, delete), cached mail, plots, spam
-training and the configuration (admins only)."""
+"""The console's pages: the overview (in a cluster, with its nodes and the accounts each serves for
+admins, the node serving their own account for others), held mail (view, release, delete), cached
+mail, plots, spam training and the configuration (admins only)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ PLOT_POLICY = "default-src 'none'; style-src 'unsafe-inline'"
 @guarded()
 async def overview(request: Request, session: Session, fields: Fields) -> Response:
     here = console(request)
-    accounts = await run(data.accounts, here.settings, session.user, session.admin)
+    accounts = await run(data.accounts, here.settings, session.user, session.admin, here.stores)
     counts = await run(data.trained, here.settings)
+    view = await here.cluster_view()
+    served = data.serving_nodes(here.settings, view, session.user) if view is not None else []
     return here.page(request, session, "overview.html", accounts=accounts, trained=counts, now=time.time(),
-                     syncing=here.syncing(accounts))
+                     syncing=here.syncing(accounts), served=served, max_shown=data.MAX_SHOWN_SERVED,
+                     cluster=data.cluster_json(view) if view is not None and session.admin else None)
 
 
 @guarded()

@@ -69,7 +69,7 @@ ROUTES = [
     ("POST", "/held/alice/k/release"), ("GET", "/mail/alice"), ("GET", "/plot/alice/daily.svg"),
     ("POST", "/train/alice/held/k"), ("GET", "/config"), ("POST", "/logout"),
 ]
-API = ["/api/status", "/api/held", "/api/plots/alice", "/api/mail/alice", "/api/config"]
+API = ["/api/status", "/api/held", "/api/plots/alice", "/api/mail/alice", "/api/config", "/api/cluster"]
 
 
 def test_every_route_requires_sign_in(console):
