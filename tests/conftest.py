@@ -9,7 +9,7 @@ import pytest
 import trustme
 from helpers.common import ServerProcess
 from helpers.dovecot import dovecot, dovecot_server  # noqa: F401  (fixtures)
-from helpers.postgres import postgres_db, postgres_server  # noqa: F401  (fixtures)
+from helpers.postgres import own_postgres, postgres_db, postgres_server  # noqa: F401  (fixtures)
 from helpers.proxy import Proxy
 
 

@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -226,3 +227,19 @@ def short_oidc() -> Iterator[OidcServer]:
     server.dovecot.stop()
     server.stop()
     shutil.rmtree(server._key_dir, ignore_errors=True)
+
+
+def authorise_by_device(oidc: OidcServer, config: Path, account: str, env: dict[str, str] | None = None) -> None:
+    """`pop3proxy oauth login ACCOUNT -c CONFIG` as a person would run it: the device flow, approved at
+    the authorization server."""
+    proc = subprocess.Popen([sys.executable, "-m", "pop3proxy", "oauth", "login", account, "-c", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = re.search(r"\(or open (\S+)\)", line)
+        if match:
+            oidc.approve_device(match.group(1), account)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(60) == 0, output
+

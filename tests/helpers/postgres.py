@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,11 +150,10 @@ def _private_root() -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this test session; stopped and removed after the last test."""
-    bindir = server_bindir()
-    server = PostgresServer(bindir=bindir, root=_private_root())
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A started server of its own, stopped and removed on leaving."""
+    server = PostgresServer(bindir=server_bindir(), root=_private_root())
     try:
         server.start()
         yield server
@@ -162,6 +162,20 @@ def postgres_server() -> Iterator[PostgresServer]:
             server.stop()
         finally:
             shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test session; stopped and removed after the last test."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own (the test may stop and start it)."""
+    with running_postgres() as server:
+        yield server
 
 
 _numbers = itertools.count(1)

@@ -13,7 +13,6 @@ from helpers.cluster import Cluster, url_of
 from helpers.common import HOST, require_tool
 from helpers.proxy import Proxy, sample
 from helpers.waiting import eventually, wait_for
-from test_cluster_nodes import own_postgres  # noqa: F401  (a fixture: a server this test stops)
 from test_metrics import sample as metric
 from test_metrics import scrape
 from test_web_browser import CHROMIUM_ARGS, shot
@@ -118,7 +117,7 @@ def cookies_of(page) -> dict[str, str]:
 
 
 def test_a_database_away_still_answers_the_scrape_with_database_up_0(server_process, tmp_path, dovecot,
-                                                                    own_postgres):  # noqa: F811
+                                                                    own_postgres):
     cluster = Cluster(server_process, tmp_path, dovecot, own_postgres.url())
     assert cluster.upgrade().returncode == 0
     node = cluster.start("alpha", metrics={"host": HOST, "port": 0})

@@ -14,7 +14,6 @@ import sys
 import psycopg
 import pytest
 from helpers.cluster import Cluster, url_of
-from helpers.postgres import PostgresServer, _private_root, server_bindir
 from helpers.proxy import retr_all, sample
 from helpers.waiting import eventually, wait_for
 
@@ -120,22 +119,6 @@ def test_a_readable_password_file_and_an_unreachable_database_are_clear_errors(c
                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert run.returncode == 1, run.stderr
     assert "cluster database 127.0.0.1:1/none" in run.stderr and "Traceback" not in run.stderr, run.stderr
-
-
-@pytest.fixture
-def own_postgres():
-    """A PostgreSQL server of this test's own (the test stops and starts it)."""
-    import shutil
-
-    server = PostgresServer(bindir=server_bindir(), root=_private_root())
-    try:
-        server.start()
-        yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            shutil.rmtree(server.root, ignore_errors=True)
 
 
 def test_a_node_that_loses_the_database_refuses_logins_clearly_and_recovers(server_process, tmp_path, dovecot,

@@ -12,6 +12,7 @@ import sys
 import pytest
 from helpers.cluster import Cluster, url_of
 from helpers.common import HOST
+from helpers.oauth_server import authorise_by_device
 from helpers.waiting import eventually
 
 pytestmark = pytest.mark.dovecot
@@ -62,16 +63,7 @@ def test_one_refresh_per_expiry_while_two_nodes_serve_the_account(server_process
                          f'accounts."{account}".oauth2': oidc.oauth2_config(refresh_margin=3)})
     assert cluster.upgrade().returncode == 0
     config = cluster.config("tool")
-    proc = subprocess.Popen([sys.executable, "-m", "pop3proxy", "oauth", "login", account, "-c", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        match = re.search(r"\(or open (\S+)\)", line)
-        if match:
-            oidc.approve_device(match.group(1), account)
-            break
-    output = proc.stdout.read()
-    assert proc.wait(60) == 0, output
+    authorise_by_device(oidc, config, account)
     assert not list(cluster.root.rglob("oauth2-token.json"))  # the token is in the database
     done = subprocess.run([sys.executable, "-m", "pop3proxy", "passwd", account, "-c", str(config),
                            "--password-stdin"], input="local-pw\n", capture_output=True, text=True, timeout=60)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers.common import HOST
+from helpers.oauth_server import authorise_by_device
 from helpers.proxy import Proxy, retr_all, sample
 from helpers.waiting import eventually, wait_for
 
@@ -54,16 +55,7 @@ def make_proxy(server_process, tmp_path, oidc, account: str, **extra) -> Proxy:
                   **{f'accounts."{account}"': {}, f'accounts."{account}".oauth2': oidc.oauth2_config()},
                   **extra)
     config = proxy.config()
-    proc = subprocess.Popen([sys.executable, "-m", "pop3proxy", "oauth", "login", account, "-c", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        match = re.search(r"\(or open (\S+)\)", line)
-        if match:
-            oidc.approve_device(match.group(1), account)
-            break
-    output = proc.stdout.read()
-    assert proc.wait(60) == 0, output
+    authorise_by_device(oidc, config, account, env())
     done = cli("passwd", account, "-c", str(config), "--password-stdin", stdin="local-pw\n")
     assert done.returncode == 0, done.stderr
     return proxy
