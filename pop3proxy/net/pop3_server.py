@@ -22,7 +22,7 @@ from pop3proxy.net.addresses import is_loopback
 from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.gate import Gate
-from pop3proxy.net.sendfile import open_for_sendfile
+from pop3proxy.net.sendfile import open_as_is, open_for_sendfile
 from pop3proxy.net.streams import client_gone, peer_of, set_nodelay
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
@@ -336,10 +336,24 @@ class _Connection:
             self.bytes_sent += sent
             await trio.lowlevel.checkpoint()
 
+    async def _sendable(self, action: s.SendMessage) -> BinaryIO | None:
+        """The message's own file when a RETR of it can go out with sendfile(), else None (it is read)."""
+        assert self.maildrop is not None and action.size is not None
+        try:
+            if action.dot_lines is False and action.size > INLINE_READ:  # the store knows: no scan
+                return open_as_is(self.maildrop, action.key, action.size)
+            if action.dot_lines is None and action.size >= SENDFILE_MIN:  # not known: scanned first
+                return await trio.to_thread.run_sync(open_for_sendfile, self.maildrop, action.key, action.size)
+        except (OSError, KeyError, ValueError):
+            pass
+        return None
+
     async def _send_message(self, action: s.SendMessage) -> None:
         assert self.maildrop is not None
         maildrop = self.maildrop
-        stuffer = p.DotStuffer(action.top_lines, crlf=True)  # the stores serve CRLF form
+        # A RETR of a message the store knows has no line starting with '.' goes out as it is: no stuffing.
+        stuffer = None if action.top_lines is None and action.dot_lines is False else p.DotStuffer(
+            action.top_lines, crlf=True)  # the stores serve CRLF form
 
         def first_read() -> tuple[BinaryIO, bytes]:
             f = maildrop.open(action.key)
@@ -349,16 +363,8 @@ class _Connection:
                 f.close()
                 raise
 
-        if (
-            action.top_lines is None
-            and action.size is not None
-            and action.size >= SENDFILE_MIN
-            and isinstance(self.stream, trio.SocketStream)
-        ):
-            try:
-                sendable = await trio.to_thread.run_sync(open_for_sendfile, maildrop, action.key, action.size)
-            except (OSError, KeyError, ValueError):
-                sendable = None
+        if action.top_lines is None and action.size is not None and isinstance(self.stream, trio.SocketStream):
+            sendable = await self._sendable(action)
             if sendable is not None:
                 try:
                     self._queue(action.status)
@@ -383,15 +389,22 @@ class _Connection:
             return
         self._queue(action.status)
         try:
-            total = 0
+            total, line_start = 0, True
             while chunk:
                 total += len(chunk)
-                self._queue(stuffer.feed(chunk))
-                if stuffer.done or (action.size is not None and total >= action.size):
+                if stuffer is None:
+                    self._queue(chunk)
+                    line_start = chunk.endswith(b"\n")
+                else:
+                    self._queue(stuffer.feed(chunk))
+                if (stuffer is not None and stuffer.done) or (action.size is not None and total >= action.size):
                     break  # no further read (and thread hop) just to learn that the file ended
                 await self.flush()
                 chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
-            self._queue(stuffer.finish())
+            if stuffer is not None:
+                self._queue(stuffer.finish())
+            else:
+                self._queue(b".\r\n" if line_start else b"\r\n.\r\n")
         finally:
             f.close()
 

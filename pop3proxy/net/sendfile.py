@@ -9,6 +9,21 @@ from typing import BinaryIO
 from pop3proxy.net.backend_api import Maildrop
 
 
+def open_as_is(maildrop: Maildrop, key: str, size: int) -> BinaryIO | None:
+    """The message's own file, not read, for a message the store says has no line starting with '.':
+    a plain file of exactly ``size`` octets whose last two are CRLF (one pread), else None."""
+    f = maildrop.open(key)
+    try:
+        if (isinstance(f, io.BufferedReader) and f.tell() == 0 and os.fstat(f.fileno()).st_size == size
+                and os.pread(f.fileno(), 2, size - 2) == b"\r\n"):
+            return f
+    except BaseException:
+        f.close()
+        raise
+    f.close()
+    return None
+
+
 def open_for_sendfile(maildrop: Maildrop, key: str, size: int) -> BinaryIO | None:
     """The message's own file when it can go to the socket as it is: a plain file of exactly ``size``
     octets (CRLF form, as the store serves it) that ends with CRLF and has no line starting with '.'."""

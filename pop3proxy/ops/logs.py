@@ -60,28 +60,46 @@ _PATTERNS = [
     (re.compile(r"(?i)(\bpassw(?:or)?d['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+"), r"\1" + MASK),
 ]
 
+# Each pattern above needs one of these words (PASS/Pass/pass and passw(or)d: "pass"), case aside: text
+# without any of them is left as it is without running the patterns (most log lines, most fields).
+_KEYWORDS = re.compile(r"(?i)pass|auth|apop")
+
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
+_longest_first: tuple[str, ...] = ()  # _secrets, longest first: what redact() looks for, in that order
 
 
 def add_secrets(values: Iterable[str | None]) -> None:
     """Strings to mask wherever they appear in a log line (for example configured passwords); those
     shorter than `MIN_MASKED` are left out: masking them in ordinary words would show what they are."""
+    global _longest_first
     with _secrets_lock:
         for value in values:
             if value and len(value) >= MIN_MASKED:
                 _secrets.add(value)
+        _longest_first = tuple(sorted(_secrets, key=len, reverse=True))
+
+
+def _may_hold_credential(text: str) -> bool:
+    """False when none of the patterns can match ``text``. ASCII text (nearly all) is checked with plain
+    substring tests; other text with the same case-insensitive matching as the patterns' (where "ſ" is an
+    "s", for instance)."""
+    if text.isascii():
+        lowered = text.lower()
+        return "pass" in lowered or "auth" in lowered or "apop" in lowered
+    return _KEYWORDS.search(text) is not None
 
 
 def redact(text: str) -> str:
     """``text`` with anything that looks like a credential replaced by ``***``."""
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
-    with _secrets_lock:
-        known = sorted(_secrets, key=len, reverse=True)
-    for secret in known:
-        if secret in text:
-            text = text.replace(secret, MASK)
+    if _may_hold_credential(text):
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+    known = _longest_first  # replaced whole by add_secrets: no lock needed to read it
+    if known and len(text) >= len(known[-1]):  # a shorter text cannot hold any of them
+        for secret in known:
+            if secret in text:
+                text = text.replace(secret, MASK)
     return text
 
 

@@ -16,6 +16,7 @@ class MessageInfo(Protocol):
     def uidl(self) -> str: ...
     @property
     def size(self) -> int: ...
+    # Optional: ``dot_lines`` (bool | None), whether a line of the message starts with "." (see SendMessage).
 
 class State(enum.Enum):
     AUTHORIZATION = "AUTHORIZATION"
@@ -36,7 +37,9 @@ class SendMessage:
     """Open the message ``key``; if it opens, send ``status`` and stream it dot-stuffed, then the
     terminating ``.`` line; if it cannot be opened, send ``error`` instead (nothing was promised yet).
 
-    ``top_lines`` is ``None`` for RETR and the TOP line count otherwise.
+    ``top_lines`` is ``None`` for RETR and the TOP line count otherwise. ``dot_lines`` is what the store
+    knows: False, no line of the message starts with "." (it may go out as it is), True, some line does,
+    None, not known (the driver looks).
     """
 
     key: str
@@ -44,6 +47,7 @@ class SendMessage:
     size: int | None = None  # the octets the store said it holds: reading may stop there
     status: bytes = b"+OK\r\n"
     error: bytes = b"-ERR [SYS/TEMP] the message cannot be read now\r\n"
+    dot_lines: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -451,7 +451,8 @@ class Session:
             return self._refuse(found)
         number, info = found
         self.messages_served += 1
-        return [SendMessage(info.key, size=info.size, status=replies.ok(f"{info.size} octets"), error=_UNREADABLE)]
+        return [SendMessage(info.key, size=info.size, status=replies.ok(f"{info.size} octets"), error=_UNREADABLE,
+                            dot_lines=getattr(info, "dot_lines", None))]
 
     def _cmd_top(self, command: Command) -> list[Action]:
         found = self._message(command.args[0])
@@ -461,11 +462,8 @@ class Session:
         lines = command.args[1]
         if not (lines.isascii() and lines.isdigit() and len(lines) <= 10):
             return self._bad(replies.err(f"invalid line count {lines[:20]}"))
-        return [
-            SendMessage(
-                info.key, int(lines), size=info.size, status=replies.ok("top of message follows"), error=_UNREADABLE
-            )
-        ]
+        return [SendMessage(info.key, int(lines), size=info.size, status=replies.ok("top of message follows"),
+                            error=_UNREADABLE, dot_lines=getattr(info, "dot_lines", None))]
 
     def _cmd_dele(self, command: Command) -> list[Action]:
         found = self._message(command.args[0])

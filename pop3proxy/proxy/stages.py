@@ -161,7 +161,7 @@ def store_batch(state: AccountState, mailbox: Mailbox, hold: Callable[[bytes, st
     settled += [(item.uid, info.key, info.size, "cached") for item, info in zip(small, infos, strict=True)]
     for item in mine:
         if item.spooled is not None:
-            info = mailbox.add_file(item.spooled.path, item.spooled.size)
+            info = mailbox.add_file(item.spooled.path, item.spooled.size, item.spooled.dot_lines)
             settled.append((item.uid, info.key, info.size, "cached"))
     state.finish_fetch_many(settled)
     return mine

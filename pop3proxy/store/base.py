@@ -13,13 +13,16 @@ class MessageInfo(NamedTuple):
     """One stored message. `key` names it in the store (a Maildir file's base name, an mbox entry's
     digest); `uidl` is what pop3proxy answers to UIDL for it (the key, for both backends: the provider's
     own UIDL, called ``uid`` in the state database, is never shown to the client); `size` is the exact
-    octet count of the message in CRLF form.
+    octet count of the message in CRLF form; `dot_lines` says whether a line of it starts with "." (RETR
+    and TOP must then dot-stuff it), None when the store does not know (a message stored before the store
+    kept it, a file another tool wrote, mbox): the reader then looks.
 
     A named tuple rather than a dataclass: a login to a large mailbox builds one per message."""
 
     key: str
     uidl: str
     size: int
+    dot_lines: bool | None = None
 
 
 class Mailbox(abc.ABC):
@@ -47,9 +50,10 @@ class Mailbox(abc.ABC):
         what a crash leaves there is removed by ``clean_tmp``."""
         raise NotImplementedError
 
-    def add_file(self, path: Path, size: int) -> MessageInfo:
+    def add_file(self, path: Path, size: int, dot_lines: bool | None = None) -> MessageInfo:
         """Store a message spooled to ``path`` (CRLF form, ``size`` octets) durably, without reading it
-        into memory; the file is taken (renamed or removed)."""
+        into memory; the file is taken (renamed or removed). ``dot_lines``: whether a line of it starts
+        with "." (None: not known; see `MessageInfo`)."""
         raise NotImplementedError
 
     @abc.abstractmethod

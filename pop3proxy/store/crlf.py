@@ -21,6 +21,11 @@ def normalise(data: bytes) -> bytes:
     return data
 
 
+def has_dot_lines(data: bytes) -> bool:
+    """Whether a line of ``data`` (a whole message) starts with ".": RETR and TOP then dot-stuff it."""
+    return data.startswith(b".") or b"\n." in data
+
+
 class _BareLfConverter:
     """Turns bare LF into CRLF across chunk boundaries (a CRLF split between chunks is kept as is)."""
 

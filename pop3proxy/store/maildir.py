@@ -1,4 +1,5 @@
-"""The Maildir cache backend: one file per message, Dovecot-style names with ,S= and ,W= sizes."""
+"""The Maildir cache backend: one file per message, Dovecot-style names with ,S= and ,W= sizes, and
+,D=0 or ,D=1 where pop3proxy stored the message: whether a line of it starts with "." (dot-stuffing)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from pop3proxy.store.base import Mailbox, MessageInfo
-from pop3proxy.store.crlf import CHUNK, _BareLfConverter, _stream, normalise
+from pop3proxy.store.crlf import CHUNK, _BareLfConverter, _stream, has_dot_lines, normalise
 from pop3proxy.store.fsutil import DIR_MODE, fsync_dir, write_new_file
 
 _SIZE_FIELD = re.compile(r",S=(\d+)")
 _VSIZE_FIELD = re.compile(r",W=(\d+)")
 _DELIVERY_TIME = re.compile(r"(\d+)\.(?:[^.]*?M(\d+))?")
-# Names written by add() (and Dovecot's): <sec>.M<usec>P<pid>..., with ,S=<size>,W=<size>.
-_OWN_NAME = re.compile(r"(\d+)\.M(\d+)[^,]*,S=(\d+),W=(\d+)$")
+# Names written by add() (and Dovecot's): <sec>.M<usec>P<pid>..., with ,S=<size>,W=<size>; add()'s end in
+# ,D=0 (no line starts with ".") or ,D=1; older caches and Dovecot's names have no D field (not known).
+_OWN_NAME = re.compile(r"(\d+)\.M(\d+)[^,]*,S=(\d+),W=(\d+)(?:,D=([01]))?$")
 _SCANS: dict[str, tuple[tuple[int, ...], dict]] = {}  # Maildir path -> (directory mtimes, entries)
 _SETTLED_NS = 2 * 10**9  # a directory unchanged this long has no change pending within its mtime's tick
 # Maildir path -> (the scan it was made from, its MessageInfos)
@@ -35,15 +37,17 @@ _last_delivery = 0  # microseconds; keeps delivery times in this process strictl
 _counter = itertools.count(1)
 
 
-def _unique_name(size: int) -> str:
-    """A Dovecot-style unique name: ``<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size>``."""
+def _unique_name(size: int, dot_lines: bool | None = None) -> str:
+    """A Dovecot-style unique name: ``<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size>``, then ``,D=1``
+    when a line of the message starts with ".", ``,D=0`` when none does (nothing: not known)."""
     global _last_delivery
     with _clock_lock:
         now = max(time.time_ns() // 1000, _last_delivery + 1)
         _last_delivery = now
         n = next(_counter)
     sec, usec = divmod(now, 1_000_000)
-    return f"{sec}.M{usec}P{os.getpid()}Q{n}.{_HOST},S={size},W={size}"
+    dots = "" if dot_lines is None else f",D={int(dot_lines)}"
+    return f"{sec}.M{usec}P{os.getpid()}Q{n}.{_HOST},S={size},W={size}{dots}"
 
 
 
@@ -58,6 +62,7 @@ class _MaildirEntry(NamedTuple):
     crlf: bool  # the file is already in CRLF form and is served as is
     file_size: int
     order: tuple[int, int, str]
+    dot_lines: bool | None = None  # from the name's D field (see _OWN_NAME); None: not known
 
 
 class MaildirMailbox(Mailbox):
@@ -95,7 +100,7 @@ class MaildirMailbox(Mailbox):
                     size = self._crlf_size(key, entry.path)
                 except FileNotFoundError:  # moved or deleted by another tool meanwhile
                     continue
-            infos.append(MessageInfo(key=key, uidl=key, size=size))
+            infos.append(MessageInfo(key, key, size, entry.dot_lines))
         if all(entry.crlf for entry in entries.values()):  # sizes of foreign files may change in place
             _LISTS[str(self.path)] = (self._scanned, infos)
             while len(_LISTS) > 1000:
@@ -122,30 +127,31 @@ class MaildirMailbox(Mailbox):
         """Write each to tmp/, then fsync each (the disk sees the whole batch before the first flush),
         rename each into new/, fsync new/ once. A crash leaves a message in tmp/ (never served) or whole
         in new/."""
-        written: list[tuple[str, Path, int]] = []
+        written: list[tuple[str, Path, int, bool]] = []
         try:
             batch = len(messages) > 1
             for data in messages:
                 data = normalise(data)
-                name = _unique_name(len(data))
+                dots = has_dot_lines(data)
+                name = _unique_name(len(data), dots)
                 tmp = self._subdirs["tmp"] / name
                 write_new_file(tmp, data, durable=not batch)
-                written.append((name, tmp, len(data)))
+                written.append((name, tmp, len(data), dots))
             if batch:
-                for _, tmp, _ in written:
+                for _, tmp, _, _ in written:
                     fd = os.open(tmp, os.O_RDONLY)
                     try:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
             infos = []
-            for name, tmp, size in written:
+            for name, tmp, size, dots in written:
                 new = self._subdirs["new"] / name
                 os.rename(tmp, new)
-                self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0))
-                infos.append(MessageInfo(key=name, uidl=name, size=size))
+                self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0), dots)
+                infos.append(MessageInfo(name, name, size, dots))
         except BaseException:
-            for _name, tmp, _ in written:
+            for _name, tmp, _, _ in written:
                 tmp.unlink(missing_ok=True)
             raise
         fsync_dir(self._subdirs["new"])
@@ -154,19 +160,19 @@ class MaildirMailbox(Mailbox):
     def spool_path(self) -> Path:
         return self._subdirs["tmp"] / f"spool.{os.getpid()}.{secrets.token_hex(8)}"
 
-    def add_file(self, path: Path, size: int) -> MessageInfo:
+    def add_file(self, path: Path, size: int, dot_lines: bool | None = None) -> MessageInfo:
         """Take a spooled message (CRLF form, written to `spool_path`): fsync it, rename it into new/."""
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        name = _unique_name(size)
+        name = _unique_name(size, dot_lines)
         new = self._subdirs["new"] / name
         os.rename(path, new)
-        self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0))
+        self._entries[name] = _MaildirEntry(str(new), True, size, _order(name, 0), dot_lines)
         fsync_dir(self._subdirs["new"])
-        return MessageInfo(key=name, uidl=name, size=size)
+        return MessageInfo(name, name, size, dot_lines)
 
     def clean_tmp(self) -> int:
         """Remove what a crash left in tmp/ (never served); call only while nothing writes here."""
@@ -227,7 +233,8 @@ class MaildirMailbox(Mailbox):
                         # Size and order are in the name (as Dovecot trusts them): no stat() per file,
                         # which keeps listing a mailbox of 100,000 messages fast.
                         order = (int(ours[1]), int(ours[2]), key)
-                        entries[key] = _MaildirEntry(item.path, True, int(ours[3]), order)
+                        dots = None if ours[5] is None else ours[5] == "1"
+                        entries[key] = _MaildirEntry(item.path, True, int(ours[3]), order, dots)
                         continue
                     try:
                         st = item.stat()

@@ -133,8 +133,9 @@ class MboxMailbox(Mailbox):
     def spool_path(self) -> Path:
         return self._tmp_name("spool")
 
-    def add_file(self, path: Path, size: int) -> MessageInfo:
-        """Append a spooled message (CRLF form, from `spool_path`) chunk by chunk, then remove the file."""
+    def add_file(self, path: Path, size: int, dot_lines: bool | None = None) -> MessageInfo:
+        """Append a spooled message (CRLF form, from `spool_path`) chunk by chunk, then remove the file.
+        (An mbox keeps no ``dot_lines``: its messages are looked at when served.)"""
 
         def write(fd: int, from_line: bytes) -> list[tuple[str, int, int]]:
             digest, body_size, carry = hashlib.sha1(), 0, b""

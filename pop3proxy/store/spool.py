@@ -29,11 +29,13 @@ WRITE_BUFFER = 1 << 20  # octets gathered before one write to the spool file
 
 @dataclass
 class Spooled:
-    """A message in a spool file, in CRLF form: ``size`` octets whose SHA-256 is ``cached``."""
+    """A message in a spool file, in CRLF form: ``size`` octets whose SHA-256 is ``cached``; ``dot_lines``:
+    whether a line of it starts with "." (for `Mailbox.add_file`)."""
 
     path: Path
     size: int
     cached: str
+    dot_lines: bool | None = None
 
 
 class Spool:
@@ -54,6 +56,7 @@ class Spool:
         self._cached = hashlib.sha256()
         self._written = 0
         self._tail = b""  # the last two octets written to the file
+        self._dot_lines = False  # a line of the file starts with "."
         self._convert = _BareLfConverter()
         self._to_file = expected > limit
 
@@ -82,6 +85,9 @@ class Spool:
             self._pending.append(data)
             self._pending_size += len(data)
             self._cached.update(data)
+            if not self._dot_lines:
+                line_start = self._tail[-1:] in (b"", b"\n")
+                self._dot_lines = (line_start and data[:1] == b".") or b"\n." in data
             self._written += len(data)
             self._tail = (self._tail + data)[-2:]
 
@@ -103,7 +109,7 @@ class Spool:
         self.flush()
         os.close(self._fd)
         self._fd = None
-        return Spooled(self.path, self._written, self._cached.hexdigest())
+        return Spooled(self.path, self._written, self._cached.hexdigest(), self._dot_lines)
 
     def discard(self) -> None:
         """Drop the message (the provider failed mid-way, or the sync was stopped)."""
