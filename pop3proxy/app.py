@@ -52,6 +52,7 @@ def build_backend(settings: Settings) -> Backend:
     except BaseException:
         stores.close()
         raise
+    backend.stores = stores
     backend.close_with(stores.close)
     return backend
 
@@ -152,7 +153,7 @@ def cluster_gate(backend: Backend, node: Gate | None, max_sessions: int) -> Gate
     """In a cluster, the gate that counts sessions per address and failed logins with every other node
     (`ClusterGate` over this process's counters), keeping ``max_sessions`` in ``node`` (this process's
     `Gate`, or the supervisor's through a `RemoteGate`); on one machine ``node`` itself."""
-    stores: Stores | None = getattr(backend, "stores", None)
+    stores = backend.stores
     if stores is None or stores.counters is None:
         return node
     from pop3proxy.net.cluster_gate import ClusterGate
@@ -169,7 +170,7 @@ async def start_services(nursery: trio.Nursery, settings: Settings, backend: Bac
     if settings.cluster is not None and (settings.metrics.port is not None or settings.web.port is not None):
         from pop3proxy.admin.cluster_view import cluster_watch
 
-        cluster = cluster_watch(settings, getattr(backend, "stores", None))
+        cluster = cluster_watch(settings, backend.stores)
     if settings.smtp.port is not None:
         from pop3proxy.submission.bridge import run_smtp
 
@@ -190,7 +191,7 @@ async def keep_heartbeat(backend: Backend, *, task_status: trio.TaskStatus[None]
     """A cluster node's entry in the ``nodes`` table: registered now, a heartbeat every
     ``cluster.heartbeat`` seconds while the service runs, marked stopped when it ends. A database that
     cannot be reached is logged once (and once more when it is back); the node keeps serving what it can."""
-    stores: Stores | None = getattr(backend, "stores", None)
+    stores = backend.stores
     directory = stores.directory if stores is not None else None
     if directory is None:
         task_status.started()
@@ -359,7 +360,7 @@ async def drain_node(settings: Settings, state: ServerState, *, report: bool = T
     stops at once, as it always has."""
     if settings.cluster is None or settings.cluster.drain_timeout <= 0:
         return
-    stores: Stores | None = getattr(state.backend, "stores", None)
+    stores = state.backend.stores
     if report and stores is not None and stores.directory is not None:
         from pop3proxy.store.api import StateError
 

@@ -12,6 +12,7 @@ import trio
 
 from pop3proxy.errors import LoginError
 from pop3proxy.net.early import EarlyUpstream
+from pop3proxy.store.api import Stores
 from pop3proxy.store.base import MessageInfo
 
 log = logging.getLogger("pop3proxy")
@@ -36,6 +37,8 @@ class Maildrop:
 
 class Backend:
     """Where logins are checked and maildrops come from."""
+
+    stores: Stores | None = None  # the engines it runs on (the composition root's choice); None in tests
 
     async def login(self, user: str, password: str, peer: str, *, mechanism: str = "USER",
                     early: EarlyUpstream | None = None) -> Maildrop:

@@ -83,6 +83,7 @@ def _banner(count: int, report: SyncReport) -> str:
 
 class ProxyBackend(Backend):
     accepts_bearer = True  # AUTH XOAUTH2 / OAUTHBEARER tokens are passed upstream
+    stores: Stores  # always set: its own embedded engines unless it is given others
 
     def __init__(self, settings: Settings, pipeline: Pipeline | None = None, stores: Stores | None = None) -> None:
         self.settings = settings

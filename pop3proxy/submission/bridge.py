@@ -375,7 +375,7 @@ async def run_smtp(
         except ValueError as exc:
             raise StartupError(str(exc)) from None
     try:
-        stores = getattr(backend, "stores", None)  # the POP3 side's engines: a cluster's offline hashes
+        stores = backend.stores if backend is not None else None  # the POP3 side's: a cluster's offline hashes
         relay = Relay(settings, passwords, retry, stores.states if stores is not None else None)
     except OSError as exc:
         raise StartupError(f"cannot use the outgoing queue {queue_dir(settings)}: {exc.strerror or exc}") from None

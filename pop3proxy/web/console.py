@@ -87,7 +87,7 @@ class Console:
     @property
     def stores(self):
         """The service's engines (`store.api.Stores`), None for a backend without them."""
-        return getattr(self.backend, "stores", None)
+        return self.backend.stores
 
     async def cluster_view(self) -> ClusterView | None:
         """The cluster's nodes (None on one machine), read in a worker thread, bounded in time."""

@@ -20,6 +20,7 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from pop3proxy.store.postgres.connections import single_statements
 from pop3proxy.store.state import StateError
 
 __all__ = ["NodeDirectory", "NodeInfo", "ServingInfo"]
@@ -63,7 +64,7 @@ class NodeDirectory:
 
     def _run(self, query: LiteralString, params: Any = None, *, rows: bool = False) -> list[tuple[Any, ...]]:
         try:
-            with self.pool.connection() as conn:
+            with single_statements(self.pool) as conn:  # each one its own transaction: one round trip
                 cursor = conn.execute(query, params)
                 return cursor.fetchall() if rows else []
         except (psycopg.Error, OSError) as exc:  # the pool's timeout is a psycopg error too
