@@ -16,7 +16,7 @@ from helpers.cluster import Cluster, url_of
 from helpers.common import HOST
 from helpers.haproxy import HAProxy, Route
 from helpers.proxy import closed_port, retr_all, sample
-from helpers.waiting import eventually
+from helpers.waiting import eventually, wait_for
 
 pytestmark = pytest.mark.dovecot
 
@@ -75,7 +75,7 @@ def test_logins_are_spread_over_the_nodes_and_see_the_same_mailbox(cluster, bala
         client.quit()
     assert all(uidls == seen[0] for uidls in seen)
     for name in ("alpha", "beta"):  # round robin: each node served some of them
-        assert f"login {user!r} from 127.0.0.1" in cluster.nodes[name].output(), name
+        wait_for(cluster.nodes[name].output, f"login {user!r} from 127.0.0.1")
 
 
 def test_a_node_killed_during_a_cold_sync_loses_nothing(cluster, balanced, dovecot):
@@ -161,7 +161,8 @@ def test_what_one_node_learnt_of_a_password_serves_a_login_on_the_other(cluster,
     with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
         login(cluster.nodes["beta"].port, user, "not-the-password")
     cluster.nodes["beta"].stop()
-    cluster.start("gamma", listen=direct, upstream=unreachable, offline={"enabled": False}, sync={"auth_cache_ttl": 600})
+    cluster.start("gamma", listen=direct, upstream=unreachable, offline={"enabled": False},
+                  sync={"auth_cache_ttl": 600})
     client = login(cluster.nodes["gamma"].port, user, password)  # the auth cache's digest, keyed alike
     assert client.stat()[0] == 1
     client.quit()

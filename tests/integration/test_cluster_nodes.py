@@ -184,7 +184,7 @@ def test_a_session_whose_lock_was_lost_applies_no_deletion(cluster, dovecot):
     again = cluster.client("alpha", user, password)
     assert again.stat()[0] == 2  # nor in the cache
     again.quit()
-    assert "was lost; no deletion applied" in cluster.nodes["alpha"].output()
+    wait_for(cluster.nodes["alpha"].output, "was lost; no deletion applied")
 
 
 def test_an_account_one_node_prefetched_lately_is_left_alone_by_the_other(cluster, dovecot, tmp_path):
