@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from pop3proxy.store.locks import MailboxBusy, lock_mailbox
 from pop3proxy.store.paths import user_dir
 from pop3proxy.store.state import Row, StateError, UserState
+from pop3proxy.store.state_pool import StatePool
 
 __all__ = [
     "AccountState", "CounterStore", "Counters", "LocalSessionLocks", "LocalStateStore", "LoginAttempt", "MailboxBusy",
@@ -179,15 +180,17 @@ STATE_FILE = "state.db"
 
 @dataclass(frozen=True)
 class LocalStateStore:
-    """``state.db`` (SQLite) in each account's cache directory."""
+    """``state.db`` (SQLite) in each account's cache directory; databases `open` hands out are kept open
+    between sessions (`store.state_pool`)."""
 
     root: Path
+    pool: StatePool = field(default_factory=StatePool, compare=False)
 
     def path(self, cache_id: str) -> Path:
         return user_dir(self.root, cache_id) / STATE_FILE
 
     def open(self, cache_id: str) -> UserState:
-        return UserState(self.path(cache_id))
+        return self.pool.open(self.path(cache_id))
 
     def open_existing(self, cache_id: str) -> UserState | None:
         path = self.path(cache_id)
@@ -228,5 +231,6 @@ class Stores:
 def local_stores(root: str | os.PathLike[str]) -> Stores:
     """One machine's engines, under the cache root."""
     path = Path(root)
-    return Stores(states=LocalStateStore(path), locks=LocalSessionLocks(path))
+    states = LocalStateStore(path)
+    return Stores(states=states, locks=LocalSessionLocks(path), close=states.pool.clear)
 

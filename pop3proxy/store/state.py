@@ -31,41 +31,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from pop3proxy.store.journal import Journal, private_fd
+from pop3proxy.store.journal import Journal
+from pop3proxy.store.state_db import Corrupt, StateError, open_database
 
 log = logging.getLogger("pop3proxy.store.state")
 
-SCHEMA_VERSION = 1
 JOURNAL_COMPACT_AT = 4 * 1024 * 1024
-BUSY_TIMEOUT = 30.0  # seconds to wait for another connection's write lock
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    uid        TEXT PRIMARY KEY,
-    key        TEXT,
-    status     TEXT NOT NULL CHECK (status IN ('fetching', 'cached', 'deleted', 'held')),
-    digest     TEXT,
-    size       INTEGER,
-    fetched_at REAL,
-    upstream   INTEGER NOT NULL DEFAULT 1,
-    source     TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_key ON messages (key);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT);
-"""
-
-
-class StateError(Exception):
-    """The state files cannot be used now (locked, unreadable, unwritable, an I/O error, or corrupt beyond
-    rebuilding). Callers answer ``-ERR [SYS/TEMP]``; the files are left as they are."""
 
 
 class Row(NamedTuple):
@@ -79,27 +57,14 @@ class Row(NamedTuple):
     source: str | None = None  # SHA-256 of the message as the provider sent it (CRLF form), when known
 
 
-class _Corrupt(Exception):
-    """The database file is damaged or not ours: only then may it be moved aside and rebuilt."""
-
-
-# SQLite's primary result codes that mean the file itself is damaged or is no database at all. Every
-# other error on opening (locked, read-only, unable to open, out of memory, I/O) is a transient error.
-_CORRUPTION_CODES = {11: "SQLITE_CORRUPT", 26: "SQLITE_NOTADB"}
-_COLUMNS = {"uid", "key", "status", "digest", "size", "fetched_at", "upstream"}
-
-
-def _is_corruption(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _CORRUPTION_CODES
-
-
 class UserState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.journal_path = path.with_name(path.stem + ".journal")
         self._lock = threading.Lock()
         self._journal = Journal(self.journal_path)
+        self.home: Callable[[UserState], None] | None = None  # a pool's: `close` gives the database back
+        self.failed = False  # an SQLite error was seen: closed for good, not kept open by a pool
         self.rebuilt_from: Path | None = None  # where a corrupt database was moved, if it was
         lost = not path.exists() and self._journal.size() > 0
         if lost:  # the database is gone but its journal is not: rebuild, do not start from nothing
@@ -110,14 +75,14 @@ class UserState:
             self._db = self._open()
             if lost:
                 self._replay_journal()
-        except _Corrupt as exc:
+        except Corrupt as exc:
             try:
                 self.rebuilt_from = self._move_aside(exc)
             except OSError as cannot:
                 raise StateError(f"state database {path.name} is corrupt and cannot be moved aside: {cannot}") from exc
             try:
                 self._db = self._open()
-            except _Corrupt as again:
+            except Corrupt as again:
                 raise StateError(f"state database {path.name} is unusable: {again}") from again
             self._replay_journal()
         try:
@@ -149,46 +114,7 @@ class UserState:
             yield {"m": name, "v": value}
 
     def _open(self) -> sqlite3.Connection:
-        """Open the database. Raises _Corrupt when the file is damaged or not ours, StateError for any
-        other failure (which leaves the files as they are)."""
-        # The database holds the offline password hash: 0600 whatever the umask (SQLite gives its -wal
-        # and -shm files the database's mode).
-        try:
-            os.close(private_fd(self.path))
-            for suffix in ("-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.close(private_fd(Path(str(self.path) + suffix), create=False))
-        except OSError as exc:
-            raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
-        try:
-            db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                 timeout=BUSY_TIMEOUT)
-        except sqlite3.Error as exc:
-            raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit is in the OS's hands when the call returns (safe against the
-            # process dying); sync_to_disk() makes it durable against power loss where that matters.
-            db.execute("PRAGMA synchronous=NORMAL")
-            check = db.execute("PRAGMA quick_check(1)").fetchone()
-            if not check or check[0] != "ok":
-                raise _Corrupt(f"integrity check failed: {check[0] if check else 'no answer'}")
-            columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
-            if columns and not columns >= _COLUMNS:
-                raise _Corrupt("not a pop3proxy state database (its messages table differs)")
-            db.executescript(_SCHEMA)
-            if columns and "source" not in columns:  # a database from before messages were matched by content
-                db.execute("ALTER TABLE messages ADD COLUMN source TEXT")
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        except sqlite3.Error as exc:
-            db.close()
-            if _is_corruption(exc):
-                raise _Corrupt(str(exc)) from exc
-            raise StateError(f"cannot open state database {self.path.name}: {exc}") from exc
-        except BaseException:
-            db.close()
-            raise
-        return db
+        return open_database(self.path)
 
     def _move_aside(self, exc: Exception) -> Path:
         """Keep a corrupt database for inspection and start a new one."""
@@ -246,6 +172,11 @@ class UserState:
         self._note(durable=True)
 
     def close(self) -> None:
+        """Close the files, or give the open database back to the pool it came from (`StatePool`)."""
+        home, self.home = self.home, None
+        if home is not None and not self.failed:
+            home(self)
+            return
         with self._lock:
             self._db.close()
             self._journal.close()
@@ -266,6 +197,7 @@ class UserState:
             except sqlite3.IntegrityError:
                 raise
             except sqlite3.Error as exc:
+                self.failed = True
                 raise StateError(f"state database {self.path.name}: {exc}") from exc
 
     @contextlib.contextmanager
@@ -283,6 +215,7 @@ class UserState:
                         self._db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
+                self.failed = True
                 raise StateError(f"state database {self.path.name}: {exc}") from exc
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pop3proxy.store import state as state_module
+from pop3proxy.store import state_db
 from pop3proxy.store.state import StateError, UserState
 
 
@@ -62,7 +63,7 @@ def untouched(path: Path) -> None:
 
 
 def test_a_locked_database_is_an_error_not_corruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(state_module, "BUSY_TIMEOUT", 0.1)
+    monkeypatch.setattr(state_db, "BUSY_TIMEOUT", 0.1)
     path = tmp_path / "state.db"
     filled_state(path)
     holder = sqlite3.connect(path, isolation_level=None)
