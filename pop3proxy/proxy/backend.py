@@ -8,11 +8,10 @@ It holds one object per way in (`EarlyLogins`: the early connection, APOP and CR
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import trio
 
@@ -24,7 +23,6 @@ from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.endpoint import (
     AUTH_TEXT,
     UpstreamAuthError,
-    UpstreamError,
     UpstreamUnavailable,
 )
 from pop3proxy.net.pop3_client import UpstreamClient, connect
@@ -37,35 +35,25 @@ from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.early_logins import CHALLENGE_MECHANISMS, EarlyLogins
 from pop3proxy.proxy.oauth import TokenManager
 from pop3proxy.proxy.oauth.logins import OAuthLogins
-from pop3proxy.proxy.offline import check_offline_password, forget_offline_password, remember_offline_password
-from pop3proxy.proxy.prefetch import LAST_SYNC, fresh_prefetch, mark_prefetched, prefetch_forever
+from pop3proxy.proxy.offline import (
+    check_offline_password,
+    forget_offline_password,
+)
+from pop3proxy.proxy.passes import Opened, Passes, SyncReport
+from pop3proxy.proxy.prefetch import fresh_prefetch, mark_prefetched, prefetch_forever
 from pop3proxy.proxy.proxied_maildrop import Mirror, ProxyMaildrop
 from pop3proxy.proxy.routing import Route, resolve
-from pop3proxy.proxy.sync import SyncResult, recover, sync_mailbox
+from pop3proxy.proxy.sync import SyncResult
 from pop3proxy.proxy.trust import refuse_untrusted
-from pop3proxy.store import open_store
-from pop3proxy.store.api import AccountState, MailboxBusy, StateError, Stores, local_stores
-from pop3proxy.store.base import Mailbox, MessageInfo
-from pop3proxy.store.held import hold_callback
-from pop3proxy.store.paths import removed_parts_dir, user_dir
+from pop3proxy.store.api import MailboxBusy, StateError, Stores, local_stores
 
 log = logging.getLogger("pop3proxy.proxy")
 
 OFFLINE_NOTE = "(offline: the provider is unreachable, serving cached mail)"
 
 
-@dataclass
-class SyncReport:
-    """What the sync a login started tells the login: ``done`` is set once it ends (or breaks off)."""
-
-    done: trio.Event = field(default_factory=trio.Event)
-    result: SyncResult | None = None
-    store_error: Exception | None = None  # the cache could not be written
-
-
-def _close(*files: Mailbox | AccountState) -> None:
-    for file in files:
-        file.close()
+class _CannotOpen(Exception):
+    """The account's files could not be opened (an `OSError` or `StateError` inside)."""
 
 
 def _banner(count: int, report: SyncReport) -> str:
@@ -100,9 +88,8 @@ class ProxyBackend(Backend):
         self.auth_cache = AuthCache(self.root, self.stores.shared_key or secrets.token_bytes(32),
                                     settings.sync.auth_cache_ttl)
         self.early = EarlyLogins(settings)
+        self.passes = Passes(settings, self.pipeline, self.stores.states, self.auth_cache.keyed)
         self.passwords: dict[str, str] = {}
-        # Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console.
-        self.syncing: dict[str, tuple[int, int]] = {}
         self.oauth = TokenManager(self.stores.tokens or self.root, {
             name: account.oauth2 for name, account in settings.accounts.items() if account.oauth2 is not None})
         self.oauth_logins = OAuthLogins(self.oauth, settings.offline.enabled)
@@ -110,6 +97,11 @@ class ProxyBackend(Backend):
             password = read_password_source(name, account)
             if password is not None:
                 self.passwords[name] = password
+
+    @property
+    def syncing(self) -> dict[str, tuple[int, int]]:
+        """Syncs running now: cache id -> (new messages stored, new messages to fetch), for the console."""
+        return self.passes.syncing
 
     @property
     def memo_key(self) -> bytes:
@@ -217,168 +209,91 @@ class ProxyBackend(Backend):
         self.auth_cache.remember(route.cache_id, password)
         return await self._online_session(route, client, password)
 
-    async def _hold(self, route: Route) -> Account:
-        """The account held for a session: ``-ERR [IN-USE]`` while another session (on any node) has
-        it, ``-ERR [SYS/TEMP]`` when the session locks cannot be reached (a cluster's database)."""
+    async def _hold(self, route: Route, then: Callable[[], Opened]) -> tuple[Account, Opened]:
+        """The account held for a session, and ``then()`` (opening its files) in the same worker-thread
+        hop: ``-ERR [IN-USE]`` while another session (on any node) has it, ``-ERR [SYS/TEMP]`` when the
+        session locks cannot be reached (a cluster's database) or the files cannot be opened."""
         account = self.accounts.get(route.cache_id)
+
+        def opening() -> Opened:
+            try:
+                return then()
+            except (OSError, StateError) as exc:
+                raise _CannotOpen(exc) from exc
+
         try:
-            await account.acquire(session=True)
+            opened = await account.acquire(session=True, then=opening)
         except MailboxBusy:
             raise LoginError("mailbox is in use by another session", "IN-USE") from None
+        except _CannotOpen as exc:
+            log.error("cannot open the cache of %r: %s", route.cache_id, exc.__cause__)
+            raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
         except StateError as exc:
             log.warning("cannot lock the mailbox of %r: %s", route.cache_id, exc)
             raise LoginError("the mailbox cannot be opened now, try again later", "SYS/TEMP") from None
-        return account
+        assert opened is not None
+        return account, opened
 
-    def _open_files(self, route: Route) -> tuple[Mailbox, AccountState]:
-        mailbox = open_store(self.root, route.cache_id, self.store_backend)
-        try:
-            state = self.stores.states.open(route.cache_id)
-        except BaseException:
-            mailbox.close()
-            raise
-        return mailbox, state
-
-    def _maildrop(self, account: Account, route: Route, password: str | None, files: tuple[Mailbox, AccountState],
-                  messages: list[MessageInfo], banner: str) -> ProxyMaildrop:
+    def _maildrop(self, account: Account, route: Route, password: str | None, opened: Opened,
+                  banner: str) -> ProxyMaildrop:
         upstream = self.settings.upstream
         mirror = Mirror(upstream.delete == "mirror", upstream.timeout * 2, self.upstream_secret,
                         token_account=route.cache_id in self.oauth)
-        return ProxyMaildrop(account, route, password, files[0], files[1], messages, banner, mirror)
+        assert opened.messages is not None
+        return ProxyMaildrop(account, route, password, opened.mailbox, opened.state, opened.messages, banner, mirror)
 
     async def _online_session(self, route: Route, client: UpstreamClient, password: str | None) -> Maildrop:
+        """Hold the account and open its files for the sync (one worker-thread hop), sync while the login
+        waits (``sync.login_budget``), and serve the files the sync hands over with its listing; a sync
+        that has not ended in time keeps its files, and the session opens its own."""
+        held = self.accounts.get(route.cache_id)
+        # A pass of this process running now recovered the files itself; one that ends before ours starts
+        # makes the view read here stale (`Passes.run` reads it again).
+        recovering, generation = not held.sync_lock.locked(), held.passes_done
         try:
-            account = await self._hold(route)
+            account, opened = await self._hold(route, lambda: self.passes.open(route, recovering=recovering, view=True))
         except BaseException:
             await client.aclose()
             raise
-        files: tuple[Mailbox, AccountState] | None = None
-        handed_over = False  # the client belongs to the background sync once it is started
+        opened.generation = generation
+        report = SyncReport(waiting=True)
+        handed_over = False  # the client and the files belong to the background sync once it is started
         try:
-            try:
-                files = await trio.to_thread.run_sync(self._open_files, route)
-            except (OSError, StateError) as exc:
-                log.error("cannot open the cache of %r: %s", route.cache_id, exc)
-                raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
-            report = SyncReport()
             assert self._nursery is not None, "ProxyBackend.attach() was not called"
             await account.acquire(session=False)  # the sync's own hold on the lock
-            self._nursery.start_soon(self._background_sync, route, account, client, password, report)
+            self._nursery.start_soon(self.passes.background, route, account, client, password, report, opened)
             handed_over = True
             with trio.move_on_after(self.settings.sync.login_budget):
                 await report.done.wait()
+            report.waiting = False
             if report.store_error is not None:
                 raise LoginError("cannot store new mail, try again later", "SYS/TEMP")
-            messages = await self._snapshot(*files)
-            return self._maildrop(account, route, password, files, messages, _banner(len(messages), report))
+            served, report.files = report.files, None
+            if served is None:
+                served = await self._open_served(route, recovering=False)
+            return self._maildrop(account, route, password, served, _banner(len(served.messages or ()), report))
         except BaseException as exc:
+            report.waiting = False
             # Whatever went wrong between taking the lock and handing out the session, the lock is
             # released: the user must not stay "in use" until a restart.
             with trio.CancelScope(shield=True):
                 if not handed_over:
                     await client.aclose()
-                if files is not None:
-                    await trio.to_thread.run_sync(_close, files[0], files[1])
-                await account.release(session=True)
+                unused = [files for files in (None if handed_over else opened, report.files) if files is not None]
+                report.files = None
+                await account.release(session=True, closing=lambda: [files.close() for files in unused])
             if isinstance(exc, Exception) and not isinstance(exc, LoginError):
                 log.exception("login of %r failed: internal error", route.cache_id)
                 metrics.background_error("login")
                 raise LoginError("internal error, try again later", "SYS/TEMP") from None
             raise
 
-    async def _snapshot(self, mailbox: Mailbox, state: AccountState) -> list[MessageInfo]:
-        def snapshot() -> list[MessageInfo]:
-            hidden = state.hidden_keys()
-            return [info for info in mailbox.list() if info.key not in hidden]
-
-        return await trio.to_thread.run_sync(snapshot)
-
-    async def _background_sync(self, route: Route, account: Account, client: UpstreamClient, password: str | None,
-                               report: SyncReport) -> None:
+    async def _open_served(self, route: Route, *, recovering: bool) -> Opened:
         try:
-            async with account.sync_lock:
-                report.result = await self._sync(route, client, password)
-        except OSError as exc:
-            report.store_error = exc
-            log.error("sync of %r failed writing the cache: %s", route.cache_id, exc)
-        except UpstreamError as exc:
-            log.warning("sync of %r stopped: %s", route.cache_id, exc)
-        except StateError as exc:
-            report.store_error = exc
-            log.error("sync of %r failed: %s", route.cache_id, exc)
-        except Exception:  # a bug must stop this sync only, never the service's other tasks
-            log.exception("sync of %r failed: internal error", route.cache_id)
-            metrics.background_error("sync")
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-                report.done.set()
-                await account.release(session=False)
-
-    async def _sync(self, route: Route, client: UpstreamClient, password: str | None, progress=None) -> SyncResult:
-        """Recover, sync, remember the offline hash. Runs with the account lock held."""
-
-        def open_files() -> tuple[Mailbox, AccountState]:
-            mailbox, state = self._open_files(route)
-            try:
-                recover(mailbox, state)
-            except BaseException:
-                mailbox.close()
-                state.close()
-                raise
-            return mailbox, state
-
-        mailbox, state = await trio.to_thread.run_sync(open_files)
-        deadline = self.settings.sync.deadline
-        self.syncing[route.cache_id] = (0, 0)
-
-        def report(done: int, total: int) -> None:
-            self.syncing[route.cache_id] = (done, total)
-            if progress is not None:
-                progress(done, total)
-
-        try:
-            with trio.move_on_after(deadline) as scope:
-                result = await sync_mailbox(
-                    client,
-                    mailbox,
-                    state,
-                    user=route.cache_id,
-                    pipeline=self.pipeline,
-                    policy=self.settings.upstream.delete,
-                    delete_after_days=self.settings.upstream.delete_after_days,
-                    vanished=self.settings.upstream.vanished,
-                    max_filtered_size=self.settings.sync.max_filtered_size,
-                    progress=report,
-                    hold=hold_callback(self.root, route.cache_id),
-                    removed_dir=removed_parts_dir(user_dir(self.root, route.cache_id)),
-                )
-            if scope.cancelled_caught:
-                # What was stored is kept; claims cut short are settled by recover() on the next pass.
-                reason = f"sync deadline of {deadline:g} s reached (sync.deadline)"
-                raise UpstreamUnavailable(f"{route.endpoint.where}: {reason}", reason)
-            log.info(
-                "synced %r: %d new (%d bytes), %d deleted upstream",
-                route.cache_id, result.fetched, result.fetched_bytes, result.deleted_upstream,
-            )
-            if password is not None and not isinstance(password, BearerToken) and self.settings.offline.enabled:
-                await trio.to_thread.run_sync(
-                    remember_offline_password, state, password, self.auth_cache.keyed, limiter=kdf_limiter())
-            summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
-                                  "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
-                                  "held": result.held, "refused": result.refused, "adopted": result.adopted,
-                                  "dropped": result.dropped})
-            # "user": for `pop3proxy status`; both in one write
-            await trio.to_thread.run_sync(state.set_metas, {LAST_SYNC: summary, "user": route.cache_id})
-            return result
-        except BaseException as exc:
-            summary = json.dumps({"time": time.time(), "result": f"failed: {type(exc).__name__}"})
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(state.set_meta, LAST_SYNC, summary)
-            raise
-        finally:
-            self.syncing.pop(route.cache_id, None)
-            await trio.to_thread.run_sync(_close, mailbox, state)
+            return await trio.to_thread.run_sync(lambda: self.passes.open(route, recovering=recovering, listing=True))
+        except (OSError, StateError) as exc:
+            log.error("cannot open the cache of %r: %s", route.cache_id, exc)
+            raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
 
     # -- offline ---------------------------------------------------------------------------------
 
@@ -409,30 +324,12 @@ class ProxyBackend(Backend):
         return await self._cached_session(route, None, OFFLINE_NOTE)
 
     async def _cached_session(self, route: Route, password: str | None, note: str) -> Maildrop:
-        """Serve the cache as it is, without asking the provider (offline, or a fresh prefetch)."""
-        account = await self._hold(route)
-        syncing = account.sync_lock.locked()
-
-        def open_files() -> tuple[Mailbox, AccountState, list[MessageInfo]]:  # one thread hop: every warm login
-            mailbox, state = self._open_files(route)
-            try:
-                if not syncing:
-                    recover(mailbox, state)
-                hidden = state.hidden_keys()
-                return mailbox, state, [info for info in mailbox.list() if info.key not in hidden]
-            except BaseException:
-                mailbox.close()
-                state.close()
-                raise
-
-        try:
-            mailbox, state, messages = await trio.to_thread.run_sync(open_files)
-        except (OSError, StateError) as exc:
-            await account.release(session=True)
-            log.error("cannot open the cache of %r: %s", route.cache_id, exc)
-            raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None
-        banner = f"{len(messages)} messages" + (f" {note}" if note else "")
-        return self._maildrop(account, route, password, (mailbox, state), messages, banner)
+        """Serve the cache as it is, without asking the provider (offline, or a fresh prefetch): the
+        account held, its files opened and listed in one worker-thread hop."""
+        syncing = self.accounts.get(route.cache_id).sync_lock.locked()
+        account, opened = await self._hold(route, lambda: self.passes.open(route, recovering=not syncing, listing=True))
+        banner = f"{len(opened.messages or ())} messages" + (f" {note}" if note else "")
+        return self._maildrop(account, route, password, opened, banner)
 
     # -- background prefetch ---------------------------------------------------------------------
 
@@ -449,7 +346,7 @@ class ProxyBackend(Backend):
                 secret = await self.upstream_secret(route, password)
                 async with await connect(route.endpoint) as client:
                     await client.login(route.remote_user, secret)
-                    result = await self._sync(route, client, secret, progress)
+                    result = await self.passes.run(route, account, client, secret, progress)
             if not result.remaining and password is not None:
                 await trio.to_thread.run_sync(mark_prefetched, self.root, route.cache_id)
                 log.info("prefetch of %r complete: logins with its configured password are served from "
@@ -475,4 +372,4 @@ class ProxyBackend(Backend):
             log.info("background check of %r: password accepted; fetch skipped: the mailbox is in use "
                      "elsewhere (the next login fetches)", route.cache_id)
             return
-        await self._background_sync(route, account, client, password, SyncReport())
+        await self.passes.background(route, account, client, password, SyncReport())

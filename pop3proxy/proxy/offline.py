@@ -15,7 +15,7 @@ from pop3proxy.proxy.credentials import hash_password, verify_password
 from pop3proxy.store.api import AccountState, StateStore
 
 __all__ = ["OFFLINE_HASH", "OFFLINE_MEMO", "check_offline_password", "forget_offline_password",
-           "remember_offline_password"]
+           "offline_memo_fresh", "remember_offline_password"]
 
 OFFLINE_HASH = "offline_hash"  # account setting: the scrypt hash
 OFFLINE_MEMO = "offline_memo"  # account setting: keyed digest of (hash, password): the hash matches
@@ -41,16 +41,23 @@ def remember_offline_password(state: AccountState, password: str, keyed: Callabl
     """Keep the hash current after the provider accepted ``password``, without paying scrypt on every
     login: the keyed digest (``keyed``: random key, memory only, shared by the worker processes of one
     service) tells whether the stored hash already matches."""
-    found = state.get_metas([OFFLINE_HASH, OFFLINE_MEMO])  # one read on every login
-    stored = found[OFFLINE_HASH]
-    if stored is not None and hmac.compare_digest(
-            (found[OFFLINE_MEMO] or "").encode(), keyed(f"{stored}\0{password}").hex().encode()):
+    if offline_memo_fresh(state, password, keyed):
         return
+    stored = state.get_meta(OFFLINE_HASH)
     update: dict[str, str | None] = {}
     if stored is None or not verify_password(password, stored):
         stored = update[OFFLINE_HASH] = hash_password(password)
     update[OFFLINE_MEMO] = keyed(f"{stored}\0{password}").hex()
     state.set_metas(update)
+
+
+def offline_memo_fresh(state: AccountState, password: str, keyed: Callable[[str], bytes]) -> bool:
+    """True when the stored hash is known to be of ``password`` (the keyed digest says so): nothing to
+    remember, no scrypt. One read, on every login."""
+    found = state.get_metas([OFFLINE_HASH, OFFLINE_MEMO])
+    stored = found[OFFLINE_HASH]
+    return stored is not None and hmac.compare_digest(
+        (found[OFFLINE_MEMO] or "").encode(), keyed(f"{stored}\0{password}").hex().encode())
 
 
 def forget_offline_password(states: StateStore, cache_id: str, password: str) -> bool:

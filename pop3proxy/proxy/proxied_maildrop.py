@@ -92,10 +92,7 @@ class ProxyMaildrop(StoreMaildrop):
         # The session is over (QUIT answered): a login right after it must not be told IN-USE while
         # these files are still being closed. The hold on the lock is given back below.
         self.account.session_active = False
-        try:
-            await trio.to_thread.run_sync(self._close_files)
-        finally:
-            await self.account.release(session=False)
+        await self.account.release(session=False, closing=self._close_files)
 
     def _close_files(self) -> None:
         try:

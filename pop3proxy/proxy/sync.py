@@ -164,17 +164,29 @@ class _Listing:
         return orphans
 
 
-async def _read_listing(client: UpstreamClient, state: AccountState) -> _Listing:
-    ids = await upstream_ids(client)
-    rows = {row.uid: row for row in await trio.to_thread.run_sync(state.rows)}
-    return _Listing(ids, rows)
+@dataclass
+class StateView:
+    """What a pass reads from the state before it asks the provider: every row, and the messages the
+    provider refused. Read with the account held (nobody else writes it), in the worker-thread hop that
+    opens the state (`read_view`), or by the pass itself."""
+
+    rows: dict[str, Row]
+    refused: str | None
 
 
-async def _load_refused(state: AccountState, listing: _Listing) -> tuple[dict[str, dict], str]:
+def read_view(state: AccountState) -> StateView:
+    return StateView({row.uid: row for row in state.rows()}, state.get_meta(REFUSED))
+
+
+async def _read_listing(client: UpstreamClient, view: StateView) -> _Listing:
+    return _Listing(await upstream_ids(client), view.rows)
+
+
+def _load_refused(view: StateView, listing: _Listing) -> tuple[dict[str, dict], str]:
     """Messages the provider refused (-ERR to RETR), still listed and still unknown: uid -> {"tries",
     "next", "reason"}. They are skipped, and asked for again with back-off. And the setting as stored
     ("{}" for none): the pass writes it back only when it changes."""
-    raw = await trio.to_thread.run_sync(state.get_meta, REFUSED)
+    raw = view.refused
     try:
         refused: dict[str, dict] = json.loads(raw) if raw else {}
     except ValueError:
@@ -199,17 +211,21 @@ async def sync_mailbox(
     removed_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     quit: bool = True,
+    view: StateView | None = None,
 ) -> SyncResult:
-    """One pass over a logged-in upstream session. Ends with QUIT unless ``quit`` is False."""
+    """One pass over a logged-in upstream session. Ends with QUIT unless ``quit`` is False. ``view``: the
+    state as read when it was opened (read here when not given)."""
     check_policies(policy, vanished)
     result = SyncResult()
-    listing = await _read_listing(client, state)
+    if view is None:
+        view = await trio.to_thread.run_sync(read_view, state)
+    listing = await _read_listing(client, view)
     now = time.time()
     plan = plan_deletions(listing.ids, listing.rows, policy=policy, now=now,
                           delete_after_days=delete_after_days, vanished=vanished)
     if plan.gone:  # known messages that vanished upstream (another client, the provider's expiry)
         await trio.to_thread.run_sync(state.upstream_gone, list(plan.gone))
-    refused, refused_stored = await _load_refused(state, listing)
+    refused, refused_stored = _load_refused(view, listing)
     new = listing.new(refused, now)
     result.remaining = len(new)
     deleted_uids: list[str] = []
