@@ -433,13 +433,14 @@ async def _drop_vanished(mailbox: Mailbox, state: AccountState, plan: DeletionPl
 
 
 async def _quit(client: UpstreamClient, state: AccountState, deleted_uids: list[str], result: SyncResult) -> None:
-    if deleted_uids:
-        # What the deletions rely on must be on disk before the provider acts on them.
-        await trio.to_thread.run_sync(state.sync_to_disk)
+    if not deleted_uids:
+        await client.leave()  # nothing to apply: its reply is not waited for
+        return
+    # What the deletions rely on must be on disk before the provider acts on them.
+    await trio.to_thread.run_sync(state.sync_to_disk)
     await client.quit()  # upstream deletions take effect only now
-    if deleted_uids:
-        await trio.to_thread.run_sync(state.upstream_gone, deleted_uids)
-        result.deleted_upstream = len(deleted_uids)
+    await trio.to_thread.run_sync(state.upstream_gone, deleted_uids)
+    result.deleted_upstream = len(deleted_uids)
 
 
 async def delete_upstream(client: UpstreamClient, state: AccountState, uids: set[str]) -> int:
