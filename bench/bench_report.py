@@ -1,5 +1,5 @@
-"""The printed tables (the main one, the cluster's), the targets (bench_targets.py), the machine, and the
-generated part of docs/BENCHMARKS.md; rows saved as JSON."""
+"""The printed tables (the main one, the cluster's, the per-phase CPU of a warm session), the targets
+(bench_targets.py), the machine, and the generated part of docs/BENCHMARKS.md; rows saved as JSON."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.bench_rows import SERVERS, TITLES, Row, fmt_ratio, fmt_value, median, percentile
+from bench.bench_rows import PHASES, SERVERS, TITLES, Row, fmt_ratio, fmt_value, median, percentile
 from bench.bench_targets import CLUSTER_TITLES, target_lines
 
 # Re-exported: the workloads take Row, median and percentile from here.
-__all__ = ["Row", "median", "percentile", "print_report", "results_markdown", "write_docs", "save_json",
+__all__ = ["PHASES", "Row", "median", "percentile", "print_report", "results_markdown", "write_docs", "save_json",
            "load_json", "machine", "MISSING_TITLES", "target_lines"]
 
 # The cluster workload's table: its own columns, ratios against the single-machine pop3proxy.
@@ -37,7 +37,7 @@ def table_lines(rows: list[Row], markdown: bool, cluster: bool = False) -> list[
     head = ["workload", "unit", *(titles[s] for s in servers), *ratios.values()]
     body = []
     for row in rows:
-        if (row.base == "single") != cluster:
+        if row.base != ("single" if cluster else "dovecot"):
             continue
         cells = []
         for server in servers:
@@ -51,7 +51,32 @@ def table_lines(rows: list[Row], markdown: bool, cluster: bool = False) -> list[
 
 
 def notes_lines(rows: list[Row]) -> list[str]:
-    return [f"- {row.workload}: {note}" for row in rows for note in row.notes]
+    return [f"- {row.workload}: {note}" for row in rows if row.base != "phases" for note in row.notes]
+
+
+def phase_title(rows: list[Row]) -> str | None:
+    """The per-phase table's title (what was measured, how often, from which source), None without one."""
+    phases = [r for r in rows if r.base == "phases"]
+    if not phases:
+        return None
+    return phases[0].labels.get("title", "CPU per phase of a warm session")
+
+
+def phase_lines(rows: list[Row], markdown: bool) -> list[str]:
+    """The per-phase CPU table of a warm session: ms per phase (its share of the total), one line per
+    server, then the notes of those rows."""
+    phases = [r for r in rows if r.base == "phases"]
+    if not phases:
+        return []
+    head = ["server", *(f"{p} (ms)" for p in PHASES), "total (ms)"]
+    body = []
+    for row in phases:
+        values = [row.values.get(p) for p in PHASES]
+        total = sum(v for v in values if v is not None) if any(v is not None for v in values) else None
+        cells = [fmt_value(v, "ms") + ("" if v is None or not total else f" ({v / total:.0%})") for v in values]
+        body.append([row.workload, *cells, fmt_value(total, "ms")])
+    notes = [f"- {note}" for row in phases for note in row.notes]
+    return _grid(head, body, markdown) + ([""] if notes else []) + notes
 
 
 def _grid(head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
@@ -138,6 +163,10 @@ def print_report(rows: list[Row], info: dict[str, str], header: str, quick: bool
     print()
     for line in table_lines(rows, markdown=False):
         print(line)
+    if phase_title(rows):
+        print(f"\n{phase_title(rows)}:")
+        for line in phase_lines(rows, markdown=False):
+            print(line)
     cluster = table_lines(rows, markdown=False, cluster=True)
     if cluster:
         print("\ncluster (ratios against the single-machine pop3proxy):")
@@ -159,6 +188,9 @@ def print_report(rows: list[Row], info: dict[str, str], header: str, quick: bool
 def results_markdown(rows: list[Row], info: dict[str, str], header: str, quick: bool = False) -> str:
     parts = [BEGIN, "", header, "", "### Results", ""]
     parts += table_lines(rows, markdown=True)
+    if phase_title(rows):
+        parts += ["", "### CPU per phase of a warm session", "", phase_title(rows) + ".", "",
+                  *phase_lines(rows, markdown=True)]
     cluster = table_lines(rows, markdown=True, cluster=True)
     if cluster:
         parts += ["", "### Cluster", "", "Ratios against the single-machine pop3proxy of the same run.", "", *cluster]

@@ -1,5 +1,5 @@
 """What a workload measures: `Row` (one line of a table: a value per server), the servers' column
-titles, medians, and how values and ratios are written."""
+titles, the phases of a warm session, medians, and how values and ratios are written."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 SERVERS = ("dovecot", "pop3proxy", "perdition", "nginx")
 TITLES = {"dovecot": "Dovecot direct", "pop3proxy": "pop3proxy", "perdition": "perdition", "nginx": "nginx-mail"}
+# The parts of a warm session whose CPU time the per-phase table shows (workload 3), in order; each runs
+# from the client's previous reply to this one's (the last: from the close until the server is idle).
+PHASES = ("accept + greeting", "USER", "PASS", "STAT", "RETR 1", "QUIT", "after QUIT (background)")
 
 
 def median(values: list[float]) -> float | None:
@@ -26,7 +29,11 @@ def percentile(values: list[float], q: float) -> float | None:
 
 @dataclass
 class Row:
-    """One line of the table: a metric per server (the median over the runs unless said otherwise)."""
+    """One line of the table: a metric per server (the median over the runs unless said otherwise).
+
+    ``base`` names the table: "dovecot" the main one (ratios against Dovecot), "single" the cluster's
+    (ratios against the single-machine pop3proxy), "phases" the per-phase CPU table (one row per server,
+    ``values`` keyed by phase)."""
 
     key: str
     workload: str

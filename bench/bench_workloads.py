@@ -1,6 +1,6 @@
 """Workloads 1, 2 and 4: many small and few big downloads, concurrent sessions. Each takes the running
-`Bench` (bench_harness.py) and appends rows to ``bench.rows``; workload 3 (login latency) is in
-bench_workloads_login.py, workloads 5 to 8 in bench_workloads_heavy.py.
+`Bench` (bench_harness.py) and appends rows to ``bench.rows``; workload 3 (login latency, CPU per
+session) is in bench_workloads_login.py, workloads 5 to 8 in bench_workloads_heavy.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Workload 3: login latency (connect → +OK after PASS) of every server, and pop3proxy's with the auth
-cache. Takes the running `Bench` (bench_harness.py) and appends rows to ``bench.rows``.
+"""Workload 3: login latency (connect → +OK after PASS) of every server, pop3proxy's with the auth cache,
+and (bench_workloads_cpu.py) the CPU of a warm session. Takes the running `Bench` (bench_harness.py) and
+appends rows to ``bench.rows``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from bench.bench_harness import Bench, _failure_notes
 from bench.bench_processes import ServerUnavailable
 from bench.bench_report import Row, median, percentile
 from bench.bench_servers import Pop3proxy
+from bench.bench_workloads_cpu import w3_cpu, w3_phases
 
 
 def w3_login_latency(bench: Bench) -> None:
@@ -40,6 +42,8 @@ def w3_login_latency(bench: Bench) -> None:
         bench.add(row)
         bench.say(f"  {row.workload}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.values.items() if v))
     _w3_auth_cache(bench, name, password, samples.get("dovecot", []))
+    w3_cpu(bench)
+    w3_phases(bench)
 
 
 def _w3_auth_cache(bench: Bench, name: str, password: str, direct: list[float]) -> None:
