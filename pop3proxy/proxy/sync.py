@@ -278,11 +278,12 @@ class _Fetcher:
         if self.progress is not None:
             self.progress(0, len(self.new))
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self.fetch)
-                nursery.start_soon(self.filtering.in_order, self.send)
-                nursery.start_soon(self.keep)
+            if self.new:  # most logins find no new mail: no stages to start
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self.fetch)
+                    nursery.start_soon(self.filtering.in_order, self.send)
+                    nursery.start_soon(self.keep)
         except BaseException as exc:
             # Callers handle UpstreamError, OSError and StateError: hand them the first real error, not a
             # group of the fetcher's and the keeper's (whichever trio version groups them).
