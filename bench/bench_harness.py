@@ -27,6 +27,7 @@ class Scale:
     big_count: int = 20
     big_size: int = 5_000_000
     logins: int = 200
+    cpu_sessions: int = 200  # warm sessions per server of the CPU row and the per-phase table (workload 3)
     swarm_users: int = 1000
     swarm_messages: int = 5
     swarm_size: int = 2_000
@@ -45,7 +46,7 @@ class Scale:
 
 
 QUICK = Scale(
-    small_count=100, big_count=3, big_size=2_000_000, logins=20, swarm_users=50, huge_count=5_000,
+    small_count=100, big_count=3, big_size=2_000_000, logins=20, cpu_sessions=30, swarm_users=50, huge_count=5_000,
     giant_size=10_000_000, idle=500, idle_forking=100, filter_count=20, reps=2, cold_reps=1,
     cluster_users=30, pgbench_transactions=300,
 )

@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -229,12 +230,23 @@ class Pop3proxy(Managed):
         self.port = 0
         self.tls_port = 0
 
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.extra_env,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+    def config_refused(self) -> str:
+        """What ``check-config`` says against this configuration; "" when it accepts it (or could not run)."""
+        argv = [sys.executable, "-m", self.module, "check-config", "--config", str(self.config)]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=self._env())
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return "" if done.returncode == 0 else (done.stderr or done.stdout).strip() or f"exit {done.returncode}"
+
     def start(self, timeout: float = 30.0) -> Pop3proxy:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        env = {**os.environ, **self.extra_env,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         argv = [sys.executable, *self.python_args, "-m", self.module, "serve", "--config", str(self.config)]
-        self._spawn(argv, self.log_path, env)
+        self._spawn(argv, self.log_path, self._env())
         deadline = time.monotonic() + timeout
         self.port = self.tls_port = 0
         while time.monotonic() < deadline:

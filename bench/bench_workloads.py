@@ -1,6 +1,6 @@
-"""Workloads 1 to 4: many small and few big downloads, login latency, concurrent sessions. Each takes
-the running `Bench` (bench_harness.py) and appends rows to ``bench.rows``; workloads 5 to 8 are in
-bench_workloads_heavy.py.
+"""Workloads 1, 2 and 4: many small and few big downloads, concurrent sessions. Each takes the running
+`Bench` (bench_harness.py) and appends rows to ``bench.rows``; workload 3 (login latency, CPU per
+session) is in bench_workloads_login.py, workloads 5 to 8 in bench_workloads_heavy.py.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from bench import bench_client as bc
 from bench.bench_harness import Bench, MB, STALL, STALL_PROBE, _failure_notes, interleaved
-from bench.bench_processes import ServerUnavailable, cpu_seconds
-from bench.bench_report import Row, median, percentile
+from bench.bench_processes import cpu_seconds
+from bench.bench_report import Row, median
 from bench.bench_servers import Pop3proxy
 
 
@@ -106,74 +106,6 @@ def w1_many_small(bench: Bench) -> None:
 def w2_few_big(bench: Bench) -> None:
     s = bench.scale
     _downloads(bench, "w2", f"2. {s.big_count} × {s.big_size / MB:g} MB", bench.users["big"], s.big_count, small=False)
-
-
-# --- 3: login latency ----------------------------------------------------------------------------------
-
-
-def w3_login_latency(bench: Bench) -> None:
-    name, password = bench.users["login"]
-    s = bench.scale
-    servers = bench.servers()
-    samples: dict[str, list[float]] = {srv: [] for srv in servers}
-    failures: dict[str, str] = {}
-    block = 10
-    for _ in range(max(1, s.logins // block)):
-        for server in servers:
-            if server in failures:
-                continue
-            port, _ = bench.endpoint(server)
-            try:
-                for _ in range(block):
-                    samples[server].append(bc.login_latency(port, name, password))
-            except (bc.Pop3Error, OSError) as exc:
-                failures[server] = f"{type(exc).__name__}: {exc}"[:160]
-    for key, label, fn in (("median", "median", median), ("p95", "p95", lambda v: percentile(v, 0.95))):
-        row = Row(f"w3.{key}", f"3. login latency (connect → +OK after PASS), {label}", "ms", False)
-        for server, values in samples.items():
-            value = fn(values)
-            row.values[server] = None if value is None else value * 1000
-            row.runs[server] = len(values)
-        if key == "median":
-            row.notes.append("warm: no new mail; pop3proxy logs in to Dovecot and checks for new mail at each login")
-        _failure_notes(row, failures)
-        bench.add(row)
-        bench.say(f"  {row.workload}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.values.items() if v))
-    _w3_auth_cache(bench, name, password, samples.get("dovecot", []))
-
-
-def _w3_auth_cache(bench: Bench, name: str, password: str, direct: list[float]) -> None:
-    """The same logins through a pop3proxy with sync.auth_cache_ttl: served at once, checked behind."""
-    row = Row("w3.cached", "3. login latency with sync.auth_cache_ttl = 300, median", "ms", False)
-
-    def measure(workers: int) -> list[float]:
-        cached = Pop3proxy(bench.tmp / f"pop3proxy-authcache-{workers}", upstream_port=bench.dovecot.port,
-                           extra={"sync": {"auth_cache_ttl": 300}}, workers=workers)
-        values: list[float] = []
-        try:
-            cached.start()
-            bc.login_latency(cached.port, name, password)  # the first login asks the provider: the entry
-            for _ in range(max(10, bench.scale.logins)):
-                values.append(bc.login_latency(cached.port, name, password))
-        except (ServerUnavailable, bc.Pop3Error, OSError) as exc:
-            row.notes.append(f"not available: {type(exc).__name__}: {str(exc)[:160]}")
-        finally:
-            cached.stop()
-        return values
-
-    values = measure(0)
-    single = measure(1)
-    if single:
-        row.notes.append(f"in one process (listen.workers = 1): {median(single) * 1000:.2f} ms. With several, a "
-                         "login that reaches another worker than the previous login of the same account waits for "
-                         "that login's background check (the mailbox lock is per process), as here where one "
-                         "user logs in again and again")
-    row.values = {"dovecot": None if not direct else median(direct) * 1000,
-                  "pop3proxy": None if not values else median(values) * 1000}
-    row.runs = {"dovecot": len(direct), "pop3proxy": len(values)}
-    row.notes.append("the provider is asked in the background after each login (new mail shows at the next)")
-    bench.add(row)
-    bench.say(f"  {row.workload}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.values.items() if v))
 
 
 # --- 4: many concurrent sessions -----------------------------------------------------------------------

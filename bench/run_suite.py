@@ -26,6 +26,7 @@ from bench import bench_harness as h
 from bench import bench_workloads as w
 from bench import bench_workloads_cluster as cluster
 from bench import bench_workloads_heavy as heavy
+from bench import bench_workloads_login as login
 from bench.bench_servers import (
     REPO,
     BenchDovecot,
@@ -42,7 +43,7 @@ from bench.bench_servers import (
 WORKLOADS = {
     1: ("many small messages", w.w1_many_small),
     2: ("few big messages, plain and TLS", w.w2_few_big),
-    3: ("login latency", w.w3_login_latency),
+    3: ("login latency, CPU per warm session", login.w3_login_latency),
     4: ("concurrent sessions", w.w4_concurrent),
     5: ("100k-message mailbox", None),  # needs its own setup, see run()
     6: ("one huge message", heavy.w6_giant_message),

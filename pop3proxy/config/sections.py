@@ -241,6 +241,10 @@ class SyncSettings(_Section):
     auth_cache_ttl: float = Field(
         0.0, ge=0, description="Seconds a password the provider accepted is trusted for a login served at once "
         "from the cache (the provider is asked in the background); 0: off.")
+    min_check_interval: float = Field(
+        0.0, ge=0, description="Seconds after a complete sync during which a login the auth cache verifies "
+        "(sync.auth_cache_ttl) does not ask the provider at all, not even in the background: new mail shows "
+        "up to this much later; 0: off.")
     max_filtered_size: int = Field(
         32 * 1024 * 1024, ge=1024,
         description="Largest message held in memory and passed through the filters; a larger one is streamed "

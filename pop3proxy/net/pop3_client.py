@@ -19,6 +19,7 @@ from pop3proxy.net.endpoint import (
     _IO_ERRORS,
     Endpoint,
     UpstreamCommandError,
+    UpstreamError,
     UpstreamTLSError,
     UpstreamTooLarge,
     UpstreamUnavailable,
@@ -482,6 +483,14 @@ class UpstreamClient:
             await self.aclose()
         if not reply.ok:
             raise self._command_error("QUIT", reply)
+
+    async def leave(self) -> None:
+        """End a session in which nothing was deleted: QUIT goes out and the connection is closed without
+        waiting for the reply (nothing depends on it: the provider has nothing to apply)."""
+        if not self._closed and self._broken is None and not self._conn.buffered:
+            with contextlib.suppress(UpstreamError):
+                await self._send(self._conn.send("QUIT"))
+        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the connection without QUIT: the provider deletes nothing. Idempotent."""

@@ -309,12 +309,18 @@ class _Connection:
 
     async def _update(self, action: s.Update) -> list[s.Action]:
         assert self.maildrop is not None
+        maildrop, ok = self.maildrop, True
         try:
-            await self.maildrop.commit(action.deleted)
+            await maildrop.commit(action.deleted)
         except Exception as exc:  # the mailbox stays as it was; the client is told
             log.error("UPDATE failed for %r: %s", self.session.user, exc)
-            return self.session.update_done(False)
-        return self.session.update_done(True)
+            ok = False
+        # The session is over: the mailbox is given back before the client hears so, and a login right
+        # after QUIT (on another worker process or node) finds it free instead of waiting for it.
+        self.maildrop = None
+        with trio.CancelScope(shield=True):
+            await maildrop.close()
+        return self.session.update_done(ok)
 
     async def _sendfile(self, f: BinaryIO, size: int) -> None:
         """Copy a whole file to the (plain) socket in the kernel: a large RETR without Python copies."""

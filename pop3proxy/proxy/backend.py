@@ -69,6 +69,11 @@ def _banner(count: int, report: SyncReport) -> str:
     return banner
 
 
+def _close(*files: Opened) -> None:
+    for opened in files:
+        opened.close()
+
+
 class ProxyBackend(Backend):
     accepts_bearer = True  # AUTH XOAUTH2 / OAUTHBEARER tokens are passed upstream
     stores: Stores  # always set: its own embedded engines unless it is given others
@@ -157,13 +162,16 @@ class ProxyBackend(Backend):
         if route.cache_id in self.oauth:
             oauth_client = await self.oauth_logins.login(route, password)
             if oauth_client is None:
-                return await self._cached_session(route, None, OFFLINE_NOTE)
+                return (await self._cached_session(route, None, OFFLINE_NOTE))[0]
             return await self._online_session(route, oauth_client, None)
         if fresh_prefetch(self.root, route.cache_id, self.passwords.get(route.cache_id), password,
                           self.settings.sync.interval):
-            return await self._cached_session(route, password, "")
+            return (await self._cached_session(route, password, ""))[0]
         if self.auth_cache.matches(route.cache_id, password):
-            maildrop = await self._cached_session(route, password, "")
+            within = self.settings.sync.min_check_interval
+            maildrop, checked = await self._cached_session(route, password, "", checked_within=within)
+            if checked:  # sync.min_check_interval: the provider was asked moments ago, not again now
+                return maildrop
             assert self._nursery is not None, "ProxyBackend.attach() was not called"
             waiting = await early.take(route.endpoint) if early is not None and early.ready.is_set() else None
             self._nursery.start_soon(self._check_in_background, route, password, waiting)
@@ -281,7 +289,7 @@ class ProxyBackend(Backend):
                     await client.aclose()
                 unused = [files for files in (None if handed_over else opened, report.files) if files is not None]
                 report.files = None
-                await account.release(session=True, closing=lambda: [files.close() for files in unused])
+                await account.release(session=True, closing=lambda: _close(*unused))
             if isinstance(exc, Exception) and not isinstance(exc, LoginError):
                 log.exception("login of %r failed: internal error", route.cache_id)
                 metrics.background_error("login")
@@ -321,15 +329,18 @@ class ProxyBackend(Backend):
             raise LoginError("the mail provider cannot be reached and this account has no offline copy yet", "SYS/TEMP")
         if not verdict:
             raise LoginError("invalid user name or password", "AUTH")
-        return await self._cached_session(route, None, OFFLINE_NOTE)
+        return (await self._cached_session(route, None, OFFLINE_NOTE))[0]
 
-    async def _cached_session(self, route: Route, password: str | None, note: str) -> Maildrop:
+    async def _cached_session(self, route: Route, password: str | None, note: str, *,
+                              checked_within: float = 0.0) -> tuple[Maildrop, bool]:
         """Serve the cache as it is, without asking the provider (offline, or a fresh prefetch): the
-        account held, its files opened and listed in one worker-thread hop."""
+        account held, its files opened and listed in one worker-thread hop. And whether a complete pass
+        ended within ``checked_within`` seconds."""
         syncing = self.accounts.get(route.cache_id).sync_lock.locked()
-        account, opened = await self._hold(route, lambda: self.passes.open(route, recovering=not syncing, listing=True))
+        account, opened = await self._hold(route, lambda: self.passes.open(
+            route, recovering=not syncing, listing=True, checked_within=checked_within))
         banner = f"{len(opened.messages or ())} messages" + (f" {note}" if note else "")
-        return self._maildrop(account, route, password, opened, banner)
+        return self._maildrop(account, route, password, opened, banner), opened.checked
 
     # -- background prefetch ---------------------------------------------------------------------
 

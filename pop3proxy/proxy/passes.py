@@ -24,7 +24,7 @@ from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.accounts import Account
 from pop3proxy.proxy.credentials import kdf_limiter
 from pop3proxy.proxy.offline import offline_memo_fresh, remember_offline_password
-from pop3proxy.proxy.prefetch import LAST_SYNC
+from pop3proxy.proxy.prefetch import LAST_SYNC, ended_within
 from pop3proxy.proxy.routing import Route
 from pop3proxy.proxy.sync import StateView, SyncResult, read_view, recover, sync_mailbox
 from pop3proxy.store import open_store
@@ -56,6 +56,7 @@ class Opened:
     view: StateView | None = None  # what a pass reads before asking the provider
     messages: list[MessageInfo] | None = None  # what a session serves
     generation: int = 0  # `Account.passes_done` before it was opened: the view is stale once it differs
+    checked: bool = False  # a complete pass ended within `sync.min_check_interval` (when asked)
 
     def close(self) -> None:
         _close(self.mailbox, self.state)
@@ -95,10 +96,11 @@ class Passes:
             raise
         return mailbox, state
 
-    def open(self, route: Route, *, recovering: bool, view: bool = False, listing: bool = False) -> Opened:
+    def open(self, route: Route, *, recovering: bool, view: bool = False, listing: bool = False,
+             checked_within: float = 0.0) -> Opened:
         """Open the account's files (worker thread) and, in the same hop, settle what a crash left
-        (``recovering``: no sync of this process is running), read the pass's view of the state, or list
-        what a session serves."""
+        (``recovering``: no sync of this process is running), read the pass's view of the state, list
+        what a session serves, or tell whether a complete pass ended within ``checked_within`` seconds."""
         opened = Opened(*self.open_files(route))
         try:
             if recovering:
@@ -107,6 +109,8 @@ class Passes:
                 opened.view = read_view(opened.state)
             if listing:
                 opened.messages = served_listing(opened.mailbox, opened.state)
+            if checked_within > 0:
+                opened.checked = ended_within(opened.state.get_meta(LAST_SYNC), checked_within, complete=True)
             return opened
         except BaseException:
             opened.close()
@@ -215,7 +219,7 @@ class Passes:
                 opened.messages = served_listing(opened.mailbox, opened.state)
             return stale
 
-        if await trio.to_thread.run_sync(finish):
+        if await trio.to_thread.run_sync(finish) and password is not None:
             await trio.to_thread.run_sync(
                 remember_offline_password, opened.state, password, self.keyed, limiter=kdf_limiter())
         if serve and report is not None and report.waiting:

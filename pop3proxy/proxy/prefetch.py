@@ -48,14 +48,25 @@ def synced_lately(states: StateStore, cache_id: str, within: float) -> bool:
     if state is None:
         return False
     try:
-        summary = json.loads(state.get_meta(LAST_SYNC) or "{}")
-    except ValueError:
-        return False
+        raw = state.get_meta(LAST_SYNC)
     finally:
         state.close()
-    when = summary.get("time") if isinstance(summary, dict) else None
-    return (summary.get("result") == "ok" and isinstance(when, (int, float))
-            and 0 <= time.time() - when <= within)
+    return ended_within(raw, within)
+
+
+def ended_within(summary: str | None, within: float, *, complete: bool = False) -> bool:
+    """Whether the last-sync ``summary`` (the account's `LAST_SYNC` setting) tells of a pass that ended
+    well within the last ``within`` seconds (``complete``: and left no new message unfetched)."""
+    try:
+        found = json.loads(summary or "{}")
+    except ValueError:
+        return False
+    if not isinstance(found, dict) or found.get("result") != "ok":
+        return False
+    when = found.get("time")
+    if complete and found.get("remaining") != 0:
+        return False
+    return isinstance(when, (int, float)) and 0 <= time.time() - when <= within
 
 
 async def prefetch_forever(backend: Prefetching) -> None:

@@ -278,11 +278,12 @@ class _Fetcher:
         if self.progress is not None:
             self.progress(0, len(self.new))
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self.fetch)
-                nursery.start_soon(self.filtering.in_order, self.send)
-                nursery.start_soon(self.keep)
+            if self.new:  # most logins find no new mail: no stages to start
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self.fetch)
+                    nursery.start_soon(self.filtering.in_order, self.send)
+                    nursery.start_soon(self.keep)
         except BaseException as exc:
             # Callers handle UpstreamError, OSError and StateError: hand them the first real error, not a
             # group of the fetcher's and the keeper's (whichever trio version groups them).
@@ -433,13 +434,14 @@ async def _drop_vanished(mailbox: Mailbox, state: AccountState, plan: DeletionPl
 
 
 async def _quit(client: UpstreamClient, state: AccountState, deleted_uids: list[str], result: SyncResult) -> None:
-    if deleted_uids:
-        # What the deletions rely on must be on disk before the provider acts on them.
-        await trio.to_thread.run_sync(state.sync_to_disk)
+    if not deleted_uids:
+        await client.leave()  # nothing to apply: its reply is not waited for
+        return
+    # What the deletions rely on must be on disk before the provider acts on them.
+    await trio.to_thread.run_sync(state.sync_to_disk)
     await client.quit()  # upstream deletions take effect only now
-    if deleted_uids:
-        await trio.to_thread.run_sync(state.upstream_gone, deleted_uids)
-        result.deleted_upstream = len(deleted_uids)
+    await trio.to_thread.run_sync(state.upstream_gone, deleted_uids)
+    result.deleted_upstream = len(deleted_uids)
 
 
 async def delete_upstream(client: UpstreamClient, state: AccountState, uids: set[str]) -> int:

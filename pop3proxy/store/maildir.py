@@ -18,7 +18,7 @@ from typing import BinaryIO, NamedTuple
 
 from pop3proxy.store.base import Mailbox, MessageInfo
 from pop3proxy.store.crlf import CHUNK, _BareLfConverter, _stream, has_dot_lines, normalise
-from pop3proxy.store.fsutil import DIR_MODE, fsync_dir, write_new_file
+from pop3proxy.store.fsutil import DIR_MODE, create_file, fsync_dir, make_durable
 
 _SIZE_FIELD = re.compile(r",S=(\d+)")
 _VSIZE_FIELD = re.compile(r",W=(\d+)")
@@ -128,22 +128,20 @@ class MaildirMailbox(Mailbox):
         rename each into new/, fsync new/ once. A crash leaves a message in tmp/ (never served) or whole
         in new/."""
         written: list[tuple[str, Path, int, bool]] = []
+        fds: list[int] = []
         try:
-            batch = len(messages) > 1
-            for data in messages:
-                data = normalise(data)
-                dots = has_dot_lines(data)
-                name = _unique_name(len(data), dots)
-                tmp = self._subdirs["tmp"] / name
-                write_new_file(tmp, data, durable=not batch)
-                written.append((name, tmp, len(data), dots))
-            if batch:
-                for _, tmp, _, _ in written:
-                    fd = os.open(tmp, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+            try:
+                for data in messages:
+                    data = normalise(data)
+                    dots = has_dot_lines(data)
+                    name = _unique_name(len(data), dots)
+                    tmp = self._subdirs["tmp"] / name
+                    fds.append(create_file(tmp, data))
+                    written.append((name, tmp, len(data), dots))
+                make_durable(fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
             infos = []
             for name, tmp, size, dots in written:
                 new = self._subdirs["new"] / name

@@ -103,3 +103,40 @@ async def test_a_check_that_finds_the_mailbox_locked_elsewhere_is_skipped_not_fa
             backend.attach(nursery, background=False)
             await backend._check_in_background(route, dovecot.password, None)
     assert "fetch skipped" in caplog.text
+
+
+async def _two_logins(dovecot, tmp_path, sync: dict) -> int:
+    """A provider login, new mail at the provider, a login the auth cache verifies: the messages cached
+    once every task the logins started has ended."""
+    import trio
+
+    from pop3proxy.store.paths import user_dir
+
+    settings = Settings.model_validate({"upstream": {"host": HOST, "port": dovecot.port, "tls": "none"},
+                                        "cache": {"root": str(tmp_path)}, "sync": sync})
+    backend = ProxyBackend(settings)
+    route = resolve(dovecot.user, settings)
+    dovecot.deliver(dovecot.user, sample(1))
+    async with trio.open_nursery() as nursery:  # ends when the background checks have ended
+        backend.attach(nursery, background=False)
+        first = await backend.login(dovecot.user, dovecot.password, HOST)
+        await first.close()
+        dovecot.deliver(dovecot.user, sample(2))
+        second = await backend.login(dovecot.user, dovecot.password, HOST)
+        assert len(second.messages) == 1  # served from the cache at once either way
+        await second.close()
+    maildir = user_dir(tmp_path, route.cache_id) / "Maildir"
+    return len(list((maildir / "cur").iterdir())) + len(list((maildir / "new").iterdir()))
+
+
+async def test_min_check_interval_spares_the_provider_after_a_complete_sync(dovecot, tmp_path):
+    assert await _two_logins(dovecot, tmp_path, {"auth_cache_ttl": 300, "min_check_interval": 300}) == 1
+
+
+async def test_without_min_check_interval_the_provider_is_asked_behind_every_cached_login(dovecot, tmp_path):
+    assert await _two_logins(dovecot, tmp_path, {"auth_cache_ttl": 300}) == 2
+
+
+async def test_min_check_interval_asks_again_once_the_last_sync_is_older(dovecot, tmp_path):
+    # A nanosecond: the sync of the first login has certainly ended longer ago than that.
+    assert await _two_logins(dovecot, tmp_path, {"auth_cache_ttl": 300, "min_check_interval": 1e-9}) == 2

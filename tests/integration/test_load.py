@@ -40,8 +40,13 @@ def family(pid: int) -> list[int]:
     return [pid, *children_of(pid)]
 
 
+# The state databases a process keeps open between sessions (store.state_pool): not a session's.
+POOLED = ("state.db", "state.db-wal", "state.db-shm", "state.journal")
+
+
 def cache_files_open(pid: int, cache: Path) -> list[str]:
-    """Files below the cache root that the server's processes hold open (a session still closing holds some)."""
+    """Files below the cache root that the server's processes hold open for a session (a session still
+    closing holds some): every file but the state databases kept open between sessions."""
     out = []
     for member in family(pid):
         for fd in os.listdir(f"/proc/{member}/fd"):
@@ -49,7 +54,7 @@ def cache_files_open(pid: int, cache: Path) -> list[str]:
                 target = os.readlink(f"/proc/{member}/fd/{fd}")
             except OSError:
                 continue
-            if target.startswith(str(cache)):
+            if target.startswith(str(cache)) and not target.endswith(POOLED):
                 out.append(target)
     return out
 

@@ -80,6 +80,22 @@ def test_second_session_is_in_use(proxy, dovecot):
     proxy.client(dovecot.user, dovecot.password).quit()
 
 
+def test_the_mailbox_is_free_when_the_client_hears_quit_answered(proxy, dovecot):
+    # A client that logs in again at once after QUIT may reach another worker process (or node): the
+    # account's lock must already be given back, not a moment after the +OK (that login waited for it).
+    from pop3proxy.store.locks import lock_mailbox
+
+    for i in range(3):
+        dovecot.deliver(dovecot.user, sample(i))
+    proxy.start()
+    for deleting in (False, True, False):
+        client = proxy.client(dovecot.user, dovecot.password)
+        if deleting:
+            client.dele(1)
+        client.quit()
+        lock_mailbox(proxy.root, dovecot.user).release()  # raises MailboxBusy while a session holds it
+
+
 def test_mirror_policy_deletes_upstream_at_quit(proxy, dovecot):
     messages = [sample(i) for i in range(4)]
     for m in messages:

@@ -16,6 +16,7 @@ from pop3proxy.app import run_service
 from pop3proxy.config import Settings
 from pop3proxy.ops import metrics
 from pop3proxy.proxy import backend as backend_module
+from pop3proxy.proxy import passes as passes_module
 
 
 def settings_for(tmp_path, dovecot, **sections) -> Settings:
@@ -49,14 +50,14 @@ async def test_a_bug_in_one_users_sync_stops_neither_the_listeners_nor_other_use
     victim, victim_password = dovecot.new_user()
     dovecot.deliver(victim, b"Subject: a\r\n\r\nfor the victim\r\n")
     dovecot.deliver(dovecot.user, b"Subject: b\r\n\r\nfor the other user\r\n")
-    real_sync = backend_module.sync_mailbox
+    real_sync = passes_module.sync_mailbox
 
     async def buggy_sync(client, mailbox, state, *, user, **kwargs):
         if user == victim:
             raise RuntimeError("a bug in one user's sync")
         return await real_sync(client, mailbox, state, user=user, **kwargs)
 
-    monkeypatch.setattr(backend_module, "sync_mailbox", buggy_sync)
+    monkeypatch.setattr(passes_module, "sync_mailbox", buggy_sync)
     before = background_errors("sync")
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(run_service, settings_for(tmp_path, dovecot))
@@ -73,16 +74,16 @@ async def test_a_bug_in_one_users_sync_stops_neither_the_listeners_nor_other_use
 
 
 async def test_an_error_after_taking_the_lock_releases_it(tmp_path, dovecot, monkeypatch):
-    real_snapshot = backend_module.ProxyBackend._snapshot
+    real_maildrop = backend_module.ProxyBackend._maildrop
     calls = []
 
-    async def snapshot_failing_once(self, mailbox, state):
+    def maildrop_failing_once(self, *args):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("a bug between the lock and the session")
-        return await real_snapshot(self, mailbox, state)
+        return real_maildrop(self, *args)
 
-    monkeypatch.setattr(backend_module.ProxyBackend, "_snapshot", snapshot_failing_once)
+    monkeypatch.setattr(backend_module.ProxyBackend, "_maildrop", maildrop_failing_once)
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(run_service, settings_for(tmp_path, dovecot))
         try:
