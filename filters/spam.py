@@ -51,10 +51,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pop3proxy.filtering import Action, FilterContext, FilterOutcome, add_header, header_end
-from pop3proxy.filters._bayes import Bayes, default_database, has_gtube, parse, train_command
+from pop3proxy.filters._bayes import Bayes, default_database, train_command
 from pop3proxy.filters._net import parse_address
 from pop3proxy.filters._rspamd import RspamdClient, RspamdController, RspamdError
 from pop3proxy.filters._spamd import SpamdClient, SpamdError
+from pop3proxy.filters._tokens import has_gtube, parse
 from pop3proxy.store.fsutil import replace_file
 
 log = logging.getLogger("pop3proxy.filters.spam")
@@ -329,7 +330,7 @@ class SpamFilter:
     def _builtin(self, message: bytes) -> Report:
         assert self.bayes is not None
         score, tests = 0.0, []
-        try:  # parsed once for both the GTUBE look and the tokens (the parse is most of their cost)
+        try:  # the parts found once for both the GTUBE look and the tokens
             msg = parse(message)
         except Exception:
             msg = None

@@ -27,6 +27,11 @@ class Maildrop:
     def open(self, key: str) -> BinaryIO:  # runs in a worker thread
         raise NotImplementedError
 
+    def read(self, key: str, limit: int) -> bytes:
+        """At most ``limit`` octets of a message, from its start (a small one, read whole)."""
+        with self.open(key) as f:
+            return f.read(limit)
+
     async def commit(self, deleted: Sequence[str]) -> None:
         """Apply the session's deletions (UPDATE state)."""
         raise NotImplementedError

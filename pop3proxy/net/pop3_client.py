@@ -52,8 +52,7 @@ Sink = Callable[[bytes], object | Awaitable[object]]
 
 
 async def _call(sink: Sink, chunk: bytes) -> None:
-    result = sink(chunk)
-    if inspect.isawaitable(result):
+    if inspect.isawaitable(result := sink(chunk)):
         await result
 
 
@@ -124,9 +123,7 @@ class UpstreamClient:
     @property
     def tls_version(self) -> str | None:
         """The negotiated TLS version ("TLSv1.3"…), None on a clear-text connection."""
-        if isinstance(self._stream, trio.SSLStream):
-            return self._stream.version()
-        return None
+        return self._stream.version() if isinstance(self._stream, trio.SSLStream) else None
 
     # -- logging in: the ways to log in are functions of password_login and bearer_login, over this
     # client as their `LoginChannel` (endpoint, capabilities, auth_method, apop_timestamp, request,
@@ -475,22 +472,18 @@ class UpstreamClient:
     async def noop(self) -> None:
         await self._simple("NOOP")
 
-    async def quit(self) -> None:
-        """End the session with QUIT, which makes the provider apply the deletions; then close."""
-        try:
-            reply = await self.request("QUIT")
-        finally:
-            await self.aclose()
-        if not reply.ok:
-            raise self._command_error("QUIT", reply)
-
-    async def leave(self) -> None:
-        """End a session in which nothing was deleted: QUIT goes out and the connection is closed without
-        waiting for the reply (nothing depends on it: the provider has nothing to apply)."""
-        if not self._closed and self._broken is None and not self._conn.buffered:
+    async def quit(self, wait: bool = True) -> None:
+        """End the session with QUIT, which makes the provider apply the deletions; then close. Without
+        ``wait`` (nothing was deleted) QUIT goes out and the connection is closed without its reply."""
+        if not wait and not self._closed and self._broken is None and not self._conn.buffered:
             with contextlib.suppress(UpstreamError):
                 await self._send(self._conn.send("QUIT"))
-        await self.aclose()
+        try:
+            reply = await self.request("QUIT") if wait else None
+        finally:
+            await self.aclose()
+        if reply is not None and not reply.ok:
+            raise self._command_error("QUIT", reply)
 
     async def aclose(self) -> None:
         """Close the connection without QUIT: the provider deletes nothing. Idempotent."""

@@ -6,7 +6,6 @@ messages with back-pressure and sendfile, QUIT updates), under the configured li
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 from collections.abc import Iterable
@@ -22,7 +21,7 @@ from pop3proxy.net.addresses import is_loopback
 from pop3proxy.net.backend_api import Backend, Maildrop
 from pop3proxy.net.early import EarlyUpstream
 from pop3proxy.net.gate import Gate
-from pop3proxy.net.sendfile import open_as_is, open_for_sendfile
+from pop3proxy.net.sendfile import open_as_is, open_for_sendfile, send_file
 from pop3proxy.net.streams import client_gone, peer_of, set_nodelay
 from pop3proxy.net.throttle import Throttle
 from pop3proxy.ops import metrics
@@ -136,6 +135,9 @@ class _Connection:
         with trio.fail_after(self.config.idle_timeout):
             await self.stream.send_all(data)
         self.bytes_sent += len(data)
+
+    def _count_sent(self, octets: int) -> None:
+        self.bytes_sent += octets
 
     def evict(self, waiting_before: float) -> bool:
         """Close this pre-login connection to make room, if it has been waiting for input since
@@ -322,26 +324,6 @@ class _Connection:
             await maildrop.close()
         return self.session.update_done(ok)
 
-    async def _sendfile(self, f: BinaryIO, size: int) -> None:
-        """Copy a whole file to the (plain) socket in the kernel: a large RETR without Python copies."""
-        assert isinstance(self.stream, trio.SocketStream)
-        sock = self.stream.socket
-        offset = 0
-        while offset < size:
-            try:
-                sent = os.sendfile(sock.fileno(), f.fileno(), offset, size - offset)
-            except BlockingIOError:
-                with trio.fail_after(self.config.idle_timeout):
-                    await trio.lowlevel.wait_writable(sock)
-                continue
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            if sent == 0:
-                raise trio.BrokenResourceError("the file ended early")
-            offset += sent
-            self.bytes_sent += sent
-            await trio.lowlevel.checkpoint()
-
     async def _sendable(self, action: s.SendMessage) -> BinaryIO | None:
         """The message's own file when a RETR of it can go out with sendfile(), else None (it is read)."""
         assert self.maildrop is not None and action.size is not None
@@ -375,23 +357,19 @@ class _Connection:
                 try:
                     self._queue(action.status)
                     await self.flush()
-                    await self._sendfile(sendable, action.size)
+                    assert isinstance(self.stream, trio.SocketStream)
+                    await send_file(self.stream.socket, sendable, action.size, self.config.idle_timeout,
+                                    self._count_sent)
                 finally:
                     sendable.close()
                 self._queue(b".\r\n")
                 return
+        if action.size is not None and action.size <= INLINE_READ:
+            return self._send_small(action, stuffer)
         try:
-            if action.size is not None and action.size <= INLINE_READ:
-                # A small message is read right here: a page-cache read of a few KiB costs less than
-                # handing it to a worker thread and back.
-                f, chunk = first_read()
-            else:
-                f, chunk = await trio.to_thread.run_sync(first_read)
+            f, chunk = await trio.to_thread.run_sync(first_read)
         except (OSError, KeyError) as exc:
-            # The file vanished or cannot be read (removed by hand, EMFILE, EIO): nothing was promised
-            # yet, so the client gets a temporary error and marks nothing.
-            log.error("cannot read message %s of %r: %s", action.key, self.session.user, exc)
-            self._queue(action.error)
+            self._unreadable(action, exc)
             return
         self._queue(action.status)
         try:
@@ -413,6 +391,30 @@ class _Connection:
                 self._queue(b".\r\n" if line_start else b"\r\n.\r\n")
         finally:
             f.close()
+
+
+    def _send_small(self, action: s.SendMessage, stuffer: p.DotStuffer | None) -> None:
+        """A small message is read whole right here: a page-cache read of a few KiB costs less than
+        handing it to a worker thread and back."""
+        assert self.maildrop is not None and action.size is not None
+        try:
+            data = self.maildrop.read(action.key, action.size)
+        except (OSError, KeyError) as exc:
+            self._unreadable(action, exc)
+            return
+        self._queue(action.status)
+        if stuffer is not None:
+            self._queue(stuffer.feed(data))
+            self._queue(stuffer.finish())
+        else:
+            self._queue(data)
+            self._queue(b".\r\n" if not data or data.endswith(b"\n") else b"\r\n.\r\n")
+
+    def _unreadable(self, action: s.SendMessage, exc: Exception) -> None:
+        # The file vanished or cannot be read (removed by hand, EMFILE, EIO): nothing was promised yet,
+        # so the client gets a temporary error and marks nothing.
+        log.error("cannot read message %s of %r: %s", action.key, self.session.user, exc)
+        self._queue(action.error)
 
 
 async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit_tls: bool = False) -> None:

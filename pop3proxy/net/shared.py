@@ -157,17 +157,22 @@ class RemoteGate(Gate):
         attempt = Attempt(bool(reply.get("blocked")), float(reply.get("delay", 0.0)),
                           _gate=self, _address=address, _account=account, _ref=ident)
         attempt.in_flight = not attempt.blocked
+        quiet = bool(reply.get("quiet"))
         try:
             yield attempt
         finally:
             if attempt.in_flight:
                 attempt.in_flight = False
-                await self._end(ident, attempt.ok)
+                if attempt.ok and quiet:  # no failure near it: the parent counts its end when it reads it
+                    self._notify({"op": "end", "ref": ident, "ok": True})
+                else:
+                    await self._end(ident, attempt.ok)
 
     async def _end(self, ref: int, ok: bool) -> None:
         """Give back a login in flight and wait (briefly, even when cancelled) until the parent has
         counted it: the answer to the client comes after, so the client's next login, on any worker,
-        never finds this one still in flight."""
+        never finds this one still in flight (a success with no failure near it is not waited for: the
+        parent said it was quiet, and one attempt in flight then changes no limit)."""
         if self._closed:
             return
         ident, event, _ = self._start({"op": "end", "ref": ref, "ok": ok})
@@ -227,7 +232,8 @@ class GateServer:
                     blocked, delay = gate.begin(address, account)
                     if not blocked:
                         logins[ident] = (address, account)
-                    reply = {"id": ident, "blocked": blocked, "delay": delay}
+                    reply = {"id": ident, "blocked": blocked, "delay": delay,
+                             "quiet": not blocked and gate.throttle.quiet(address, account)}
                 elif op == "failed":
                     held = logins.pop(ref, None)
                     if held is not None:  # no longer in flight, a failure: never both, never neither

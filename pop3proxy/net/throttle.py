@@ -80,6 +80,12 @@ class Throttle:
             or failures + (self._in_flight[addr] if failures else 0) >= self.address_failures
         )
 
+    def quiet(self, address: str, account: str) -> bool:
+        """No recent failure of the pair nor of the address: a login's end then changes no limit at once
+        (its attempt in flight counts for nothing while it is being given back)."""
+        pair, addr, _ = self._keys(address, account)
+        return not self._recent(pair) and not self._recent(addr)
+
     def account_delay(self, account: str) -> float:
         """Seconds to wait before asking the provider about this account (it is being guessed at)."""
         return self.max_delay if self._recent(self._keys("", account)[2]) >= self.max_failures else 0.0

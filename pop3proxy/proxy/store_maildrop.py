@@ -26,6 +26,9 @@ class StoreMaildrop(Maildrop):
     def open(self, key: str) -> BinaryIO:
         return self.mailbox.open(key)
 
+    def read(self, key: str, limit: int) -> bytes:
+        return self.mailbox.read(key, limit)
+
     async def commit(self, deleted: Sequence[str]) -> None:
         if deleted:
             await trio.to_thread.run_sync(self.mailbox.delete, list(deleted))

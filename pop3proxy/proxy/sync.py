@@ -435,7 +435,7 @@ async def _drop_vanished(mailbox: Mailbox, state: AccountState, plan: DeletionPl
 
 async def _quit(client: UpstreamClient, state: AccountState, deleted_uids: list[str], result: SyncResult) -> None:
     if not deleted_uids:
-        await client.leave()  # nothing to apply: its reply is not waited for
+        await client.quit(wait=False)  # nothing to apply: its reply is not waited for
         return
     # What the deletions rely on must be on disk before the provider acts on them.
     await trio.to_thread.run_sync(state.sync_to_disk)

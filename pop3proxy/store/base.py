@@ -36,6 +36,11 @@ class Mailbox(abc.ABC):
     def open(self, key: str) -> BinaryIO:
         """A binary file yielding exactly the message's octets in CRLF form. Raises KeyError if absent."""
 
+    def read(self, key: str, limit: int) -> bytes:
+        """At most ``limit`` octets of the message (CRLF form) from its start. Raises KeyError if absent."""
+        with self.open(key) as f:
+            return f.read(limit)
+
     @abc.abstractmethod
     def add(self, data: bytes) -> MessageInfo:
         """Store a message atomically and durably (fsync'ed) and describe it."""

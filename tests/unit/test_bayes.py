@@ -285,17 +285,17 @@ def test_default_database_follows_xdg(monkeypatch, tmp_path) -> None:
 
 
 def test_the_builtin_check_parses_each_message_once(trained: Bayes, monkeypatch) -> None:
-    # The GTUBE look and the tokens read one parse of the message (it was parsed twice: most of the cost).
-    from pop3proxy.filters import _bayes
+    # The GTUBE look and the tokens read one reading of the message's parts (it was parsed twice).
+    from pop3proxy.filters import _tokens
     from pop3proxy.filters import spam as spam_module
 
     flt, _ = load_filter({"use": "spam", "database": str(trained.path)})
     sample = messages(TEST["spam"])[1]
     before = flt(sample, FilterContext("alice", "u"))
     calls = []
-    real = _bayes.parse
-    monkeypatch.setattr(spam_module, "parse", lambda data: calls.append(1) or real(data), raising=False)
-    monkeypatch.setattr(_bayes, "parse", lambda data: calls.append(1) or real(data))
+    real = _tokens.parse
+    monkeypatch.setattr(spam_module, "parse", lambda data: calls.append(1) or real(data))
+    monkeypatch.setattr(_tokens, "parse", lambda data: calls.append(1) or real(data))
     after = flt(sample, FilterContext("alice", "u"))
     assert len(calls) == 1
     assert after.data == before.data and after.action == before.action

@@ -81,3 +81,32 @@ async def test_a_login_after_a_success_on_another_worker_is_not_refused(autojump
         async with two.login("10.0.0.1", "acct") as attempt:
             assert not attempt.blocked
         nursery.cancel_scope.cancel()
+
+
+async def test_a_success_without_failures_near_it_is_not_held_up_by_a_slow_parent(autojump_clock):
+    gate = Gate(Throttle(max_failures=2, base_delay=0, max_delay=0), max_per_address=5)
+    server = GateServer(gate)
+    async with trio.open_nursery() as nursery:
+        one = worker(nursery, server, slow=True)
+        two = worker(nursery, server)
+        for _ in range(3):
+            async with one.login("10.0.0.1", "acct") as attempt:
+                assert not attempt.blocked
+                attempt.succeeded()
+                answered = trio.current_time()
+            assert trio.current_time() - answered < 1  # the client's +OK does not wait for the parent
+            async with two.login("10.0.0.1", "acct") as attempt:  # the next login, at once, elsewhere
+                assert not attempt.blocked
+                attempt.succeeded()
+        await trio.sleep(5)  # the slow parent reads worker one's ends
+        assert not gate.throttle.blocked("10.0.0.1", "acct")
+        # Failures near it: a success is counted before its client is answered again.
+        async with two.login("10.0.0.1", "acct") as attempt:
+            await attempt.failed()
+        async with one.login("10.0.0.1", "acct") as attempt:
+            attempt.succeeded()
+            answered = trio.current_time()
+        assert trio.current_time() - answered >= 1
+        async with two.login("10.0.0.1", "acct") as attempt:
+            assert not attempt.blocked
+        nursery.cancel_scope.cancel()

@@ -268,7 +268,7 @@ class FakeUpstream:
     async def dele(self, number: int) -> None:
         self.marked.add(self._numbers()[number])
 
-    async def quit(self) -> None:
+    async def quit(self, wait: bool = True) -> None:
         for uid in self.marked:
             del self.messages[uid]
         self.marked.clear()

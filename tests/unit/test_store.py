@@ -80,6 +80,17 @@ def test_round_trip_is_byte_exact_in_crlf_form(reopen: Callable[[], Mailbox]) ->
         assert read(fresh, info.key) == crlf(message)
 
 
+def test_a_small_message_is_read_whole_as_open_serves_it(reopen: Callable[[], Mailbox]) -> None:
+    box = reopen()
+    infos = box.add_many(MESSAGES)
+    for message, info in zip(MESSAGES, infos):
+        assert box.read(info.key, info.size) == read(box, info.key) == crlf(message)
+        assert box.read(info.key, 5) == crlf(message)[:5]  # never more than asked for
+    box.delete([infos[0].key])
+    with pytest.raises(KeyError):
+        reopen().read(infos[0].key, 100)
+
+
 def test_add_many_stores_a_batch_and_nothing_for_an_empty_one(reopen: Callable[[], Mailbox]) -> None:
     box = reopen()
     assert box.add_many([]) == []
@@ -228,6 +239,9 @@ def test_maildir_serves_messages_dropped_by_other_tools(tmp_path: Path) -> None:
     assert read(box, "1500000000.M1P1.other") == crlf(message)
     assert listed[stdlib_key].size == len(b"Subject: stdlib\r\n\r\nx\r\n")
     assert read(box, stdlib_key) == b"Subject: stdlib\r\n\r\nx\r\n"
+    # Read whole (a small RETR): a file of another tool, in LF form, is served in CRLF form all the same.
+    assert box.read(stdlib_key, listed[stdlib_key].size) == b"Subject: stdlib\r\n\r\nx\r\n"
+    assert box.read("1500000000.M1P1.other", listed["1500000000.M1P1.other"].size) == crlf(message)
 
 
 def test_maildir_uid_survives_flag_changes(tmp_path: Path) -> None:
