@@ -373,6 +373,8 @@ class ProxyBackend(Backend):
         client = await self.auth_cache.check_upstream(route, password, client)
         if client is None:
             return
+        if await self.passes.nothing_new(route, client):  # the usual case: the lock was never needed
+            return
         if account.sync_lock.locked():
             await client.aclose()
             return

@@ -23,12 +23,13 @@ from pop3proxy.ops import metrics
 from pop3proxy.pop3.sasl import BearerToken
 from pop3proxy.proxy.accounts import Account
 from pop3proxy.proxy.credentials import kdf_limiter
+from pop3proxy.proxy.deletion import plan_deletions
 from pop3proxy.proxy.offline import offline_memo_fresh, remember_offline_password
 from pop3proxy.proxy.prefetch import LAST_SYNC, ended_within
 from pop3proxy.proxy.routing import Route
-from pop3proxy.proxy.sync import StateView, SyncResult, read_view, recover, sync_mailbox
+from pop3proxy.proxy.sync import StateView, SyncResult, read_view, recover, sync_mailbox, upstream_ids
 from pop3proxy.store import open_store
-from pop3proxy.store.api import AccountState, StateError, StateStore
+from pop3proxy.store.api import AccountState, Row, StateError, StateStore
 from pop3proxy.store.base import Mailbox, MessageInfo
 from pop3proxy.store.held import hold_callback
 from pop3proxy.store.paths import removed_parts_dir, user_dir
@@ -137,6 +138,49 @@ class Passes:
                 await client.aclose()
                 report.done.set()
                 await account.release(session=False)
+
+    async def nothing_new(self, route: Route, client: UpstreamClient) -> bool:
+        """The check after a login served from the auth cache, without taking the account: the provider's
+        listing against the state's rows. When a pass would do nothing (no new message, nothing to delete
+        or drop) the summary of a complete pass is written, the provider left, and True returned: the
+        account's next login, on any worker, does not wait for this check. Else False (``client`` still
+        logged in) and a pass follows, with the account held. A failure ends the check (True)."""
+        try:
+            return await self._nothing_new(route, client)
+        except (UpstreamError, StateError, OSError) as exc:
+            await client.aclose()
+            log.warning("background check of %r stopped: %s", route.cache_id, exc)
+            return True
+
+    async def _nothing_new(self, route: Route, client: UpstreamClient) -> bool:
+        ids = await upstream_ids(client)
+        rows = await trio.to_thread.run_sync(self._rows, route.cache_id)
+        upstream = self.settings.upstream
+        plan = plan_deletions(ids, rows, policy=upstream.delete, now=time.time(),
+                              delete_after_days=upstream.delete_after_days, vanished=upstream.vanished)
+        if plan.upstream or plan.gone or plan.drop or any(uid not in rows for uid in ids.values()):
+            return False
+        summary = json.dumps({"time": time.time(), "result": "ok", "fetched": 0, "fetched_bytes": 0,
+                              "deleted_upstream": 0, "held": 0, "refused": 0, "adopted": 0, "dropped": 0,
+                              "remaining": 0})
+        await trio.to_thread.run_sync(self._note_summary, route.cache_id, summary)
+        await client.quit(wait=False)
+        log.info("checked %r with the provider: nothing new", route.cache_id)
+        return True
+
+    def _rows(self, cache_id: str) -> dict[str, Row]:
+        state = self.states.open(cache_id)
+        try:
+            return {row.uid: row for row in state.rows()}
+        finally:
+            state.close()
+
+    def _note_summary(self, cache_id: str, summary: str) -> None:
+        state = self.states.open(cache_id)
+        try:
+            state.set_meta(LAST_SYNC, summary)
+        finally:
+            state.close()
 
     async def run(self, route: Route, account: Account, client: UpstreamClient, password: str | None,
                   progress=None, *, opened: Opened | None = None, report: SyncReport | None = None) -> SyncResult:

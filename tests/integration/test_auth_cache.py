@@ -97,12 +97,45 @@ async def test_a_check_that_finds_the_mailbox_locked_elsewhere_is_skipped_not_fa
                                         "cache": {"root": str(tmp_path)}, "sync": {"auth_cache_ttl": 300}})
     backend = ProxyBackend(settings)
     route = resolve(dovecot.user, settings)
+    dovecot.deliver(dovecot.user, sample(1))  # new mail: the check must fetch
     caplog.set_level(logging.INFO, logger="pop3proxy")
     with lock_mailbox(tmp_path, route.cache_id):  # as another process would
         async with trio.open_nursery() as nursery:
             backend.attach(nursery, background=False)
             await backend._check_in_background(route, dovecot.password, None)
     assert "fetch skipped" in caplog.text
+
+
+async def test_a_check_that_finds_nothing_new_does_not_take_the_mailbox(dovecot, tmp_path, caplog):
+    # The usual check after a login served from the auth cache finds no new mail: it must not hold the
+    # account's lock (the next login, on another worker, waited for it), yet it records a complete sync.
+    import logging
+
+    import trio
+
+    from pop3proxy.proxy.prefetch import LAST_SYNC, ended_within
+    from pop3proxy.store.locks import lock_mailbox
+
+    settings = Settings.model_validate({"upstream": {"host": HOST, "port": dovecot.port, "tls": "none"},
+                                        "cache": {"root": str(tmp_path)}, "sync": {"auth_cache_ttl": 300}})
+    backend = ProxyBackend(settings)
+    route = resolve(dovecot.user, settings)
+    dovecot.deliver(dovecot.user, sample(1))
+    async with trio.open_nursery() as nursery:
+        backend.attach(nursery, background=False)
+        first = await backend.login(dovecot.user, dovecot.password, HOST)  # fetches it
+        await first.close()
+    caplog.set_level(logging.INFO, logger="pop3proxy")
+    with lock_mailbox(tmp_path, route.cache_id):  # a session on another worker holds the account
+        async with trio.open_nursery() as nursery:
+            backend.attach(nursery, background=False)
+            await backend._check_in_background(route, dovecot.password, None)
+        assert "nothing new" in caplog.text and "fetch skipped" not in caplog.text
+        state = backend.stores.states.open(route.cache_id)
+        try:
+            assert ended_within(state.get_meta(LAST_SYNC), 60, complete=True)
+        finally:
+            state.close()
 
 
 async def _two_logins(dovecot, tmp_path, sync: dict) -> int:
