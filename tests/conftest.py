@@ -7,6 +7,7 @@ from typing import Iterator
 
 import pytest
 import trustme
+from helpers.browser import browser  # noqa: F401  (fixture)
 from helpers.common import ServerProcess
 from helpers.dovecot import dovecot, dovecot_server  # noqa: F401  (fixtures)
 from helpers.postgres import own_postgres, postgres_db, postgres_server  # noqa: F401  (fixtures)

@@ -15,24 +15,12 @@ from helpers.proxy import Proxy, sample
 from helpers.waiting import eventually, wait_for
 from test_metrics import sample as metric
 from test_metrics import scrape
-from test_web_browser import CHROMIUM_ARGS, shot
+from test_web_browser import shot
 
 pytestmark = pytest.mark.dovecot
 
 METRICS_READY = re.compile(r"listening for metrics on \S+ port (\d+)")
 WEB_READY = re.compile(r"listening for the web console on \S+ port (\d+)")
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=require_tool("chromium", "chromium"), args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 def sign_in(browser, url: str, user: str, password: str):

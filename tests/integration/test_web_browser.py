@@ -15,10 +15,6 @@ from helpers.waiting import eventually
 
 pytestmark = pytest.mark.dovecot
 
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 SPAM = (
     b"From: Prize Desk <prizes@example.com>\r\nTo: you@example.net\r\nSubject: You have won\r\n"
     b"Message-ID: <won@example.com>\r\n\r\nClaim your prize now.\r\n" + GTUBE + b"\r\n"
@@ -51,18 +47,6 @@ def console(server_process, tmp_path, dovecot):
     log = made.output()
     made.stop()
     assert dovecot.password not in log  # the sign-in password never reaches the log
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=require_tool("chromium", "chromium"), args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 def shot(page, tmp_path: Path, name: str) -> Path:
