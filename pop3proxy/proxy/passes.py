@@ -74,6 +74,13 @@ def served_listing(mailbox: Mailbox, state: AccountState) -> list[MessageInfo]:
     return [info for info in mailbox.list() if info.key not in hidden]
 
 
+def pass_summary(result: SyncResult) -> str:
+    """The last-sync summary of a pass that ended well (the account's `LAST_SYNC` setting)."""
+    return json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
+                       "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
+                       "held": result.held, "refused": result.refused, "adopted": result.adopted,
+                       "dropped": result.dropped, "remaining": result.remaining})
+
 
 class Passes:
     """Runs the proxy's sync passes; ``syncing`` (cache id -> new messages stored, to fetch) is what runs
@@ -118,7 +125,7 @@ class Passes:
             raise
 
     async def background(self, route: Route, account: Account, client: UpstreamClient, password: str | None,
-                               report: SyncReport, opened: Opened | None = None) -> None:
+                         report: SyncReport, opened: Opened | None = None) -> None:
         try:
             async with account.sync_lock:
                 report.result = await self.run(route, account, client, password, opened=opened, report=report)
@@ -160,10 +167,7 @@ class Passes:
                               delete_after_days=upstream.delete_after_days, vanished=upstream.vanished)
         if plan.upstream or plan.gone or plan.drop or any(uid not in rows for uid in ids.values()):
             return False
-        summary = json.dumps({"time": time.time(), "result": "ok", "fetched": 0, "fetched_bytes": 0,
-                              "deleted_upstream": 0, "held": 0, "refused": 0, "adopted": 0, "dropped": 0,
-                              "remaining": 0})
-        await trio.to_thread.run_sync(self._note_summary, route.cache_id, summary)
+        await trio.to_thread.run_sync(self._note_summary, route.cache_id, pass_summary(SyncResult()))
         await client.quit(wait=False)
         log.info("checked %r with the provider: nothing new", route.cache_id)
         return True
@@ -249,10 +253,7 @@ class Passes:
         its own under the KDF limiter)."""
         if isinstance(password, BearerToken) or not self.settings.offline.enabled:
             password = None
-        summary = json.dumps({"time": time.time(), "result": "ok", "fetched": result.fetched,
-                              "fetched_bytes": result.fetched_bytes, "deleted_upstream": result.deleted_upstream,
-                              "held": result.held, "refused": result.refused, "adopted": result.adopted,
-                              "dropped": result.dropped, "remaining": result.remaining})
+        summary = pass_summary(result)
         serve = report is not None and report.waiting
 
         def finish() -> bool:
