@@ -266,6 +266,7 @@ class ProxyBackend(Backend):
         opened.generation = generation
         report = SyncReport(waiting=True)
         handed_over = False  # the client and the files belong to the background sync once it is started
+        served: Opened | None = None  # the files the session is to serve
         try:
             assert self._nursery is not None, "ProxyBackend.attach() was not called"
             await account.acquire(session=False)  # the sync's own hold on the lock
@@ -278,7 +279,7 @@ class ProxyBackend(Backend):
                 raise LoginError("cannot store new mail, try again later", "SYS/TEMP")
             served, report.files = report.files, None
             if served is None:
-                served = await self._open_served(route, recovering=False)
+                served = await self._open_served(route)
             return self._maildrop(account, route, password, served, _banner(len(served.messages or ()), report))
         except BaseException as exc:
             report.waiting = False
@@ -287,7 +288,8 @@ class ProxyBackend(Backend):
             with trio.CancelScope(shield=True):
                 if not handed_over:
                     await client.aclose()
-                unused = [files for files in (None if handed_over else opened, report.files) if files is not None]
+                unused = [files for files in (None if handed_over else opened, report.files, served)
+                          if files is not None]
                 report.files = None
                 await account.release(session=True, closing=lambda: _close(*unused))
             if isinstance(exc, Exception) and not isinstance(exc, LoginError):
@@ -296,9 +298,10 @@ class ProxyBackend(Backend):
                 raise LoginError("internal error, try again later", "SYS/TEMP") from None
             raise
 
-    async def _open_served(self, route: Route, *, recovering: bool) -> Opened:
+    async def _open_served(self, route: Route) -> Opened:
+        """The session's own files, while its sync (still running) keeps the ones it opened."""
         try:
-            return await trio.to_thread.run_sync(lambda: self.passes.open(route, recovering=recovering, listing=True))
+            return await trio.to_thread.run_sync(lambda: self.passes.open(route, recovering=False, listing=True))
         except (OSError, StateError) as exc:
             log.error("cannot open the cache of %r: %s", route.cache_id, exc)
             raise LoginError("cannot open the mailbox, try again later", "SYS/TEMP") from None

@@ -96,3 +96,37 @@ async def test_an_error_after_taking_the_lock_releases_it(tmp_path, dovecot, mon
         reply = await trio.to_thread.run_sync(pop3_login, ports.plain, dovecot.user, dovecot.password)
         assert reply.startswith(b"+OK")
         nursery.cancel_scope.cancel()
+
+
+async def test_an_error_after_the_sync_handed_its_files_over_closes_them(tmp_path, dovecot, monkeypatch):
+    from pop3proxy.errors import LoginError
+    from pop3proxy.proxy.backend import ProxyBackend
+
+    opened, closed = [], []
+    real_open, real_close = passes_module.Passes.open, passes_module.Opened.close
+
+    def recording_open(self, *args, **kwargs):
+        files = real_open(self, *args, **kwargs)
+        opened.append(id(files))
+        return files
+
+    def recording_close(self):
+        closed.append(id(self))
+        real_close(self)
+
+    def failing_maildrop(self, *args):
+        raise RuntimeError("a bug between the hand-over and the session")
+
+    monkeypatch.setattr(passes_module.Passes, "open", recording_open)
+    monkeypatch.setattr(passes_module.Opened, "close", recording_close)
+    monkeypatch.setattr(backend_module.ProxyBackend, "_maildrop", failing_maildrop)
+    backend = ProxyBackend(settings_for(tmp_path, dovecot))
+    async with trio.open_nursery() as nursery:
+        backend.attach(nursery, background=False)
+        try:
+            await backend.login(dovecot.user, dovecot.password, HOST)
+        except LoginError as exc:
+            assert exc.code == "SYS/TEMP"
+        else:
+            raise AssertionError("the injected error did not reach the login")
+    assert opened and sorted(opened) == sorted(closed)  # every file opened for the login is closed
