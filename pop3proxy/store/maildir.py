@@ -12,7 +12,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -107,11 +107,15 @@ class MaildirMailbox(Mailbox):
                 _LISTS.pop(next(iter(_LISTS)))
         return list(infos)
 
-    def open(self, key: str) -> BinaryIO:
+    def _found(self, key: str) -> Iterator[_MaildirEntry]:
+        """The message's entry as last scanned, then as scanned anew (another tool may have moved it)."""
         for rescan in (False, True):
             entry = (self._scan() if rescan else self._entries).get(key)
-            if entry is None:
-                continue
+            if entry is not None:
+                yield entry
+
+    def open(self, key: str) -> BinaryIO:
+        for entry in self._found(key):
             try:
                 if entry.crlf:
                     return open(entry.path, "rb")
@@ -123,19 +127,18 @@ class MaildirMailbox(Mailbox):
     def read(self, key: str, limit: int) -> bytes:
         """A message stored in CRLF form is read with one open and one read (no buffered file object: its
         extra system calls cost more than the read of a small message); others as `open` serves them."""
-        for rescan in (False, True):
-            entry = (self._scan() if rescan else self._entries).get(key)
-            if entry is None or not entry.crlf:
-                continue
+        for entry in self._found(key):
+            if not entry.crlf:
+                break
             try:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
-                parts = [os.read(fd, limit)]
-                while parts[-1] and (got := sum(map(len, parts))) < limit:  # a short read: read on
-                    parts.append(os.read(fd, limit - got))
-                return b"".join(parts)
+                data = os.read(fd, limit)
+                while len(data) < limit and (more := os.read(fd, limit - len(data))):  # a short read
+                    data += more
+                return data
             finally:
                 os.close(fd)
         return super().read(key, limit)
@@ -205,12 +208,7 @@ class MaildirMailbox(Mailbox):
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
-            for rescan in (False, True):
-                entry = (self._scan() if rescan else self._entries).get(key)
-                if entry is None:
-                    if rescan:
-                        break
-                    continue
+            for entry in self._found(key):
                 try:
                     os.unlink(entry.path)
                     break
