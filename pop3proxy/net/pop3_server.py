@@ -388,7 +388,7 @@ class _Connection:
             if stuffer is not None:
                 self._queue(stuffer.finish())
             else:
-                self._queue(b".\r\n" if line_start else b"\r\n.\r\n")
+                self._queue(_terminator(line_start))
         finally:
             f.close()
 
@@ -408,13 +408,18 @@ class _Connection:
             self._queue(stuffer.finish())
         else:
             self._queue(data)
-            self._queue(b".\r\n" if not data or data.endswith(b"\n") else b"\r\n.\r\n")
+            self._queue(_terminator(not data or data.endswith(b"\n")))
 
     def _unreadable(self, action: s.SendMessage, exc: Exception) -> None:
         # The file vanished or cannot be read (removed by hand, EMFILE, EIO): nothing was promised yet,
         # so the client gets a temporary error and marks nothing.
         log.error("cannot read message %s of %r: %s", action.key, self.session.user, exc)
         self._queue(action.error)
+
+
+def _terminator(line_start: bool) -> bytes:
+    """What ends a multi-line reply sent as it is: a lone "." line, after a CRLF if the data lacks one."""
+    return b".\r\n" if line_start else b"\r\n.\r\n"
 
 
 async def handle_stream(state: ServerState, stream: trio.abc.Stream, *, implicit_tls: bool = False) -> None:
