@@ -178,10 +178,6 @@ def read_view(state: AccountState) -> StateView:
     return StateView({row.uid: row for row in state.rows()}, state.get_meta(REFUSED))
 
 
-async def _read_listing(client: UpstreamClient, view: StateView) -> _Listing:
-    return _Listing(await upstream_ids(client), view.rows)
-
-
 def _load_refused(view: StateView, listing: _Listing) -> tuple[dict[str, dict], str]:
     """Messages the provider refused (-ERR to RETR), still listed and still unknown: uid -> {"tries",
     "next", "reason"}. They are skipped, and asked for again with back-off. And the setting as stored
@@ -219,7 +215,7 @@ async def sync_mailbox(
     result = SyncResult()
     if view is None:
         view = await trio.to_thread.run_sync(read_view, state)
-    listing = await _read_listing(client, view)
+    listing = _Listing(await upstream_ids(client), view.rows)
     now = time.time()
     plan = plan_deletions(listing.ids, listing.rows, policy=policy, now=now,
                           delete_after_days=delete_after_days, vanished=vanished)
